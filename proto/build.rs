@@ -1,0 +1,20 @@
+//! Compiles the jobtoken.v1 protos in pure Rust (protox), so no system `protoc` is needed.
+
+use std::{env, path::PathBuf};
+
+const PROTOS: &[&str] = &["jobtoken/v1/jobtoken.proto", "jobtoken/v1/admin.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(PROTOS, ["."])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    // Reflection needs the encoded descriptors; `compile_fds` does not write them itself.
+    std::fs::write(
+        out.join("jobtoken_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
