@@ -1,1 +1,201 @@
-fn main(){}
+//! `token-service`: run the job token service, or mint dev tokens for trying it.
+
+use std::collections::BTreeSet;
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use token_service::clock::{Clock, SystemClock};
+use token_service::config::{Config, DEFAULT_DATA_DIR};
+use token_service::dev::{self, DEV_ADMIN_KEY_FILE, DEV_MODULE_KEY_FILE, DevTokenRequest};
+use token_service::secrets::{generate_key_text, key_hash};
+use token_service::server::Server;
+
+/// Job tokens for long-running work: leases that keep a job's credential alive for
+/// exactly as long as the job runs.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service. Without --config it starts in DEV MODE: SQLite under the data
+    /// directory, a generated signing key, a dev issuer (see `dev-token`), and a dev module
+    /// key and admin key written to <data-dir>/dev-module.key and dev-admin.key.
+    Serve {
+        /// TOML config file (see README "Configuration"). Environment variables
+        /// JOBTOKEN_GRPC_LISTEN, JOBTOKEN_HTTP_LISTEN, JOBTOKEN_DATA_DIR,
+        /// JOBTOKEN_STORE_PATH, JOBTOKEN_MASTER_KEY_FILE, JOBTOKEN_ACCESS_TOKEN_TTL,
+        /// JOBTOKEN_IDLE_TIMEOUT and JOBTOKEN_ADMIN_KEY_SHA256 override it.
+        #[arg(long, env = "JOBTOKEN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory in dev mode (with a config, set `data_dir` there).
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Log format.
+        #[arg(long, env = "JOBTOKEN_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Print a subject token (a user's access token) signed by the dev issuer, to try the
+    /// service in dev mode. Needs the same --data-dir as `serve`.
+    DevToken {
+        /// The user (`sub` claim).
+        #[arg(long)]
+        user: String,
+        /// The user's tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The user's permissions, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        permissions: Vec<String>,
+        /// Lifetime of the token, e.g. 10m, 1h.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Data directory of the dev-mode service.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Read a module or admin key on standard input and print its SHA-256, the form the
+    /// config keeps (`key_sha256`, `admin_key_sha256`).
+    HashKey,
+    /// Generate a new random module key (or admin key with --admin): prints the key on the
+    /// first line and its SHA-256 for the config on the second.
+    GenKey {
+        /// Make an admin key.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn serve(config: Option<PathBuf>, data_dir: PathBuf) -> Result<(), String> {
+    let mut config = match &config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => dev::dev_config(&data_dir).map_err(|e| e.to_string())?,
+    };
+    config
+        .apply_env(|k| std::env::var(k).ok())
+        .map_err(|e| e.to_string())?;
+    if config.dev_mode {
+        tracing::warn!(
+            module_id = dev::DEV_MODULE,
+            module_key_file = %config.data_dir.join(DEV_MODULE_KEY_FILE).display(),
+            admin_key_file = %config.data_dir.join(DEV_ADMIN_KEY_FILE).display(),
+            issuer = dev::DEV_ISSUER,
+            "DEV MODE: no --config given; using a dev issuer and dev keys. Not for production."
+        );
+    }
+    let running = Server::start(config).await.map_err(|e| e.to_string())?;
+    running.run_until(shutdown_signal()).await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            log_format,
+        } => {
+            init_logs(log_format);
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(serve(config, data_dir)),
+                Err(e) => Err(format!("cannot start the runtime: {e}")),
+            }
+        }
+        Command::DevToken {
+            user,
+            tenant,
+            permissions,
+            ttl,
+            data_dir,
+        } => {
+            let request = DevTokenRequest {
+                user,
+                tenant,
+                permissions: permissions
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .collect::<BTreeSet<_>>(),
+                ttl,
+            };
+            dev::mint_dev_token(&data_dir, &request, SystemClock.now())
+                .map(|token| println!("{token}"))
+                .map_err(|e| e.to_string())
+        }
+        Command::HashKey => {
+            let mut key = String::new();
+            std::io::stdin()
+                .read_to_string(&mut key)
+                .map(|_| println!("{}", key_hash(key.trim())))
+                .map_err(|e| format!("reading standard input: {e}"))
+        }
+        Command::GenKey { admin } => {
+            let key = generate_key_text(if admin { "ak" } else { "mk" });
+            println!("{key}\n{}", key_hash(&key));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("token-service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,550 @@
+//! Typed configuration: TOML with unknown fields refused, overlaid by environment
+//! variables, with named defaults and a [`Config::for_test`] constructor.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::SyncMode;
+
+/// Default gRPC listen address.
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
+/// Default HTTP listen address (JWKS, metrics, liveness).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:50052";
+/// Default lifetime of an access token.
+pub const DEFAULT_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
+/// Default idle timeout: a lease nobody renews for this long ends.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Default grace window in which a retry of the previous refresh token converges.
+pub const DEFAULT_REFRESH_GRACE: Duration = Duration::from_secs(30);
+/// Default leeway on subject-token `exp`/`nbf`.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// Default cap on a module's lease lifetime.
+pub const DEFAULT_MAX_LEASE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Default lease lifetime when the request names none.
+pub const DEFAULT_LEASE_LIFETIME: Duration = Duration::from_secs(8 * 3600);
+/// Default `iss` of access tokens.
+pub const DEFAULT_ISSUER: &str = "jobtoken";
+/// Default `aud` of access tokens.
+pub const DEFAULT_AUDIENCE: &str = "jobtoken";
+/// Default data directory (SQLite file, master key, dev-mode files).
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Shortest access-token lifetime accepted.
+pub const MIN_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(1);
+
+/// Problems found while starting: bad config, unreadable key files, a port in use.
+/// These never become a gRPC `Status`.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for [`Config`].
+    #[error("config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A setting is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    /// A key file does not hold a usable key.
+    #[error("key file {path}: {problem}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The signing keys could not be loaded.
+    #[error("signing keys: {0}")]
+    Keys(#[from] crate::keys::KeyError),
+    /// A listener could not bind or serve.
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS could not be set up.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// The whole configuration of the service.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `iss` of the access tokens this service signs. Default `jobtoken`.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// `aud` of access tokens when the request names none. Default `jobtoken`.
+    #[serde(default = "default_audience")]
+    pub default_audience: String,
+    /// Lifetime of an access token (at least 1s). Default 5m.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub access_token_ttl: Duration,
+    /// A lease not renewed for this long ends. Must exceed `access_token_ttl`. Default 15m.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Window in which the previous refresh token still returns the current one. Default 30s.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub refresh_grace: Duration,
+    /// What to do when a request asks for a lifetime above the module's cap. Default clamp.
+    #[serde(default)]
+    pub lifetime_over_cap: OverCap,
+    /// Directory for the SQLite file and generated keys. Default `./data`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// File holding the master key (base64url of 32 bytes). Default `<data_dir>/master.key`,
+    /// created on first start. Replicas sharing a store must share this key.
+    #[serde(default)]
+    pub master_key_file: Option<PathBuf>,
+    /// SHA-256 (hex) of the admin key; without it the admin service refuses every call.
+    #[serde(default)]
+    pub admin_key_sha256: Option<String>,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Where leases are kept.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// TLS for the gRPC listener; absent means plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Modules allowed to hold leases.
+    #[serde(default)]
+    pub modules: Vec<ModuleConfig>,
+    /// Issuers whose user tokens are accepted as subject tokens.
+    #[serde(default)]
+    pub trusted_issuers: Vec<IssuerConfig>,
+    /// Set by dev mode only; labels logs and the health output.
+    #[serde(skip)]
+    pub dev_mode: bool,
+}
+
+/// Over-cap policy.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OverCap {
+    /// Grant the cap and say so in the response (`lifetime_clamped`).
+    #[default]
+    Clamp,
+    /// Refuse with `LIFETIME_EXCEEDS_CAP`.
+    Refuse,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// gRPC. Default 127.0.0.1:50051.
+    #[serde(default = "default_grpc_listen")]
+    pub grpc: SocketAddr,
+    /// HTTP: `/.well-known/jwks.json`, `/metrics`, `/healthz`. Default 127.0.0.1:50052.
+    #[serde(default = "default_http_listen")]
+    pub http: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            grpc: default_grpc_listen(),
+            http: default_http_listen(),
+        }
+    }
+}
+
+/// Store selection.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite file. Default `<data_dir>/jobtoken.db`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `normal` (survives kill -9; default) or `full` (fsync each commit; survives power loss).
+    #[serde(default)]
+    pub sync: SyncMode,
+}
+
+/// TLS files (PEM).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain.
+    pub cert_file: PathBuf,
+    /// Server private key.
+    pub key_file: PathBuf,
+    /// CA that signs module client certificates; enables mTLS module authentication.
+    /// Client certificates stay optional so module keys keep working.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// A module (actor) that may hold leases.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    /// Module id: the token's `act.sub`.
+    pub id: String,
+    /// SHA-256 (hex) of its module key (`token-service hash-key` prints it).
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Common name or DNS name of its mTLS client certificate.
+    #[serde(default)]
+    pub mtls_subject: Option<String>,
+    /// Permissions it may delegate: exact names, `prefix.*`, or `*`.
+    #[serde(default)]
+    pub delegable: Vec<String>,
+    /// Cap on its lease lifetime. Default 24h.
+    #[serde(default = "default_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Lifetime when the request names none. Default 8h (or the cap, if lower).
+    #[serde(default = "default_lifetime", with = "humantime_serde")]
+    pub default_lifetime: Duration,
+}
+
+/// An issuer of user (subject) tokens.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values; empty means `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// JWKS document file (RS256, ES256, EdDSA keys; algorithm from each key).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A single PEM public key; needs `algorithm`.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// Algorithm of `public_key_file`: RS256, ES256 or EdDSA.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// File holding an HS256 shared secret (for platforms that sign that way).
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// Claim holding the user's permissions (array or space-separated string).
+    #[serde(default = "default_permissions_claim")]
+    pub permissions_claim: String,
+    /// Claim holding the tenant.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// Leeway on `exp` and `nbf`. Default 30s.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_issuer() -> String {
+    DEFAULT_ISSUER.into()
+}
+fn default_audience() -> String {
+    DEFAULT_AUDIENCE.into()
+}
+fn default_ttl() -> Duration {
+    DEFAULT_ACCESS_TOKEN_TTL
+}
+fn default_idle() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn default_grace() -> Duration {
+    DEFAULT_REFRESH_GRACE
+}
+fn default_leeway() -> Duration {
+    DEFAULT_LEEWAY
+}
+fn default_data_dir() -> PathBuf {
+    DEFAULT_DATA_DIR.into()
+}
+fn default_grpc_listen() -> SocketAddr {
+    DEFAULT_GRPC_LISTEN.parse().expect("valid default")
+}
+fn default_http_listen() -> SocketAddr {
+    DEFAULT_HTTP_LISTEN.parse().expect("valid default")
+}
+fn default_max_lifetime() -> Duration {
+    DEFAULT_MAX_LEASE_LIFETIME
+}
+fn default_lifetime() -> Duration {
+    DEFAULT_LEASE_LIFETIME
+}
+fn default_permissions_claim() -> String {
+    "permissions".into()
+}
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+
+/// Environment variables that override the file, by name.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("JOBTOKEN_GRPC_LISTEN", "listen.grpc"),
+    ("JOBTOKEN_HTTP_LISTEN", "listen.http"),
+    ("JOBTOKEN_DATA_DIR", "data_dir"),
+    ("JOBTOKEN_STORE_PATH", "store.path"),
+    ("JOBTOKEN_MASTER_KEY_FILE", "master_key_file"),
+    ("JOBTOKEN_ACCESS_TOKEN_TTL", "access_token_ttl"),
+    ("JOBTOKEN_IDLE_TIMEOUT", "idle_timeout"),
+    ("JOBTOKEN_ADMIN_KEY_SHA256", "admin_key_sha256"),
+];
+
+impl Config {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, StartupError> {
+        toml::from_str(text).map_err(|e| StartupError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn from_file(path: &Path) -> Result<Self, StartupError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StartupError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Applies the [`ENV_OVERRIDES`] found by `get` (the process environment in `main`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), StartupError> {
+        let duration = |name: &str, v: &str| {
+            humantime::parse_duration(v)
+                .map_err(|e| StartupError::Invalid(format!("{name}={v:?}: {e}")))
+        };
+        let addr = |name: &str, v: &str| {
+            v.parse::<SocketAddr>()
+                .map_err(|e| StartupError::Invalid(format!("{name}={v:?}: {e}")))
+        };
+        for (name, _) in ENV_OVERRIDES {
+            let Some(v) = get(name) else { continue };
+            match *name {
+                "JOBTOKEN_GRPC_LISTEN" => self.listen.grpc = addr(name, &v)?,
+                "JOBTOKEN_HTTP_LISTEN" => self.listen.http = addr(name, &v)?,
+                "JOBTOKEN_DATA_DIR" => self.data_dir = v.into(),
+                "JOBTOKEN_STORE_PATH" => self.store.path = Some(v.into()),
+                "JOBTOKEN_MASTER_KEY_FILE" => self.master_key_file = Some(v.into()),
+                "JOBTOKEN_ACCESS_TOKEN_TTL" => self.access_token_ttl = duration(name, &v)?,
+                "JOBTOKEN_IDLE_TIMEOUT" => self.idle_timeout = duration(name, &v)?,
+                "JOBTOKEN_ADMIN_KEY_SHA256" => self.admin_key_sha256 = Some(v),
+                _ => unreachable!("every ENV_OVERRIDES entry is handled"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), StartupError> {
+        let bad = |m: String| Err(StartupError::Invalid(m));
+        if self.access_token_ttl < MIN_ACCESS_TOKEN_TTL {
+            return bad("access_token_ttl must be at least 1s".into());
+        }
+        if self.idle_timeout <= self.access_token_ttl {
+            return bad("idle_timeout must be longer than access_token_ttl".into());
+        }
+        if self.refresh_grace > self.idle_timeout {
+            return bad("refresh_grace must not exceed idle_timeout".into());
+        }
+        let mut ids = std::collections::HashSet::new();
+        for m in &self.modules {
+            if m.id.is_empty() || !ids.insert(&m.id) {
+                return bad(format!("module id {:?} is empty or repeated", m.id));
+            }
+            if m.key_sha256.is_none() && m.mtls_subject.is_none() {
+                return bad(format!(
+                    "module {:?} needs key_sha256 or mtls_subject",
+                    m.id
+                ));
+            }
+            if let Some(h) = &m.key_sha256 {
+                if !is_sha256_hex(h) {
+                    return bad(format!(
+                        "module {:?}: key_sha256 must be 64 hex digits",
+                        m.id
+                    ));
+                }
+            }
+            if m.max_lifetime.is_zero() {
+                return bad(format!("module {:?}: max_lifetime must be positive", m.id));
+            }
+        }
+        if let Some(h) = &self.admin_key_sha256 {
+            if !is_sha256_hex(h) {
+                return bad("admin_key_sha256 must be 64 hex digits".into());
+            }
+        }
+        for i in &self.trusted_issuers {
+            let sources = [
+                i.jwks_file.is_some(),
+                i.public_key_file.is_some(),
+                i.hs256_secret_file.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return bad(format!(
+                    "issuer {:?}: set exactly one of jwks_file, public_key_file, hs256_secret_file",
+                    i.issuer
+                ));
+            }
+            if i.public_key_file.is_some() != i.algorithm.is_some() {
+                return bad(format!(
+                    "issuer {:?}: algorithm goes with public_key_file (and only with it)",
+                    i.issuer
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The SQLite file.
+    pub fn store_path(&self) -> PathBuf {
+        self.store
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("jobtoken.db"))
+    }
+
+    /// The master key file.
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+
+    /// A config for tests: ephemeral ports on loopback, data under `data_dir`, no modules
+    /// or issuers (tests add their own).
+    pub fn for_test(data_dir: &Path) -> Self {
+        Self {
+            issuer: DEFAULT_ISSUER.into(),
+            default_audience: DEFAULT_AUDIENCE.into(),
+            access_token_ttl: DEFAULT_ACCESS_TOKEN_TTL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            refresh_grace: DEFAULT_REFRESH_GRACE,
+            lifetime_over_cap: OverCap::Clamp,
+            data_dir: data_dir.to_owned(),
+            master_key_file: None,
+            admin_key_sha256: None,
+            listen: ListenConfig {
+                grpc: "127.0.0.1:0".parse().expect("valid"),
+                http: "127.0.0.1:0".parse().expect("valid"),
+            },
+            store: StoreConfig::default(),
+            tls: None,
+            modules: Vec::new(),
+            trusted_issuers: Vec::new(),
+            dev_mode: false,
+        }
+    }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::from_toml("", Path::new("x.toml")).unwrap();
+        assert_eq!(c.listen.grpc.to_string(), DEFAULT_GRPC_LISTEN);
+        assert_eq!(c.listen.http.to_string(), DEFAULT_HTTP_LISTEN);
+        assert_eq!(c.access_token_ttl, DEFAULT_ACCESS_TOKEN_TTL);
+        assert_eq!(c.refresh_grace, DEFAULT_REFRESH_GRACE);
+        assert_eq!(c.store_path(), Path::new("./data/jobtoken.db"));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = Config::from_toml("acces_token_ttl = \"1m\"", Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("acces_token_ttl"), "{e}");
+        let e = Config::from_toml("[[modules]]\nid = \"m\"\nkey = \"x\"", Path::new("c.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::from_toml(
+            r#"
+            access_token_ttl = "2m"
+            idle_timeout = "10m"
+            lifetime_over_cap = "refuse"
+            [listen]
+            grpc = "0.0.0.0:6000"
+            [store]
+            sync = "full"
+            [[modules]]
+            id = "importer"
+            key_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            delegable = ["inventory.*"]
+            max_lifetime = "6h"
+            [[trusted_issuers]]
+            issuer = "https://idp"
+            hs256_secret_file = "/run/secret"
+            "#,
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.access_token_ttl, Duration::from_secs(120));
+        assert_eq!(c.lifetime_over_cap, OverCap::Refuse);
+        assert_eq!(c.store.sync, SyncMode::Full);
+        assert_eq!(c.modules[0].max_lifetime, Duration::from_secs(6 * 3600));
+        assert_eq!(c.trusted_issuers[0].permissions_claim, "permissions");
+    }
+
+    #[test]
+    fn env_overrides_win_and_bad_values_are_named() {
+        let mut c = Config::from_toml("", Path::new("c.toml")).unwrap();
+        c.apply_env(|k| match k {
+            "JOBTOKEN_GRPC_LISTEN" => Some("127.0.0.1:7000".into()),
+            "JOBTOKEN_ACCESS_TOKEN_TTL" => Some("90s".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.listen.grpc.port(), 7000);
+        assert_eq!(c.access_token_ttl, Duration::from_secs(90));
+        let e = c
+            .apply_env(|k| (k == "JOBTOKEN_IDLE_TIMEOUT").then(|| "soon".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("JOBTOKEN_IDLE_TIMEOUT"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused() {
+        let mut c = Config::for_test(Path::new("/tmp"));
+        c.idle_timeout = c.access_token_ttl;
+        assert!(c.validate().is_err());
+        let mut c = Config::for_test(Path::new("/tmp"));
+        c.access_token_ttl = Duration::from_millis(500);
+        assert!(c.validate().is_err());
+        let mut c = Config::for_test(Path::new("/tmp"));
+        c.modules.push(ModuleConfig {
+            id: "m".into(),
+            key_sha256: Some("short".into()),
+            mtls_subject: None,
+            delegable: vec![],
+            max_lifetime: DEFAULT_MAX_LEASE_LIFETIME,
+            default_lifetime: DEFAULT_LEASE_LIFETIME,
+        });
+        assert!(c.validate().is_err());
+    }
+}

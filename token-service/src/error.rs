@@ -1,0 +1,133 @@
+//! The domain's one error type. The gRPC layer maps it to a `Status` in exactly one place
+//! (`grpc::status`); every variant has a stable machine reason.
+
+use crate::lease::EndReason;
+use crate::store::StoreError;
+
+/// Everything a lease operation can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is missing, malformed or out of range.
+    #[error("invalid {field}: {problem}")]
+    InvalidArgument {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong, for a person.
+        problem: String,
+    },
+    /// No valid module credential (mTLS certificate or module key) came with the call.
+    #[error("module credential missing or not recognised")]
+    ModuleUnauthenticated,
+    /// No valid admin key came with the call.
+    #[error("admin credential missing or not recognised")]
+    AdminUnauthenticated,
+    /// The subject token is not a well-formed, correctly signed JWT.
+    #[error("subject token is invalid: {0}")]
+    SubjectTokenInvalid(String),
+    /// The subject token's `exp` (plus leeway) has passed.
+    #[error("subject token has expired")]
+    SubjectTokenExpired,
+    /// The subject token's `nbf` (minus leeway) is still ahead.
+    #[error("subject token is not valid yet")]
+    SubjectTokenNotYetValid,
+    /// The subject token's `aud` does not name this platform.
+    #[error("subject token audience is not accepted")]
+    SubjectTokenAudience,
+    /// The subject token's issuer is not configured as trusted.
+    #[error("subject token issuer {0:?} is not trusted")]
+    UntrustedIssuer(String),
+    /// The user does not hold some requested permissions.
+    #[error("the user does not hold: {}", .0.join(", "))]
+    PermissionNotHeld(Vec<String>),
+    /// The module may not delegate some requested permissions.
+    #[error("this module may not delegate: {}", .0.join(", "))]
+    PermissionNotDelegable(Vec<String>),
+    /// Nothing the user holds may be delegated by this module.
+    #[error("none of the user's permissions may be delegated by this module")]
+    NoPermissionsGranted,
+    /// The requested lifetime is above the module's cap and config says refuse.
+    #[error("requested lifetime {requested_secs}s exceeds the cap of {cap_secs}s")]
+    LifetimeExceedsCap {
+        /// What was asked, in seconds.
+        requested_secs: u64,
+        /// The cap, in seconds.
+        cap_secs: u64,
+    },
+    /// No lease with that id (or job) exists.
+    #[error("lease not found")]
+    LeaseNotFound,
+    /// The module already holds an active lease for this job.
+    #[error("an active lease for job {0:?} already exists; resume it instead")]
+    LeaseAlreadyExists(String),
+    /// The lease belongs to another module.
+    #[error("the lease is held by another module")]
+    ActorMismatch,
+    /// The lease has ended and cannot renew.
+    #[error("the lease has ended: {}", .0.describe())]
+    LeaseEnded(EndReason),
+    /// The refresh token is not one this lease issued (wrong, or superseded by a resume).
+    #[error("refresh token is not valid for this lease")]
+    RefreshTokenInvalid,
+    /// An old refresh token was presented again; the lease has been revoked.
+    #[error("refresh token was already used; the lease is revoked as a precaution")]
+    RefreshTokenReused,
+    /// The store is unreachable or busy; retrying may succeed.
+    #[error("storage is unavailable")]
+    Unavailable(#[source] StoreError),
+    /// A bug or broken invariant; details stay in the server log.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// Stable machine reason, sent in `google.rpc.ErrorInfo.reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Error::ModuleUnauthenticated => "MODULE_UNAUTHENTICATED",
+            Error::AdminUnauthenticated => "ADMIN_UNAUTHENTICATED",
+            Error::SubjectTokenInvalid(_) => "SUBJECT_TOKEN_INVALID",
+            Error::SubjectTokenExpired => "SUBJECT_TOKEN_EXPIRED",
+            Error::SubjectTokenNotYetValid => "SUBJECT_TOKEN_NOT_YET_VALID",
+            Error::SubjectTokenAudience => "SUBJECT_TOKEN_AUDIENCE",
+            Error::UntrustedIssuer(_) => "UNTRUSTED_ISSUER",
+            Error::PermissionNotHeld(_) => "PERMISSION_NOT_HELD",
+            Error::PermissionNotDelegable(_) => "PERMISSION_NOT_DELEGABLE",
+            Error::NoPermissionsGranted => "NO_PERMISSIONS_GRANTED",
+            Error::LifetimeExceedsCap { .. } => "LIFETIME_EXCEEDS_CAP",
+            Error::LeaseNotFound => "LEASE_NOT_FOUND",
+            Error::LeaseAlreadyExists(_) => "LEASE_ALREADY_EXISTS",
+            Error::ActorMismatch => "ACTOR_MISMATCH",
+            Error::LeaseEnded(reason) => reason.error_reason(),
+            Error::RefreshTokenInvalid => "REFRESH_TOKEN_INVALID",
+            Error::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
+            Error::Unavailable(_) => "UNAVAILABLE",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: &'static str, problem: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field,
+            problem: problem.into(),
+        }
+    }
+
+    /// Wraps an unexpected failure.
+    pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Internal(Box::new(e))
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Error::Unavailable(e),
+            other => Error::internal(other),
+        }
+    }
+}
+
+/// Result of a domain operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

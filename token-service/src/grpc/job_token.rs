@@ -1,0 +1,235 @@
+//! `jobtoken.v1.JobTokenService`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use jobtoken_proto::jobtoken::v1 as pb;
+use pb::job_token_service_server::JobTokenService;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use super::{authenticate, convert, observe};
+use crate::auth::Modules;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::service::{IssueRequest, LeaseService};
+
+/// Events sent per store query by a revocation stream.
+const WATCH_BATCH: usize = 500;
+
+/// The module-facing API.
+#[derive(Debug, Clone)]
+pub struct JobTokenApi {
+    service: Arc<LeaseService>,
+    modules: Arc<Modules>,
+    metrics: Arc<Metrics>,
+    /// How often a revocation stream re-reads the store without a local wake-up (ends
+    /// written by other replicas or the sweeper of another process).
+    watch_poll: Duration,
+}
+
+impl JobTokenApi {
+    /// Wires the API to the domain.
+    pub fn new(
+        service: Arc<LeaseService>,
+        modules: Arc<Modules>,
+        metrics: Arc<Metrics>,
+        watch_poll: Duration,
+    ) -> Self {
+        Self {
+            service,
+            modules,
+            metrics,
+            watch_poll,
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
+
+fn outcome_name(outcome: i32) -> Result<&'static str, Error> {
+    match pb::JobOutcome::try_from(outcome) {
+        Ok(pb::JobOutcome::Unspecified) => Ok("unspecified"),
+        Ok(pb::JobOutcome::Succeeded) => Ok("succeeded"),
+        Ok(pb::JobOutcome::Failed) => Ok("failed"),
+        Ok(pb::JobOutcome::Cancelled) => Ok("cancelled"),
+        Err(_) => Err(Error::invalid("outcome", "is not a known JobOutcome")),
+    }
+}
+
+#[tonic::async_trait]
+impl JobTokenService for JobTokenApi {
+    async fn issue_job_token(
+        &self,
+        request: Request<pb::IssueJobTokenRequest>,
+    ) -> Result<Response<pb::IssueJobTokenResponse>, Status> {
+        observe(&self.metrics, "IssueJobToken", async {
+            let module = authenticate(&self.modules, &request)?;
+            let r = request.into_inner();
+            let issued = self
+                .service
+                .issue(
+                    &module,
+                    IssueRequest {
+                        subject_token: r.subject_token,
+                        job_id: r.job_id,
+                        permissions: r.permissions,
+                        max_lifetime: convert::duration_from_proto("max_lifetime", r.max_lifetime)?,
+                        audience: convert::non_empty(r.audience),
+                    },
+                )
+                .await?;
+            Ok(Response::new(pb::IssueJobTokenResponse {
+                lease: Some(convert::lease(&issued.lease)),
+                tokens: Some(convert::tokens(&issued.tokens)),
+                granted_lifetime: Some(convert::duration(issued.granted_lifetime)),
+                lifetime_clamped: issued.clamped,
+            }))
+        })
+        .await
+    }
+
+    async fn refresh_job_token(
+        &self,
+        request: Request<pb::RefreshJobTokenRequest>,
+    ) -> Result<Response<pb::RefreshJobTokenResponse>, Status> {
+        observe(&self.metrics, "RefreshJobToken", async {
+            let module = authenticate(&self.modules, &request)?;
+            let r = request.into_inner();
+            let (lease, tokens) = self
+                .service
+                .refresh(&module, &r.lease_id, &r.refresh_token)
+                .await?;
+            Ok(Response::new(pb::RefreshJobTokenResponse {
+                lease: Some(convert::lease(&lease)),
+                tokens: Some(convert::tokens(&tokens)),
+            }))
+        })
+        .await
+    }
+
+    async fn resume_job_token(
+        &self,
+        request: Request<pb::ResumeJobTokenRequest>,
+    ) -> Result<Response<pb::ResumeJobTokenResponse>, Status> {
+        observe(&self.metrics, "ResumeJobToken", async {
+            let module = authenticate(&self.modules, &request)?;
+            let r = request.into_inner();
+            let (lease, tokens) = self.service.resume(&module, &r.job_id).await?;
+            Ok(Response::new(pb::ResumeJobTokenResponse {
+                lease: Some(convert::lease(&lease)),
+                tokens: Some(convert::tokens(&tokens)),
+            }))
+        })
+        .await
+    }
+
+    async fn revoke_job_token(
+        &self,
+        request: Request<pb::RevokeJobTokenRequest>,
+    ) -> Result<Response<pb::RevokeJobTokenResponse>, Status> {
+        observe(&self.metrics, "RevokeJobToken", async {
+            let module = authenticate(&self.modules, &request)?;
+            let r = request.into_inner();
+            let outcome = outcome_name(r.outcome)?;
+            let lease = self
+                .service
+                .release(&module, &r.lease_id, outcome, &r.detail)
+                .await?;
+            Ok(Response::new(pb::RevokeJobTokenResponse {
+                lease: Some(convert::lease(&lease)),
+            }))
+        })
+        .await
+    }
+
+    async fn introspect_token(
+        &self,
+        request: Request<pb::IntrospectTokenRequest>,
+    ) -> Result<Response<pb::IntrospectTokenResponse>, Status> {
+        observe(&self.metrics, "IntrospectToken", async {
+            authenticate(&self.modules, &request)?;
+            let claims = self.service.introspect(&request.into_inner().token).await?;
+            Ok(Response::new(pb::IntrospectTokenResponse {
+                active: claims.is_some(),
+                claims: claims.map(convert::claims),
+            }))
+        })
+        .await
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        observe(&self.metrics, "GetJwks", async {
+            let keys = self.service.keys();
+            Ok(Response::new(pb::GetJwksResponse {
+                keys: keys
+                    .jwks()
+                    .into_iter()
+                    .map(|k| pb::JsonWebKey {
+                        kid: k.kid,
+                        kty: k.kty.into(),
+                        crv: k.crv.into(),
+                        x: k.x,
+                        alg: k.alg.into(),
+                        r#use: k.use_.into(),
+                    })
+                    .collect(),
+                jwks_json: keys.jwks_json(),
+            }))
+        })
+        .await
+    }
+
+    type WatchRevocationsStream = WatchStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let service = Arc::clone(&self.service);
+        let poll = self.watch_poll;
+        let start = observe(&self.metrics, "WatchRevocations", async {
+            authenticate(&self.modules, &request)?;
+            match request.into_inner().after_cursor {
+                Some(cursor) => Ok(cursor),
+                None => service.last_sequence().await,
+            }
+        })
+        .await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut wake = service.subscribe_ends();
+            let mut cursor = start;
+            loop {
+                match service.ends_after(cursor, WATCH_BATCH).await {
+                    Ok(events) if !events.is_empty() => {
+                        for event in events {
+                            cursor = event.sequence;
+                            if tx.send(Ok(convert::revocation(event))).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(super::status::to_status(&e))).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = wake.changed() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,295 @@
+//! Signing keys: the current Ed25519 key signs access tokens; retired keys stay published
+//! until the last token they signed has expired. Private keys are stored sealed with the
+//! master key, so every replica sharing the store signs with the same key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use aws_lc_rs::{digest, rand::SystemRandom, signature::Ed25519KeyPair, signature::KeyPair};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::to_unix_secs;
+use crate::secrets::MasterKey;
+use crate::store::{Store, StoreError, StoredKey};
+
+const ALGORITHM: &str = "EdDSA";
+
+/// The claims of a job access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// Issuer: this service.
+    pub iss: String,
+    /// The subject (user).
+    pub sub: String,
+    /// Audience.
+    pub aud: String,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+    /// Issued at, Unix seconds.
+    pub iat: i64,
+    /// Not before, Unix seconds.
+    pub nbf: i64,
+    /// Unique token id.
+    pub jti: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Granted permissions.
+    pub permissions: Vec<String>,
+    /// Job id.
+    pub job_id: String,
+    /// Lease id.
+    pub lease_id: String,
+    /// The actor (RFC 8693 `act`).
+    pub act: Actor,
+}
+
+/// RFC 8693 actor claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The module id.
+    pub sub: String,
+}
+
+/// A published public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Jwk {
+    /// Key id.
+    pub kid: String,
+    /// "OKP".
+    pub kty: &'static str,
+    /// "Ed25519".
+    pub crv: &'static str,
+    /// Public key, base64url.
+    pub x: String,
+    /// "EdDSA".
+    pub alg: &'static str,
+    /// "sig".
+    #[serde(rename = "use")]
+    pub use_: &'static str,
+}
+
+/// Failures of the key ring.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored private key could not be opened: the master key is not the one it was
+    /// sealed with.
+    #[error("signing key {kid} cannot be unsealed: is this the right master key?")]
+    Unseal {
+        /// The key.
+        kid: String,
+    },
+    /// A stored key is malformed.
+    #[error("signing key {kid} is malformed")]
+    Malformed {
+        /// The key.
+        kid: String,
+    },
+    /// Signing failed (a bug).
+    #[error("signing failed")]
+    Sign(#[source] jsonwebtoken::errors::Error),
+}
+
+struct Loaded {
+    current_kid: String,
+    encoding: EncodingKey,
+    published: HashMap<String, (Jwk, DecodingKey)>,
+}
+
+/// The service's signing keys, reloaded from the store after rotations.
+pub struct KeyRing {
+    store: Arc<dyn Store>,
+    master: MasterKey,
+    /// How long a retired key stays published: the longest a token it signed can live.
+    retain: Duration,
+    loaded: RwLock<Arc<Loaded>>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("current_kid", &self.current().current_kid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_key(master: &MasterKey, now: SystemTime) -> StoredKey {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        .expect("Ed25519 key generation does not fail");
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("freshly generated key parses");
+    let public_key = pair.public_key().as_ref().to_vec();
+    let fingerprint = digest::digest(&digest::SHA256, &public_key);
+    let kid = B64.encode(&fingerprint.as_ref()[..12]);
+    StoredKey {
+        sealed_private_key: master.seal(pkcs8.as_ref(), &kid),
+        kid,
+        algorithm: ALGORITHM.to_owned(),
+        public_key,
+        created_at: now,
+        retired_at: None,
+    }
+}
+
+impl KeyRing {
+    /// Loads the keys, creating the first one if the store has none.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        master: MasterKey,
+        retain: Duration,
+        now: SystemTime,
+    ) -> Result<Self, KeyError> {
+        if store.signing_keys().await?.is_empty() {
+            // Losing this race to another replica is fine: its key is then used.
+            store
+                .rotate_signing_key(&new_key(&master, now), None)
+                .await?;
+        }
+        let loaded = build(&store.signing_keys().await?, &master, retain, now)?;
+        Ok(Self {
+            store,
+            master,
+            retain,
+            loaded: RwLock::new(Arc::new(loaded)),
+        })
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        Arc::clone(&self.loaded.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Re-reads the keys from the store (another replica may have rotated).
+    pub async fn reload(&self, now: SystemTime) -> Result<(), KeyError> {
+        let loaded = build(
+            &self.store.signing_keys().await?,
+            &self.master,
+            self.retain,
+            now,
+        )?;
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+        Ok(())
+    }
+
+    /// Makes a new key current. Returns `(new kid, retired kid)`.
+    pub async fn rotate(&self, now: SystemTime) -> Result<(String, String), KeyError> {
+        loop {
+            self.reload(now).await?;
+            let retired = self.current().current_kid.clone();
+            let key = new_key(&self.master, now);
+            if self.store.rotate_signing_key(&key, Some(&retired)).await? {
+                self.reload(now).await?;
+                return Ok((key.kid, retired));
+            }
+        }
+    }
+
+    /// The id of the key that signs now.
+    pub fn current_kid(&self) -> String {
+        self.current().current_kid.clone()
+    }
+
+    /// Signs access-token claims with the current key.
+    pub fn sign(&self, claims: &AccessClaims) -> Result<String, KeyError> {
+        let loaded = self.current();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(loaded.current_kid.clone());
+        jsonwebtoken::encode(&header, claims, &loaded.encoding).map_err(KeyError::Sign)
+    }
+
+    /// Verifies an access token's signature and issuer, and that it is within its validity
+    /// at `now` (with `leeway`). `None` if it is not a valid token of this service.
+    pub fn verify(
+        &self,
+        token: &str,
+        issuer: &str,
+        now: SystemTime,
+        leeway: Duration,
+    ) -> Option<AccessClaims> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if header.alg != Algorithm::EdDSA {
+            return None;
+        }
+        let loaded = self.current();
+        let (_, key) = loaded.published.get(header.kid.as_deref()?)?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        // Time is checked below against the injected clock, not jsonwebtoken's.
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        validation.set_issuer(&[issuer]);
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
+            .ok()?
+            .claims;
+        let now = to_unix_secs(now);
+        let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
+        (now < claims.exp.saturating_add(leeway) && now >= claims.nbf.saturating_sub(leeway))
+            .then_some(claims)
+    }
+
+    /// The published public keys: the current one and retired ones still in use.
+    pub fn jwks(&self) -> Vec<Jwk> {
+        let loaded = self.current();
+        let mut keys: Vec<Jwk> = loaded.published.values().map(|(j, _)| j.clone()).collect();
+        // Current key first, then by kid, so the document is stable.
+        keys.sort_by(|a, b| {
+            (a.kid != loaded.current_kid, &a.kid).cmp(&(b.kid != loaded.current_kid, &b.kid))
+        });
+        keys
+    }
+
+    /// The JWKS JSON document.
+    pub fn jwks_json(&self) -> String {
+        serde_json::json!({ "keys": self.jwks() }).to_string()
+    }
+}
+
+fn build(
+    keys: &[StoredKey],
+    master: &MasterKey,
+    retain: Duration,
+    now: SystemTime,
+) -> Result<Loaded, KeyError> {
+    let current = keys
+        .iter()
+        .find(|k| k.retired_at.is_none())
+        .or_else(|| keys.first())
+        .ok_or_else(|| KeyError::Malformed {
+            kid: "<none>".into(),
+        })?;
+    let pkcs8 = master
+        .open(&current.sealed_private_key, &current.kid)
+        .map_err(|_| KeyError::Unseal {
+            kid: current.kid.clone(),
+        })?;
+    let encoding = EncodingKey::from_ed_der(&pkcs8);
+    let mut published = HashMap::new();
+    for key in keys {
+        let live = key.retired_at.is_none_or(|r| r + retain > now);
+        if !live || key.algorithm != ALGORITHM {
+            continue;
+        }
+        let x = B64.encode(&key.public_key);
+        let decoding = DecodingKey::from_ed_components(&x).map_err(|_| KeyError::Malformed {
+            kid: key.kid.clone(),
+        })?;
+        let jwk = Jwk {
+            kid: key.kid.clone(),
+            kty: "OKP",
+            crv: "Ed25519",
+            x,
+            alg: ALGORITHM,
+            use_: "sig",
+        };
+        published.insert(key.kid.clone(), (jwk, decoding));
+    }
+    Ok(Loaded {
+        current_kid: current.kid.clone(),
+        encoding,
+        published,
+    })
+}

@@ -1,0 +1,293 @@
+//! The lease and its life: plain data, no I/O.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+/// Why a lease ended. The string forms are stored and must not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    /// The holder released it.
+    Released,
+    /// Its hard expiry passed.
+    Expired,
+    /// Nobody renewed it within the idle timeout.
+    IdleTimeout,
+    /// An administrator revoked it.
+    Revoked,
+    /// An old refresh token was presented again.
+    RefreshTokenReused,
+}
+
+impl EndReason {
+    /// Every reason, for exhaustive tests.
+    pub const ALL: [EndReason; 5] = [
+        EndReason::Released,
+        EndReason::Expired,
+        EndReason::IdleTimeout,
+        EndReason::Revoked,
+        EndReason::RefreshTokenReused,
+    ];
+
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Released => "released",
+            EndReason::Expired => "expired",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::Revoked => "revoked",
+            EndReason::RefreshTokenReused => "refresh_token_reused",
+        }
+    }
+
+    /// Parses the stored form.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// The machine reason a renewal of a lease that ended this way fails with.
+    pub fn error_reason(self) -> &'static str {
+        match self {
+            EndReason::Released => "LEASE_RELEASED",
+            EndReason::Expired => "LEASE_EXPIRED",
+            EndReason::IdleTimeout => "LEASE_IDLE_TIMEOUT",
+            EndReason::Revoked => "LEASE_REVOKED",
+            EndReason::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
+        }
+    }
+
+    /// A phrase for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            EndReason::Released => "released by its holder",
+            EndReason::Expired => "its maximum lifetime has passed",
+            EndReason::IdleTimeout => "not renewed within its idle timeout",
+            EndReason::Revoked => "revoked by an administrator",
+            EndReason::RefreshTokenReused => "revoked because an old refresh token was reused",
+        }
+    }
+}
+
+/// How and when a lease ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEnd {
+    /// Why.
+    pub reason: EndReason,
+    /// When.
+    pub at: SystemTime,
+    /// Who: `module:<id>`, `admin` or `system`.
+    pub by: String,
+    /// Free text: outcome, admin's reason.
+    pub detail: String,
+}
+
+/// A job's right to hold tokens, as stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Server-assigned id.
+    pub id: String,
+    /// Tenant of the subject.
+    pub tenant: String,
+    /// The user.
+    pub subject: String,
+    /// The module id holding the lease.
+    pub actor: String,
+    /// The module's job id.
+    pub job_id: String,
+    /// Granted permissions, sorted.
+    pub permissions: Vec<String>,
+    /// Audience of its access tokens.
+    pub audience: String,
+    /// Granted at.
+    pub created_at: SystemTime,
+    /// Hard expiry.
+    pub expires_at: SystemTime,
+    /// Ends if not renewed for this long.
+    pub idle_timeout: Duration,
+    /// Last grant, renewal or resume: the idle timeout counts from here.
+    pub last_active_at: SystemTime,
+    /// Set once the lease has ended.
+    pub end: Option<LeaseEnd>,
+    /// Number of the current refresh token; it is derived from this and the seed.
+    pub generation: u64,
+    /// Random per-lease input of refresh-token derivation; replaced at every resume, which
+    /// is what kills the tokens from before it. Useless without the server's secret.
+    pub seed: Vec<u8>,
+    /// When the current generation was issued (start of the grace window).
+    pub rotated_at: SystemTime,
+    /// Renewals so far.
+    pub refresh_count: u64,
+    /// Last renewal.
+    pub last_refreshed_at: Option<SystemTime>,
+    /// Resumes so far.
+    pub resume_count: u64,
+    /// Optimistic-concurrency version, bumped by the store on every update.
+    pub version: i64,
+}
+
+impl Lease {
+    /// Whether the lease can still renew (ignoring time; see [`Lease::due_end`]).
+    pub fn is_active(&self) -> bool {
+        self.end.is_none()
+    }
+
+    /// The instant after which the lease ends by itself unless renewed: the earlier of the
+    /// hard expiry and the idle deadline. Stores index it to find leases to sweep.
+    pub fn deadline(&self) -> SystemTime {
+        self.expires_at.min(self.last_active_at + self.idle_timeout)
+    }
+
+    /// If the active lease has run out at `now`, the reason it did.
+    pub fn due_end(&self, now: SystemTime) -> Option<EndReason> {
+        if !self.is_active() {
+            return None;
+        }
+        if now >= self.expires_at {
+            Some(EndReason::Expired)
+        } else if now >= self.last_active_at + self.idle_timeout {
+            Some(EndReason::IdleTimeout)
+        } else {
+            None
+        }
+    }
+
+    /// Ends the lease (no-op if it already ended).
+    pub fn finish(&mut self, reason: EndReason, at: SystemTime, by: &str, detail: &str) {
+        if self.end.is_none() {
+            self.end = Some(LeaseEnd {
+                reason,
+                at,
+                by: by.to_owned(),
+                detail: detail.to_owned(),
+            });
+        }
+    }
+
+    /// The latest instant any access token of this lease can be valid. Tokens are minted
+    /// at grant, renewal and resume (all recorded in `last_active_at`/`rotated_at`) and by
+    /// grace retries up to `grace` later; none lives past `ttl` or the hard expiry.
+    pub fn tokens_valid_until(&self, ttl: Duration, grace: Duration) -> SystemTime {
+        self.expires_at
+            .min(self.last_active_at.max(self.rotated_at) + grace + ttl)
+    }
+}
+
+impl fmt::Debug for Lease {
+    // Hand-written so the seed never reaches a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id)
+            .field("tenant", &self.tenant)
+            .field("subject", &self.subject)
+            .field("actor", &self.actor)
+            .field("job_id", &self.job_id)
+            .field("permissions", &self.permissions)
+            .field("expires_at", &self.expires_at)
+            .field("end", &self.end)
+            .field("generation", &self.generation)
+            .field("seed", &"<redacted>")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to a lease, for its story and the revocation stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Granted.
+    Issued,
+    /// Re-attached by its module.
+    Resumed,
+    /// Ended.
+    Ended,
+}
+
+impl EventKind {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Issued => "issued",
+            EventKind::Resumed => "resumed",
+            EventKind::Ended => "ended",
+        }
+    }
+
+    /// Parses the stored form.
+    pub fn parse(s: &str) -> Option<Self> {
+        [EventKind::Issued, EventKind::Resumed, EventKind::Ended]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// One entry of the event log. `sequence` is assigned by the store, increasing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEvent {
+    /// Position in the log (0 before it is stored).
+    pub sequence: u64,
+    /// The lease.
+    pub lease_id: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its subject.
+    pub subject: String,
+    /// Its actor.
+    pub actor: String,
+    /// Its job.
+    pub job_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// For `Ended`: why.
+    pub reason: Option<EndReason>,
+    /// When.
+    pub at: SystemTime,
+    /// Who.
+    pub by: String,
+    /// Free text.
+    pub detail: String,
+    /// For `Ended`: tokens of the lease may be valid until then.
+    pub tokens_valid_until: Option<SystemTime>,
+}
+
+impl LeaseEvent {
+    /// An event about `lease`, not yet stored.
+    pub fn new(lease: &Lease, kind: EventKind, at: SystemTime, by: &str, detail: &str) -> Self {
+        Self {
+            sequence: 0,
+            lease_id: lease.id.clone(),
+            tenant: lease.tenant.clone(),
+            subject: lease.subject.clone(),
+            actor: lease.actor.clone(),
+            job_id: lease.job_id.clone(),
+            kind,
+            reason: None,
+            at,
+            by: by.to_owned(),
+            detail: detail.to_owned(),
+            tokens_valid_until: None,
+        }
+    }
+
+    /// The `Ended` event of an ended lease.
+    pub fn ended(lease: &Lease, ttl: Duration, grace: Duration) -> Option<Self> {
+        let end = lease.end.as_ref()?;
+        let mut event = Self::new(lease, EventKind::Ended, end.at, &end.by, &end.detail);
+        event.reason = Some(end.reason);
+        event.tokens_valid_until = Some(lease.tokens_valid_until(ttl, grace));
+        Some(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_reasons_round_trip_and_have_distinct_machine_reasons() {
+        let mut seen = std::collections::HashSet::new();
+        for r in EndReason::ALL {
+            assert_eq!(EndReason::parse(r.as_str()), Some(r));
+            assert!(seen.insert(r.error_reason()));
+        }
+        assert_eq!(EndReason::parse("nope"), None);
+    }
+}

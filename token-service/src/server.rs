@@ -1,0 +1,277 @@
+//! Wiring: builds the domain from config, serves gRPC and HTTP, runs the sweeper, and
+//! shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobtoken_proto::jobtoken::v1::admin_service_server::AdminServiceServer;
+use jobtoken_proto::jobtoken::v1::job_token_service_server::JobTokenServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::auth::{AdminAuth, Modules};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, StartupError};
+use crate::dev::load_or_create_master_key;
+use crate::grpc::{AdminApi, JobTokenApi};
+use crate::keys::KeyRing;
+use crate::metrics::Metrics;
+use crate::service::{LeaseService, Settings};
+use crate::store::{SqliteStore, Store};
+use crate::subject::SubjectVerifier;
+
+/// Largest request message accepted; field limits are far below it.
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// How often expired and idle leases are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often keys are re-read (another replica may rotate).
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a revocation stream re-reads the store without a local wake-up.
+const WATCH_POLL: Duration = Duration::from_secs(1);
+
+/// Starts servers.
+#[derive(Debug)]
+pub struct Server;
+
+/// A started service: its bound addresses and a handle to stop it.
+#[derive(Debug)]
+pub struct RunningServer {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    service: Arc<LeaseService>,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, StartupError> {
+    std::fs::read(path).map_err(|source| StartupError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })
+}
+
+impl Server {
+    /// Starts the service with the system clock.
+    pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Starts the service with the given clock (tests move time by hand).
+    pub async fn start_with_clock(
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<RunningServer, StartupError> {
+        config.validate()?;
+        let master = load_or_create_master_key(&config.master_key_path())?;
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&config.store_path(), config.store.sync)?);
+        // A retired key must verify every token it signed: their life plus the grace
+        // window in which a retry can still mint one, plus slack for clock skew.
+        let retain = config.access_token_ttl + config.refresh_grace + Duration::from_secs(60);
+        let keys =
+            Arc::new(KeyRing::load(Arc::clone(&store), master.clone(), retain, clock.now()).await?);
+        let subjects = SubjectVerifier::from_config(&config.trusted_issuers)?;
+        let metrics = Arc::new(Metrics::new());
+        let service = Arc::new(LeaseService::new(
+            store,
+            Arc::clone(&keys),
+            master,
+            subjects,
+            Arc::clone(&clock),
+            Settings::from_config(&config),
+            Arc::clone(&metrics),
+        ));
+        let modules = Arc::new(Modules::from_config(&config.modules));
+
+        let grpc_listener = bind(config.listen.grpc).await?;
+        let http_listener = bind(config.listen.http).await?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen.grpc,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen.http,
+                source,
+            })?;
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<JobTokenServiceServer<JobTokenApi>>()
+            .await;
+        health_reporter
+            .set_serving::<AdminServiceServer<AdminApi>>()
+            .await;
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(jobtoken_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1()
+            .map_err(|e| StartupError::Invalid(format!("reflection: {e}")))?;
+        let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1alpha()
+            .map_err(|e| StartupError::Invalid(format!("reflection: {e}")))?;
+
+        let job_api = JobTokenApi::new(
+            Arc::clone(&service),
+            Arc::clone(&modules),
+            Arc::clone(&metrics),
+            WATCH_POLL,
+        );
+        let admin_api = AdminApi::new(
+            Arc::clone(&service),
+            AdminAuth::new(config.admin_key_sha256.clone()),
+            Arc::clone(&metrics),
+        );
+
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            let identity = Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+            let mut tls_config = ServerTlsConfig::new().identity(identity);
+            if let Some(ca) = &tls.client_ca_file {
+                tls_config = tls_config
+                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(true);
+            }
+            builder = builder
+                .tls_config(tls_config)
+                .map_err(|e| StartupError::Tls(e.to_string()))?;
+        }
+        let router = builder
+            .add_service(
+                JobTokenServiceServer::new(job_api).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                AdminServiceServer::new(admin_api).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        let (shutdown, _) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let mut tasks = JoinSet::new();
+        let grpc_stop = stopped(shutdown.subscribe());
+        tasks.spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_stop)
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        let http_stop = stopped(shutdown.subscribe());
+        let http_app = crate::http::router(Arc::clone(&service), Arc::clone(&metrics));
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(http_listener, http_app)
+                .with_graceful_shutdown(http_stop)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tasks.spawn(background(
+            Arc::clone(&service),
+            Arc::clone(&keys),
+            shutdown.subscribe(),
+        ));
+
+        tracing::info!(
+            %grpc_addr,
+            %http_addr,
+            tls = config.tls.is_some(),
+            dev_mode = config.dev_mode,
+            store = %config.store_path().display(),
+            modules = config.modules.len(),
+            trusted_issuers = config.trusted_issuers.len(),
+            access_token_ttl_secs = config.access_token_ttl.as_secs(),
+            "token service serving"
+        );
+        Ok(RunningServer {
+            grpc_addr,
+            http_addr,
+            shutdown,
+            tasks,
+            service,
+        })
+    }
+}
+
+/// Sweeps ended leases, keeps the active-lease gauge current and reloads keys.
+async fn background(
+    service: Arc<LeaseService>,
+    keys: Arc<KeyRing>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut reload = tokio::time::interval(KEY_RELOAD_INTERVAL);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stopped => return,
+            _ = sweep.tick() => {
+                if let Err(e) = service.sweep().await {
+                    tracing::warn!(error = %e, "sweeping ended leases failed");
+                }
+                if let Err(e) = service.count_active_leases().await {
+                    tracing::warn!(error = %e, "counting active leases failed");
+                }
+            }
+            _ = reload.tick() => {
+                if let Err(e) = keys.reload(service.now()).await {
+                    tracing::warn!(error = %e, "reloading signing keys failed");
+                }
+            }
+        }
+    }
+}
+
+impl RunningServer {
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The domain service, for in-process tests.
+    pub fn service(&self) -> &Arc<LeaseService> {
+        &self.service
+    }
+
+    /// Stops accepting, lets in-flight calls finish, and waits for every task.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Serves until `signal` completes, then shuts down.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}

@@ -1,0 +1,764 @@
+//! The lease domain: grant, renew, resume, release, revoke, introspect. Transport-free:
+//! takes domain types, returns [`crate::error::Error`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use tokio::sync::watch;
+
+use crate::auth::Module;
+use crate::clock::{Clock, from_millis, to_millis, to_unix_secs};
+use crate::config::{Config, OverCap};
+use crate::error::{Error, Result};
+use crate::keys::{AccessClaims, Actor, KeyRing};
+use crate::lease::{EndReason, EventKind, Lease, LeaseEvent};
+use crate::metrics::Metrics;
+use crate::permissions;
+use crate::secrets::{IssuedRefreshToken, MasterKey, RefreshToken, random_bytes};
+use crate::store::{LeaseFilter, Store, StoreError};
+use crate::subject::SubjectVerifier;
+
+/// Longest job id, lease id, audience.
+pub const MAX_ID_LEN: usize = 200;
+/// Longest free-text reason or detail.
+pub const MAX_DETAIL_LEN: usize = 1000;
+/// Longest access or refresh token accepted for checking.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Longest lease lifetime anyone may ask for; beyond is surely a mistake.
+pub const ABSURD_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+/// How often a compare-and-set is retried under contention before giving up.
+const CAS_ATTEMPTS: usize = 32;
+/// Largest page of ListLeases.
+pub const MAX_PAGE_SIZE: usize = 500;
+/// Page size of ListLeases when none is asked for.
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+
+/// The settings the domain needs, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `iss` of access tokens.
+    pub issuer: String,
+    /// `aud` when a request names none.
+    pub default_audience: String,
+    /// Access-token lifetime.
+    pub access_token_ttl: Duration,
+    /// Idle timeout of leases.
+    pub idle_timeout: Duration,
+    /// Grace window of the previous refresh token.
+    pub refresh_grace: Duration,
+    /// Over-cap lifetime policy.
+    pub over_cap: OverCap,
+}
+
+impl Settings {
+    /// From the service config.
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            issuer: c.issuer.clone(),
+            default_audience: c.default_audience.clone(),
+            access_token_ttl: c.access_token_ttl,
+            idle_timeout: c.idle_timeout,
+            refresh_grace: c.refresh_grace,
+            over_cap: c.lifetime_over_cap,
+        }
+    }
+}
+
+/// A grant request.
+#[derive(Clone)]
+pub struct IssueRequest {
+    /// The user's token. Secret.
+    pub subject_token: String,
+    /// The module's job id.
+    pub job_id: String,
+    /// Requested permissions; empty means all delegable ones the user holds.
+    pub permissions: Vec<String>,
+    /// Requested lifetime; `None` means the module's default.
+    pub max_lifetime: Option<Duration>,
+    /// Token audience; `None` means the default.
+    pub audience: Option<String>,
+}
+
+impl fmt::Debug for IssueRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssueRequest")
+            .field("subject_token", &"<redacted>")
+            .field("job_id", &self.job_id)
+            .field("permissions", &self.permissions)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+/// An access token and the refresh token for the next renewal.
+#[derive(Clone)]
+pub struct TokenPair {
+    /// Signed JWT. Secret.
+    pub access_token: String,
+    /// Its `exp`.
+    pub expires_at: SystemTime,
+    /// Its remaining life when minted.
+    pub expires_in: Duration,
+    /// The refresh token. Secret.
+    pub refresh_token: IssuedRefreshToken,
+}
+
+impl fmt::Debug for TokenPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenPair")
+            .field("access_token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("expires_in", &self.expires_in)
+            .field("refresh_token", &self.refresh_token)
+            .finish()
+    }
+}
+
+/// The result of a grant.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The new lease.
+    pub lease: Lease,
+    /// Its first tokens.
+    pub tokens: TokenPair,
+    /// Hard expiry minus creation.
+    pub granted_lifetime: Duration,
+    /// Whether the lifetime was clamped to the cap.
+    pub clamped: bool,
+}
+
+/// One page of leases.
+#[derive(Debug, Clone)]
+pub struct LeasePage {
+    /// The leases.
+    pub leases: Vec<Lease>,
+    /// Token of the next page; `None` on the last.
+    pub next_page_token: Option<String>,
+}
+
+/// The lease domain service.
+pub struct LeaseService {
+    store: Arc<dyn Store>,
+    keys: Arc<KeyRing>,
+    master: MasterKey,
+    subjects: SubjectVerifier,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+    /// Bumped whenever this process ends a lease, so revocation streams wake at once.
+    ends: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+}
+
+impl fmt::Debug for LeaseService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaseService")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_id(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    check_text(field, value, MAX_ID_LEN)
+}
+
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<()> {
+    if value.len() > max {
+        return Err(Error::invalid(field, format!("is longer than {max} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+fn encode_page_token(lease: &Lease) -> String {
+    B64.encode(format!("{}:{}", to_millis(lease.created_at), lease.id))
+}
+
+fn decode_page_token(token: &str) -> Result<(SystemTime, String)> {
+    let bad = || Error::invalid("page_token", "is not a token from a previous page");
+    let text = String::from_utf8(B64.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (ms, id) = text.split_once(':').ok_or_else(bad)?;
+    Ok((from_millis(ms.parse().map_err(|_| bad())?), id.to_owned()))
+}
+
+impl LeaseService {
+    /// Assembles the service.
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Arc<KeyRing>,
+        master: MasterKey,
+        subjects: SubjectVerifier,
+        clock: Arc<dyn Clock>,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            keys,
+            master,
+            subjects,
+            clock,
+            settings,
+            ends: watch::channel(0).0,
+            metrics,
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The signing keys.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    /// The current time, by the injected clock.
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    fn mint(&self, lease: &Lease, now: SystemTime) -> Result<TokenPair> {
+        let exp_time = (now + self.settings.access_token_ttl).min(lease.expires_at);
+        let exp = to_unix_secs(exp_time);
+        let claims = AccessClaims {
+            iss: self.settings.issuer.clone(),
+            sub: lease.subject.clone(),
+            aud: lease.audience.clone(),
+            exp,
+            iat: to_unix_secs(now),
+            nbf: to_unix_secs(now),
+            jti: uuid::Uuid::new_v4().to_string(),
+            tenant: lease.tenant.clone(),
+            permissions: lease.permissions.clone(),
+            job_id: lease.job_id.clone(),
+            lease_id: lease.id.clone(),
+            act: Actor {
+                sub: lease.actor.clone(),
+            },
+        };
+        let access_token = self.keys.sign(&claims).map_err(Error::internal)?;
+        // Report exactly the `exp` in the token (whole seconds), so holders schedule from it.
+        let expires_at = UNIX_EPOCH + Duration::from_secs(exp.max(0).unsigned_abs());
+        Ok(TokenPair {
+            access_token,
+            expires_at,
+            expires_in: expires_at.duration_since(now).unwrap_or_default(),
+            refresh_token: self
+                .master
+                .refresh_token(&lease.id, &lease.seed, lease.generation),
+        })
+    }
+
+    fn contention() -> Error {
+        Error::Unavailable(StoreError::Unavailable(
+            "too much contention on one lease".into(),
+        ))
+    }
+
+    /// Ends `lease` if its time has run out; returns the reason it is (now) ended, if so.
+    /// `Ok(None)`: it is active. `Err` only on store failure; a lost race returns the
+    /// sentinel `Some(None)` handled by the callers' retry loops.
+    async fn end_if_due(
+        &self,
+        lease: &Lease,
+        now: SystemTime,
+    ) -> Result<Option<Option<EndReason>>> {
+        if let Some(end) = &lease.end {
+            return Ok(Some(Some(end.reason)));
+        }
+        let Some(reason) = lease.due_end(now) else {
+            return Ok(None);
+        };
+        let mut ended = lease.clone();
+        let at = now.min(lease.deadline());
+        ended.finish(reason, at, "system", reason.describe());
+        if self.write_end(&ended).await? {
+            Ok(Some(Some(reason)))
+        } else {
+            Ok(Some(None))
+        }
+    }
+
+    /// Writes an ended lease with its event; `false` if someone else wrote first.
+    async fn write_end(&self, ended: &Lease) -> Result<bool> {
+        let event = LeaseEvent::ended(
+            ended,
+            self.settings.access_token_ttl,
+            self.settings.refresh_grace,
+        );
+        let written = self.store.update_lease(ended, event.as_ref()).await?;
+        if written {
+            if let Some(end) = &ended.end {
+                self.metrics.lease_ended(end.reason.as_str());
+                tracing::info!(
+                    target: "audit",
+                    event = "lease.ended",
+                    lease_id = %ended.id,
+                    job_id = %ended.job_id,
+                    tenant = %ended.tenant,
+                    actor = %ended.actor,
+                    subject = %ended.subject,
+                    reason = end.reason.as_str(),
+                    by = %end.by,
+                    detail = %end.detail,
+                );
+            }
+            self.ends.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(written)
+    }
+
+    /// Grants a lease to `module` from the user's token.
+    pub async fn issue(&self, module: &Module, req: IssueRequest) -> Result<Issued> {
+        check_id("job_id", &req.job_id)?;
+        if let Some(aud) = &req.audience {
+            check_id("audience", aud)?;
+        }
+        let now = self.clock.now();
+        let subject = self.subjects.verify(&req.subject_token, now)?;
+        let granted =
+            permissions::grant(&req.permissions, &subject.permissions, &module.delegable)?;
+        let (lifetime, clamped) = match req.max_lifetime {
+            None => (module.default_lifetime, false),
+            Some(d) if d.is_zero() => {
+                return Err(Error::invalid("max_lifetime", "must be positive"));
+            }
+            Some(d) if d > ABSURD_LIFETIME => {
+                return Err(Error::invalid("max_lifetime", "must be at most 366 days"));
+            }
+            Some(d) if d > module.max_lifetime => match self.settings.over_cap {
+                OverCap::Clamp => (module.max_lifetime, true),
+                OverCap::Refuse => {
+                    return Err(Error::LifetimeExceedsCap {
+                        requested_secs: d.as_secs(),
+                        cap_secs: module.max_lifetime.as_secs(),
+                    });
+                }
+            },
+            Some(d) => (d, false),
+        };
+        let lease = Lease {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: subject.tenant,
+            subject: subject.subject,
+            actor: module.id.clone(),
+            job_id: req.job_id,
+            permissions: granted,
+            audience: req
+                .audience
+                .unwrap_or_else(|| self.settings.default_audience.clone()),
+            created_at: now,
+            expires_at: now + lifetime,
+            idle_timeout: self.settings.idle_timeout,
+            last_active_at: now,
+            end: None,
+            generation: 0,
+            seed: random_bytes::<32>().to_vec(),
+            rotated_at: now,
+            refresh_count: 0,
+            last_refreshed_at: None,
+            resume_count: 0,
+            version: 0,
+        };
+        let event = LeaseEvent::new(&lease, EventKind::Issued, now, &module.principal(), "");
+        match self.store.insert_lease(&lease, &event).await {
+            Err(StoreError::Conflict) => return Err(Error::LeaseAlreadyExists(lease.job_id)),
+            other => other?,
+        }
+        let tokens = self.mint(&lease, now)?;
+        tracing::info!(
+            target: "audit",
+            event = "lease.issued",
+            lease_id = %lease.id,
+            job_id = %lease.job_id,
+            tenant = %lease.tenant,
+            actor = %lease.actor,
+            subject = %lease.subject,
+            issuer = %subject.issuer,
+            permissions = ?lease.permissions,
+            lifetime_secs = lifetime.as_secs(),
+            clamped,
+        );
+        Ok(Issued {
+            lease,
+            tokens,
+            granted_lifetime: lifetime,
+            clamped,
+        })
+    }
+
+    /// Renews a lease: rotates the refresh token and mints a new access token.
+    pub async fn refresh(
+        &self,
+        module: &Module,
+        lease_id: &str,
+        refresh_token: &str,
+    ) -> Result<(Lease, TokenPair)> {
+        check_id("lease_id", lease_id)?;
+        if refresh_token.is_empty() {
+            return Err(Error::invalid("refresh_token", "is required"));
+        }
+        if refresh_token.len() > MAX_ID_LEN {
+            return Err(Error::RefreshTokenInvalid);
+        }
+        let presented = RefreshToken::parse(refresh_token).ok_or(Error::RefreshTokenInvalid)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let now = self.clock.now();
+            let mut lease = self
+                .store
+                .get_lease(lease_id)
+                .await?
+                .ok_or(Error::LeaseNotFound)?;
+            if lease.actor != module.id {
+                return Err(Error::ActorMismatch);
+            }
+            match self.end_if_due(&lease, now).await? {
+                None => {}
+                Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
+                Some(None) => continue,
+            }
+            if !self
+                .master
+                .verify_refresh_token(&lease.id, &lease.seed, &presented)
+            {
+                return Err(Error::RefreshTokenInvalid);
+            }
+            let current = lease.generation;
+            if presented.generation == current {
+                lease.generation += 1;
+                lease.rotated_at = now;
+                lease.last_active_at = now;
+                lease.refresh_count += 1;
+                lease.last_refreshed_at = Some(now);
+                if !self.store.update_lease(&lease, None).await? {
+                    continue;
+                }
+                tracing::debug!(
+                    target: "audit",
+                    event = "lease.refreshed",
+                    lease_id = %lease.id,
+                    job_id = %lease.job_id,
+                    tenant = %lease.tenant,
+                    actor = %lease.actor,
+                    generation = lease.generation,
+                );
+                lease.version += 1;
+                let tokens = self.mint(&lease, now)?;
+                return Ok((lease, tokens));
+            }
+            let in_grace = now < lease.rotated_at + self.settings.refresh_grace;
+            if presented.generation + 1 == current && in_grace {
+                // A retry of the previous token (lost response, racing callers): answer
+                // with the same successor so both converge.
+                tracing::info!(
+                    target: "audit",
+                    event = "lease.refresh_retry",
+                    lease_id = %lease.id,
+                    job_id = %lease.job_id,
+                    tenant = %lease.tenant,
+                    actor = %lease.actor,
+                    generation = current,
+                );
+                let tokens = self.mint(&lease, now)?;
+                return Ok((lease, tokens));
+            }
+            if presented.generation > current {
+                return Err(Error::RefreshTokenInvalid);
+            }
+            // A genuine but superseded token: someone replays a stolen token, or the
+            // holder was cloned. Either way the lease can no longer be trusted.
+            lease.finish(
+                EndReason::RefreshTokenReused,
+                now,
+                "system",
+                &format!(
+                    "refresh token generation {} presented after generation {} was issued",
+                    presented.generation, current
+                ),
+            );
+            if !self.write_end(&lease).await? {
+                continue;
+            }
+            tracing::warn!(
+                target: "audit",
+                event = "lease.reuse_detected",
+                lease_id = %lease.id,
+                job_id = %lease.job_id,
+                tenant = %lease.tenant,
+                actor = %lease.actor,
+                presented_generation = presented.generation,
+                current_generation = current,
+            );
+            return Err(Error::RefreshTokenReused);
+        }
+        Err(Self::contention())
+    }
+
+    /// Re-attaches `module` to its active lease for `job_id`; earlier refresh tokens die.
+    pub async fn resume(&self, module: &Module, job_id: &str) -> Result<(Lease, TokenPair)> {
+        check_id("job_id", job_id)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let now = self.clock.now();
+            let mut lease = self
+                .store
+                .find_active_lease(&module.id, job_id)
+                .await?
+                .ok_or(Error::LeaseNotFound)?;
+            match self.end_if_due(&lease, now).await? {
+                None => {}
+                Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
+                Some(None) => continue,
+            }
+            // A new seed invalidates every refresh token issued before.
+            lease.seed = random_bytes::<32>().to_vec();
+            lease.generation += 1;
+            lease.rotated_at = now;
+            lease.last_active_at = now;
+            lease.resume_count += 1;
+            let event = LeaseEvent::new(&lease, EventKind::Resumed, now, &module.principal(), "");
+            if !self.store.update_lease(&lease, Some(&event)).await? {
+                continue;
+            }
+            tracing::info!(
+                target: "audit",
+                event = "lease.resumed",
+                lease_id = %lease.id,
+                job_id = %lease.job_id,
+                tenant = %lease.tenant,
+                actor = %lease.actor,
+                resume_count = lease.resume_count,
+            );
+            lease.version += 1;
+            let tokens = self.mint(&lease, now)?;
+            return Ok((lease, tokens));
+        }
+        Err(Self::contention())
+    }
+
+    /// Ends a lease; idempotent. `check` refuses before writing (e.g. wrong actor).
+    /// Returns the lease as it stands and whether this call ended it.
+    async fn end_lease(
+        &self,
+        lease_id: &str,
+        reason: EndReason,
+        by: &str,
+        detail: &str,
+        check: impl Fn(&Lease) -> Result<()>,
+    ) -> Result<(Lease, bool)> {
+        check_id("lease_id", lease_id)?;
+        check_text("reason", detail, MAX_DETAIL_LEN)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let now = self.clock.now();
+            let mut lease = self
+                .store
+                .get_lease(lease_id)
+                .await?
+                .ok_or(Error::LeaseNotFound)?;
+            check(&lease)?;
+            match self.end_if_due(&lease, now).await? {
+                None => {}
+                Some(Some(_)) => {
+                    let lease = self.store.get_lease(lease_id).await?;
+                    return Ok((lease.ok_or(Error::LeaseNotFound)?, false));
+                }
+                Some(None) => continue,
+            }
+            lease.finish(reason, now, by, detail);
+            if self.write_end(&lease).await? {
+                lease.version += 1;
+                return Ok((lease, true));
+            }
+        }
+        Err(Self::contention())
+    }
+
+    /// The holder ends its lease (job done, failed, cancelled).
+    pub async fn release(
+        &self,
+        module: &Module,
+        lease_id: &str,
+        outcome: &str,
+        detail: &str,
+    ) -> Result<Lease> {
+        check_text("detail", detail, MAX_DETAIL_LEN)?;
+        let text = if detail.is_empty() {
+            format!("outcome: {outcome}")
+        } else {
+            format!("outcome: {outcome}; {detail}")
+        };
+        let (lease, _) = self
+            .end_lease(
+                lease_id,
+                EndReason::Released,
+                &module.principal(),
+                &text,
+                |l| {
+                    if l.actor == module.id {
+                        Ok(())
+                    } else {
+                        Err(Error::ActorMismatch)
+                    }
+                },
+            )
+            .await?;
+        Ok(lease)
+    }
+
+    /// An administrator ends one lease.
+    pub async fn admin_revoke_lease(&self, lease_id: &str, reason: &str) -> Result<Lease> {
+        let (lease, _) = self
+            .end_lease(lease_id, EndReason::Revoked, "admin", reason, |_| Ok(()))
+            .await?;
+        Ok(lease)
+    }
+
+    /// An administrator ends every active lease matching `filter`; returns how many.
+    pub async fn admin_revoke_matching(&self, filter: LeaseFilter, reason: &str) -> Result<u32> {
+        check_text("reason", reason, MAX_DETAIL_LEN)?;
+        let mut filter = LeaseFilter {
+            active: Some(true),
+            ..filter
+        };
+        let mut count = 0u32;
+        loop {
+            let page = self.store.list_leases(&filter, MAX_PAGE_SIZE).await?;
+            let Some(last) = page.last() else { break };
+            filter.after = Some((last.created_at, last.id.clone()));
+            for lease in &page {
+                let (_, by_this_call) = self
+                    .end_lease(&lease.id, EndReason::Revoked, "admin", reason, |_| Ok(()))
+                    .await?;
+                if by_this_call {
+                    count = count.saturating_add(1);
+                }
+            }
+        }
+        tracing::info!(target: "audit", event = "admin.revoke_matching", ?filter, count, reason);
+        Ok(count)
+    }
+
+    /// RFC 7662 introspection: the claims if the token is valid now and its lease active.
+    pub async fn introspect(&self, token: &str) -> Result<Option<AccessClaims>> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(Error::invalid(
+                "token",
+                format!("is longer than {MAX_TOKEN_LEN} bytes"),
+            ));
+        }
+        let now = self.clock.now();
+        let Some(claims) = self
+            .keys
+            .verify(token, &self.settings.issuer, now, Duration::ZERO)
+        else {
+            return Ok(None);
+        };
+        let lease = self.store.get_lease(&claims.lease_id).await?;
+        let active = lease.is_some_and(|l| l.is_active() && l.due_end(now).is_none());
+        Ok(active.then_some(claims))
+    }
+
+    /// One lease and its events.
+    pub async fn get_lease(&self, lease_id: &str) -> Result<(Lease, Vec<LeaseEvent>)> {
+        check_id("lease_id", lease_id)?;
+        let lease = self
+            .store
+            .get_lease(lease_id)
+            .await?
+            .ok_or(Error::LeaseNotFound)?;
+        let events = self.store.lease_events(lease_id).await?;
+        Ok((lease, events))
+    }
+
+    /// A page of leases matching `filter` (its `after` is taken from `page_token`).
+    pub async fn list_leases(
+        &self,
+        mut filter: LeaseFilter,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<LeasePage> {
+        for (field, value) in [
+            ("tenant", &filter.tenant),
+            ("subject", &filter.subject),
+            ("actor", &filter.actor),
+            ("job_id", &filter.job_id),
+        ] {
+            if let Some(v) = value {
+                check_text(field, v, MAX_ID_LEN)?;
+            }
+        }
+        let size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        filter.after = page_token.map(decode_page_token).transpose()?;
+        let mut leases = self.store.list_leases(&filter, size + 1).await?;
+        let next_page_token = if leases.len() > size {
+            leases.truncate(size);
+            leases.last().map(encode_page_token)
+        } else {
+            None
+        };
+        Ok(LeasePage {
+            leases,
+            next_page_token,
+        })
+    }
+
+    /// Rotates the signing key. Returns `(new kid, retired kid)`.
+    pub async fn rotate_signing_key(&self) -> Result<(String, String)> {
+        let (new, old) = self
+            .keys
+            .rotate(self.clock.now())
+            .await
+            .map_err(|e| match e {
+                crate::keys::KeyError::Store(s) => Error::from(s),
+                other => Error::internal(other),
+            })?;
+        tracing::info!(target: "audit", event = "keys.rotated", new_kid = %new, retired_kid = %old);
+        Ok((new, old))
+    }
+
+    /// Ends every lease whose deadline has passed; returns how many it ended.
+    pub async fn sweep(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut ended = 0;
+        for lease in self.store.leases_due(now, 1000).await? {
+            if let Some(Some(_)) = self.end_if_due(&lease, now).await? {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Counts the active leases and publishes the number as a metric.
+    pub async fn count_active_leases(&self) -> Result<u64> {
+        let n = self.store.count_active_leases().await?;
+        self.metrics.set_active_leases(n);
+        Ok(n)
+    }
+
+    /// Lease ends after `cursor`, oldest first.
+    pub async fn ends_after(&self, cursor: u64, limit: usize) -> Result<Vec<LeaseEvent>> {
+        Ok(self.store.end_events_after(cursor, limit).await?)
+    }
+
+    /// The newest event sequence, where a watcher starting "from now" begins.
+    pub async fn last_sequence(&self) -> Result<u64> {
+        Ok(self.store.last_event_sequence().await?)
+    }
+
+    /// Changes whenever this process ends a lease.
+    pub fn subscribe_ends(&self) -> watch::Receiver<u64> {
+        self.ends.subscribe()
+    }
+}

@@ -1,0 +1,143 @@
+//! Persistence of leases, their events and the signing keys.
+//!
+//! A [`Store`] keeps data and answers queries; it holds no business rules. Leases are
+//! updated with compare-and-set on [`Lease::version`], so concurrent renewals (threads or
+//! replicas) never lose a rotation: the loser re-reads and decides again.
+
+pub mod sqlite;
+
+pub use sqlite::{SqliteStore, SyncMode};
+
+use std::fmt;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::lease::{Lease, LeaseEvent};
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or is too busy; the operation did not happen.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness rule refused the write (an active lease for the job already exists).
+    #[error("conflicting row exists")]
+    Conflict,
+    /// Stored data could not be read back (corruption or a bug).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// Any other failure of the database driver.
+    #[error("database error")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Which leases to list. `None` fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseFilter {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only this subject.
+    pub subject: Option<String>,
+    /// Only this actor.
+    pub actor: Option<String>,
+    /// Only this job.
+    pub job_id: Option<String>,
+    /// Only active (`Some(true)`) or ended (`Some(false)`) leases.
+    pub active: Option<bool>,
+    /// Keyset position: only leases ordered after this `(created_at, id)`.
+    pub after: Option<(SystemTime, String)>,
+}
+
+/// A signing key as stored: the private half sealed with the service's master key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// Key id, the JWT header `kid`.
+    pub kid: String,
+    /// JWS algorithm, `EdDSA`.
+    pub algorithm: String,
+    /// Raw public key.
+    pub public_key: Vec<u8>,
+    /// Private key (PKCS#8), encrypted with the master key.
+    pub sealed_private_key: Vec<u8>,
+    /// Created at.
+    pub created_at: SystemTime,
+    /// When it stopped signing; `None` for the current key.
+    pub retired_at: Option<SystemTime>,
+}
+
+impl fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("created_at", &self.created_at)
+            .field("retired_at", &self.retired_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Durable home of leases, events and keys.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a new lease and its `Issued` event atomically. [`StoreError::Conflict`] if
+    /// the actor already holds an active lease for the job.
+    async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError>;
+
+    /// The lease with this id.
+    async fn get_lease(&self, id: &str) -> Result<Option<Lease>, StoreError>;
+
+    /// The actor's active lease for a job.
+    async fn find_active_lease(
+        &self,
+        actor: &str,
+        job_id: &str,
+    ) -> Result<Option<Lease>, StoreError>;
+
+    /// Writes `lease` if its stored version is still `lease.version` (and bumps it), with
+    /// `event` appended in the same transaction. `Ok(false)`: someone else wrote first.
+    async fn update_lease(
+        &self,
+        lease: &Lease,
+        event: Option<&LeaseEvent>,
+    ) -> Result<bool, StoreError>;
+
+    /// Leases matching `filter`, newest first, at most `limit`.
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError>;
+
+    /// Every event of one lease, oldest first.
+    async fn lease_events(&self, lease_id: &str) -> Result<Vec<LeaseEvent>, StoreError>;
+
+    /// `Ended` events with a sequence above `cursor`, oldest first, at most `limit`.
+    async fn end_events_after(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<LeaseEvent>, StoreError>;
+
+    /// The highest event sequence so far (0 if none).
+    async fn last_event_sequence(&self) -> Result<u64, StoreError>;
+
+    /// Active leases whose [`Lease::deadline`] is at or before `now`, at most `limit`.
+    async fn leases_due(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError>;
+
+    /// Number of active leases.
+    async fn count_active_leases(&self) -> Result<u64, StoreError>;
+
+    /// Every signing key, newest first.
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// Adds `new` as the current key and marks the previous current key retired at
+    /// `new.created_at`, atomically, but only if the current key is still
+    /// `expected_current` (`None`: there is no key yet); otherwise returns `Ok(false)`, so
+    /// racing rotations (or replicas starting together) make one key, not two.
+    async fn rotate_signing_key(
+        &self,
+        new: &StoredKey,
+        expected_current: Option<&str>,
+    ) -> Result<bool, StoreError>;
+}

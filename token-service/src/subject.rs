@@ -1,0 +1,315 @@
+//! Verification of subject tokens: the user's access token, from a trusted issuer.
+//!
+//! The algorithm is fixed by the configured key, never taken from the token header: a
+//! token whose header names another algorithm than its issuer's key is refused, which
+//! rules out `alg: none` and HS/RS confusion. `exp` and `nbf` are checked against the
+//! injected clock, not the wall clock jsonwebtoken would read.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::clock::to_unix_secs;
+use crate::config::{IssuerConfig, StartupError};
+use crate::error::{Error, Result};
+
+/// Longest subject token accepted, in bytes.
+pub const MAX_SUBJECT_TOKEN_LEN: usize = 16 * 1024;
+
+/// The verified user behind a subject token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The issuer that vouched for the user.
+    pub issuer: String,
+    /// The user (`sub`).
+    pub subject: String,
+    /// The user's tenant.
+    pub tenant: String,
+    /// The user's permissions.
+    pub permissions: BTreeSet<String>,
+}
+
+struct IssuerKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+struct TrustedIssuer {
+    audiences: Vec<String>,
+    keys: Vec<IssuerKey>,
+    permissions_claim: String,
+    tenant_claim: String,
+    leeway: Duration,
+}
+
+/// Verifies subject tokens against the configured trusted issuers.
+pub struct SubjectVerifier {
+    issuers: HashMap<String, TrustedIssuer>,
+}
+
+impl std::fmt::Debug for SubjectVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubjectVerifier")
+            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, StartupError> {
+    std::fs::read(path).map_err(|source| StartupError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn key_problem(path: &Path, problem: impl Into<String>) -> StartupError {
+    StartupError::Key {
+        path: path.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
+    if let Some(alg) = jwk.common.key_algorithm {
+        return match alg {
+            KeyAlgorithm::RS256 => Some(Algorithm::RS256),
+            KeyAlgorithm::ES256 => Some(Algorithm::ES256),
+            KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
+            _ => None,
+        };
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+            Some(Algorithm::ES256)
+        }
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            Some(Algorithm::EdDSA)
+        }
+        _ => None,
+    }
+}
+
+fn load_keys(c: &IssuerConfig) -> Result<Vec<IssuerKey>, StartupError> {
+    if let Some(path) = &c.jwks_file {
+        let set: JwkSet = serde_json::from_slice(&read(path)?)
+            .map_err(|e| key_problem(path, format!("not a JWKS document: {e}")))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            let algorithm = jwk_algorithm(jwk).ok_or_else(|| {
+                key_problem(
+                    path,
+                    "only RS256, ES256 (P-256) and EdDSA (Ed25519) keys are supported",
+                )
+            })?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| key_problem(path, e.to_string()))?;
+            keys.push(IssuerKey {
+                kid: jwk.common.key_id.clone(),
+                algorithm,
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err(key_problem(path, "the JWKS has no keys"));
+        }
+        return Ok(keys);
+    }
+    if let Some(path) = &c.public_key_file {
+        let pem = read(path)?;
+        let (algorithm, key) = match c.algorithm.as_deref() {
+            Some("RS256") => (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem)),
+            Some("ES256") => (Algorithm::ES256, DecodingKey::from_ec_pem(&pem)),
+            Some("EdDSA") => (Algorithm::EdDSA, DecodingKey::from_ed_pem(&pem)),
+            other => {
+                return Err(StartupError::Invalid(format!(
+                    "issuer {:?}: algorithm {other:?} is not one of RS256, ES256, EdDSA",
+                    c.issuer
+                )));
+            }
+        };
+        let key = key.map_err(|e| key_problem(path, e.to_string()))?;
+        return Ok(vec![IssuerKey {
+            kid: None,
+            algorithm,
+            key,
+        }]);
+    }
+    if let Some(path) = &c.hs256_secret_file {
+        let secret = read(path)?;
+        let secret = secret.trim_ascii();
+        if secret.len() < 32 {
+            return Err(key_problem(
+                path,
+                "an HS256 secret must be at least 32 bytes",
+            ));
+        }
+        return Ok(vec![IssuerKey {
+            kid: None,
+            algorithm: Algorithm::HS256,
+            key: DecodingKey::from_secret(secret),
+        }]);
+    }
+    Err(StartupError::Invalid(format!(
+        "issuer {:?} has no key",
+        c.issuer
+    )))
+}
+
+/// Reads a claim by dotted path (`realm_access.roles`).
+fn claim<'a>(claims: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(claims, |v, part| v.get(part))
+}
+
+impl SubjectVerifier {
+    /// Loads every trusted issuer's keys.
+    pub fn from_config(issuers: &[IssuerConfig]) -> Result<Self, StartupError> {
+        let mut map = HashMap::new();
+        for c in issuers {
+            let issuer = TrustedIssuer {
+                audiences: c.audiences.clone(),
+                keys: load_keys(c)?,
+                permissions_claim: c.permissions_claim.clone(),
+                tenant_claim: c.tenant_claim.clone(),
+                leeway: c.leeway,
+            };
+            if map.insert(c.issuer.clone(), issuer).is_some() {
+                return Err(StartupError::Invalid(format!(
+                    "issuer {:?} is listed twice",
+                    c.issuer
+                )));
+            }
+        }
+        Ok(Self { issuers: map })
+    }
+
+    /// Verifies `token` at `now` and returns the user it vouches for.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Subject> {
+        if token.is_empty() {
+            return Err(Error::invalid("subject_token", "is required"));
+        }
+        if token.len() > MAX_SUBJECT_TOKEN_LEN {
+            return Err(Error::invalid(
+                "subject_token",
+                format!("is longer than {MAX_SUBJECT_TOKEN_LEN} bytes"),
+            ));
+        }
+        let malformed = || Error::SubjectTokenInvalid("not a well-formed JWT".into());
+        let payload = token.split('.').nth(1).ok_or_else(malformed)?;
+        let unverified: Value =
+            serde_json::from_slice(&B64.decode(payload).map_err(|_| malformed())?)
+                .map_err(|_| malformed())?;
+        let iss = unverified
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::SubjectTokenInvalid("the token has no iss claim".into()))?;
+        let issuer = self
+            .issuers
+            .get(iss)
+            .ok_or_else(|| Error::UntrustedIssuer(iss.chars().take(200).collect()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| malformed())?;
+        let candidates: Vec<&IssuerKey> = issuer
+            .keys
+            .iter()
+            .filter(|k| k.algorithm == header.alg)
+            .filter(|k| match (&header.kid, &k.kid) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::SubjectTokenInvalid(format!(
+                "algorithm {:?} (or key id) is not the one this issuer signs with",
+                header.alg
+            )));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.required_spec_claims.clear();
+        validation.set_issuer(&[iss]);
+        if issuer.audiences.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&issuer.audiences);
+        }
+        let mut last = Error::SubjectTokenInvalid("signature does not verify".into());
+        let mut verified = None;
+        for key in candidates {
+            match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
+                Ok(data) => {
+                    verified = Some(data.claims);
+                    break;
+                }
+                Err(e) => {
+                    last = match e.kind() {
+                        ErrorKind::InvalidAudience | ErrorKind::MissingRequiredClaim(_)
+                            if !issuer.audiences.is_empty() =>
+                        {
+                            Error::SubjectTokenAudience
+                        }
+                        ErrorKind::InvalidSignature => {
+                            Error::SubjectTokenInvalid("signature does not verify".into())
+                        }
+                        _ => Error::SubjectTokenInvalid("the token could not be decoded".into()),
+                    }
+                }
+            }
+        }
+        let claims = verified.ok_or(last)?;
+        self.check_time(&claims, issuer.leeway, now)?;
+        let text = |name: &str| {
+            claim(&claims, name)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| Error::SubjectTokenInvalid(format!("the {name} claim is missing")))
+        };
+        let permissions = match claim(&claims, &issuer.permissions_claim) {
+            None | Some(Value::Null) => BTreeSet::new(),
+            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    Error::SubjectTokenInvalid("the permissions claim holds a non-string".into())
+                })?,
+            Some(_) => {
+                return Err(Error::SubjectTokenInvalid(
+                    "the permissions claim is neither a list nor a string".into(),
+                ));
+            }
+        };
+        Ok(Subject {
+            issuer: iss.to_owned(),
+            subject: text("sub")?,
+            tenant: text(&issuer.tenant_claim)?,
+            permissions,
+        })
+    }
+
+    fn check_time(&self, claims: &Value, leeway: Duration, now: SystemTime) -> Result<()> {
+        let now = to_unix_secs(now);
+        let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
+        let number = |name| claims.get(name).and_then(Value::as_i64);
+        let exp = number("exp")
+            .ok_or_else(|| Error::SubjectTokenInvalid("the exp claim is missing".into()))?;
+        if now > exp.saturating_add(leeway) {
+            return Err(Error::SubjectTokenExpired);
+        }
+        if let Some(nbf) = number("nbf") {
+            if now.saturating_add(leeway) < nbf {
+                return Err(Error::SubjectTokenNotYetValid);
+            }
+        }
+        Ok(())
+    }
+}
