@@ -90,7 +90,8 @@ fn issuer_key_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
-fn ensure_issuer_key(data_dir: &Path) -> Result<(), StartupError> {
+/// Creates the dev issuer's Ed25519 key pair under `data_dir` unless it exists.
+pub fn ensure_issuer_key(data_dir: &Path) -> Result<(), StartupError> {
     let (private, public) = issuer_key_paths(data_dir);
     if private.exists() && public.exists() {
         return Ok(());
@@ -128,7 +129,13 @@ pub fn dev_config(data_dir: &Path) -> Result<Config, StartupError> {
         max_lifetime: crate::config::DEFAULT_MAX_LEASE_LIFETIME,
         default_lifetime: crate::config::DEFAULT_LEASE_LIFETIME,
     }];
-    config.trusted_issuers = vec![IssuerConfig {
+    config.trusted_issuers = vec![dev_issuer_config(data_dir)];
+    Ok(config)
+}
+
+/// The trusted-issuer entry of the dev issuer whose keys live in `data_dir`.
+pub fn dev_issuer_config(data_dir: &Path) -> IssuerConfig {
+    IssuerConfig {
         issuer: DEV_ISSUER.into(),
         audiences: Vec::new(),
         jwks_file: None,
@@ -138,8 +145,22 @@ pub fn dev_config(data_dir: &Path) -> Result<Config, StartupError> {
         permissions_claim: "permissions".into(),
         tenant_claim: "tenant".into(),
         leeway: crate::config::DEFAULT_LEEWAY,
-    }];
-    Ok(config)
+    }
+}
+
+/// Signs arbitrary claims with the dev issuer's key (EdDSA). Tests use it to forge
+/// expired, early or foreign tokens.
+pub fn sign_with_dev_issuer(data_dir: &Path, claims: &serde_json::Value) -> Result<String, StartupError> {
+    ensure_issuer_key(data_dir)?;
+    let (private, _) = issuer_key_paths(data_dir);
+    let pem = std::fs::read(&private).map_err(io_err(&private))?;
+    let key_error = |problem: String| StartupError::Key {
+        path: private.clone(),
+        problem,
+    };
+    let key = EncodingKey::from_ed_pem(&pem).map_err(|e| key_error(e.to_string()))?;
+    jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &key)
+        .map_err(|e| key_error(e.to_string()))
 }
 
 /// What a dev subject token says.
@@ -161,13 +182,6 @@ pub fn mint_dev_token(
     request: &DevTokenRequest,
     now: SystemTime,
 ) -> Result<String, StartupError> {
-    ensure_issuer_key(data_dir)?;
-    let (private, _) = issuer_key_paths(data_dir);
-    let pem = std::fs::read(&private).map_err(io_err(&private))?;
-    let key = EncodingKey::from_ed_pem(&pem).map_err(|e| StartupError::Key {
-        path: private.clone(),
-        problem: e.to_string(),
-    })?;
     let now_s = to_unix_secs(now);
     let claims = serde_json::json!({
         "iss": DEV_ISSUER,
@@ -179,10 +193,5 @@ pub fn mint_dev_token(
         "exp": now_s + i64::try_from(request.ttl.as_secs()).unwrap_or(i64::MAX / 2),
         "jti": uuid::Uuid::new_v4().to_string(),
     });
-    jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).map_err(|e| {
-        StartupError::Key {
-            path: private,
-            problem: e.to_string(),
-        }
-    })
+    sign_with_dev_issuer(data_dir, &claims)
 }

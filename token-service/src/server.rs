@@ -115,9 +115,17 @@ impl Server {
         health_reporter
             .set_serving::<AdminServiceServer<AdminApi>>()
             .await;
+        // Both reflection versions describe everything served, including each other and
+        // google.rpc error details, so any grpcurl lists all services and decodes ErrorInfo.
         let reflection = |b: tonic_reflection::server::Builder<'static>| {
-            b.register_encoded_file_descriptor_set(jobtoken_proto::FILE_DESCRIPTOR_SET)
+            b.include_reflection_service(false)
+                .register_encoded_file_descriptor_set(jobtoken_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
         };
         let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
             .build_v1()

@@ -762,3 +762,7 @@ impl LeaseService {
         self.ends.subscribe()
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
