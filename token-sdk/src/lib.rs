@@ -1,1 +1,169 @@
-//! stub
+//! Client side of the job token service.
+//!
+//! For now this is the generated gRPC client plus the module-key credential and a helper
+//! that reads the stable error reason; the leasing SDK (background renewal, verifier,
+//! interceptors) builds on it.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use token_sdk::proto::RefreshJobTokenRequest;
+//! let mut client = token_sdk::connect("http://127.0.0.1:50051", "mk_...").await?;
+//! match client
+//!     .refresh_job_token(RefreshJobTokenRequest {
+//!         lease_id: "lease-id".into(),
+//!         refresh_token: "jrt1....".into(),
+//!     })
+//!     .await
+//! {
+//!     Ok(response) => println!("renewed: {:?}", response.into_inner().lease),
+//!     Err(status) => println!("refused: {:?}", token_sdk::error_reason(&status)),
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use tonic_types::StatusExt;
+
+/// The generated `jobtoken.v1` types and clients.
+pub use jobtoken_proto::jobtoken::v1 as proto;
+
+/// Metadata key the service reads a module key from.
+pub const MODULE_KEY_HEADER: &str = "x-module-key";
+/// Metadata key the admin service reads the admin key from.
+pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
+
+/// Errors of building a client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The key is not valid as a gRPC metadata value (printable ASCII).
+    #[error("the key is not printable ASCII")]
+    InvalidKey,
+    /// The endpoint URI is malformed or the connection failed.
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+}
+
+/// Adds a credential header to every request. The value is marked sensitive, so it is
+/// redacted from tonic's and this type's `Debug` output.
+#[derive(Clone)]
+pub struct KeyInterceptor {
+    header: &'static str,
+    value: MetadataValue<Ascii>,
+}
+
+impl fmt::Debug for KeyInterceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyInterceptor")
+            .field("header", &self.header)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+impl KeyInterceptor {
+    /// Sends `key` as the module key.
+    pub fn module_key(key: &str) -> Result<Self, Error> {
+        Self::new(MODULE_KEY_HEADER, key)
+    }
+
+    /// Sends `key` as the admin key.
+    pub fn admin_key(key: &str) -> Result<Self, Error> {
+        Self::new(ADMIN_KEY_HEADER, key)
+    }
+
+    fn new(header: &'static str, key: &str) -> Result<Self, Error> {
+        let mut value: MetadataValue<Ascii> = key.parse().map_err(|_| Error::InvalidKey)?;
+        value.set_sensitive(true);
+        Ok(Self { header, value })
+    }
+}
+
+impl Interceptor for KeyInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert(self.header, self.value.clone());
+        Ok(request)
+    }
+}
+
+/// A `JobTokenService` client that authenticates as a module.
+pub type JobTokenClient = proto::job_token_service_client::JobTokenServiceClient<
+    InterceptedService<Channel, KeyInterceptor>,
+>;
+
+/// An `AdminService` client that authenticates with the admin key.
+pub type AdminClient =
+    proto::admin_service_client::AdminServiceClient<InterceptedService<Channel, KeyInterceptor>>;
+
+/// Connects to the service at `endpoint` (e.g. `http://127.0.0.1:50051`) as the module
+/// whose key is `module_key`.
+pub async fn connect(endpoint: &str, module_key: &str) -> Result<JobTokenClient, Error> {
+    let interceptor = KeyInterceptor::module_key(module_key)?;
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await?;
+    Ok(
+        proto::job_token_service_client::JobTokenServiceClient::with_interceptor(
+            channel,
+            interceptor,
+        ),
+    )
+}
+
+/// Connects to the admin service at `endpoint` with the admin key.
+pub async fn connect_admin(endpoint: &str, admin_key: &str) -> Result<AdminClient, Error> {
+    let interceptor = KeyInterceptor::admin_key(admin_key)?;
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await?;
+    Ok(proto::admin_service_client::AdminServiceClient::with_interceptor(channel, interceptor))
+}
+
+/// The stable machine reason of a failed call (`google.rpc.ErrorInfo.reason`), such as
+/// `LEASE_REVOKED` or `REFRESH_TOKEN_REUSED`.
+pub fn error_reason(status: &Status) -> Option<String> {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interceptor_sets_the_header_and_hides_the_key() {
+        let mut i = KeyInterceptor::module_key("mk_secret").unwrap();
+        let req = i.call(Request::new(())).unwrap();
+        assert_eq!(req.metadata().get(MODULE_KEY_HEADER).unwrap(), "mk_secret");
+        assert!(!format!("{i:?}").contains("mk_secret"));
+        assert!(!format!("{:?}", req.metadata()).contains("mk_secret"));
+        assert!(matches!(
+            KeyInterceptor::module_key("bad\nkey"),
+            Err(Error::InvalidKey)
+        ));
+    }
+
+    #[test]
+    fn error_reason_reads_error_info() {
+        let status = Status::with_error_details(
+            tonic::Code::FailedPrecondition,
+            "ended",
+            tonic_types::ErrorDetails::with_error_info(
+                "LEASE_REVOKED",
+                "jobtoken.v1",
+                std::collections::HashMap::new(),
+            ),
+        );
+        assert_eq!(error_reason(&status).as_deref(), Some("LEASE_REVOKED"));
+        assert_eq!(error_reason(&Status::internal("x")), None);
+    }
+}

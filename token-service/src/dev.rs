@@ -150,7 +150,10 @@ pub fn dev_issuer_config(data_dir: &Path) -> IssuerConfig {
 
 /// Signs arbitrary claims with the dev issuer's key (EdDSA). Tests use it to forge
 /// expired, early or foreign tokens.
-pub fn sign_with_dev_issuer(data_dir: &Path, claims: &serde_json::Value) -> Result<String, StartupError> {
+pub fn sign_with_dev_issuer(
+    data_dir: &Path,
+    claims: &serde_json::Value,
+) -> Result<String, StartupError> {
     ensure_issuer_key(data_dir)?;
     let (private, _) = issuer_key_paths(data_dir);
     let pem = std::fs::read(&private).map_err(io_err(&private))?;

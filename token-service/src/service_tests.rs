@@ -48,12 +48,11 @@ async fn harness_with(over_cap: OverCap) -> Harness {
             .await
             .unwrap(),
     );
-    let subjects = SubjectVerifier::from_config(&[dev_issuer_config(dir.path())]).unwrap_or_else(
-        |_| {
+    let subjects =
+        SubjectVerifier::from_config(&[dev_issuer_config(dir.path())]).unwrap_or_else(|_| {
             crate::dev::ensure_issuer_key(dir.path()).unwrap();
             SubjectVerifier::from_config(&[dev_issuer_config(dir.path())]).unwrap()
-        },
-    );
+        });
     let settings = Settings {
         issuer: "jobtoken".into(),
         default_audience: "platform".into(),
@@ -98,7 +97,12 @@ impl Harness {
     }
 
     fn user_token(&self) -> String {
-        self.sign(&self.claims(&["inventory.read", "inventory.write", "users.read", "billing.pay"]))
+        self.sign(&self.claims(&[
+            "inventory.read",
+            "inventory.write",
+            "users.read",
+            "billing.pay",
+        ]))
     }
 
     fn request(&self, job: &str, perms: &[&str]) -> IssueRequest {
@@ -136,16 +140,26 @@ async fn grant_is_requested_intersect_user_intersect_delegable() {
     let h = harness().await;
     let issued = h
         .svc
-        .issue(&h.importer, h.request("job-1", &["inventory.read", "users.read"]))
+        .issue(
+            &h.importer,
+            h.request("job-1", &["inventory.read", "users.read"]),
+        )
         .await
         .unwrap();
-    assert_eq!(issued.lease.permissions, vec!["inventory.read", "users.read"]);
+    assert_eq!(
+        issued.lease.permissions,
+        vec!["inventory.read", "users.read"]
+    );
     assert_eq!(issued.lease.subject, "alice");
     assert_eq!(issued.lease.tenant, "acme");
     assert_eq!(issued.lease.actor, "importer");
 
     // Empty request: everything the user holds that the module may delegate.
-    let all = h.svc.issue(&h.importer, h.request("job-2", &[])).await.unwrap();
+    let all = h
+        .svc
+        .issue(&h.importer, h.request("job-2", &[]))
+        .await
+        .unwrap();
     assert_eq!(
         all.lease.permissions,
         vec!["inventory.read", "inventory.write", "users.read"]
@@ -154,16 +168,25 @@ async fn grant_is_requested_intersect_user_intersect_delegable() {
     // Escalation attempts are refused by name, never silently dropped.
     let e = h
         .svc
-        .issue(&h.importer, h.request("job-3", &["inventory.read", "inventory.delete"]))
+        .issue(
+            &h.importer,
+            h.request("job-3", &["inventory.read", "inventory.delete"]),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(&e, Error::PermissionNotHeld(n) if n == &["inventory.delete"]), "{e:?}");
+    assert!(
+        matches!(&e, Error::PermissionNotHeld(n) if n == &["inventory.delete"]),
+        "{e:?}"
+    );
     let e = h
         .svc
         .issue(&h.importer, h.request("job-3", &["billing.pay"]))
         .await
         .unwrap_err();
-    assert!(matches!(&e, Error::PermissionNotDelegable(n) if n == &["billing.pay"]), "{e:?}");
+    assert!(
+        matches!(&e, Error::PermissionNotDelegable(n) if n == &["billing.pay"]),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
@@ -174,13 +197,25 @@ async fn lifetime_over_the_cap_is_clamped_and_said_or_refused() {
     let issued = h.svc.issue(&h.importer, req.clone()).await.unwrap();
     assert!(issued.clamped);
     assert_eq!(issued.granted_lifetime, h.importer.max_lifetime);
-    assert_eq!(issued.lease.expires_at, h.clock.now() + h.importer.max_lifetime);
+    assert_eq!(
+        issued.lease.expires_at,
+        h.clock.now() + h.importer.max_lifetime
+    );
 
     let strict = harness_with(OverCap::Refuse).await;
     let mut req = strict.request("job-1", &["inventory.read"]);
     req.max_lifetime = Some(Duration::from_secs(48 * 3600));
     let e = strict.svc.issue(&strict.importer, req).await.unwrap_err();
-    assert!(matches!(e, Error::LifetimeExceedsCap { cap_secs: 21600, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::LifetimeExceedsCap {
+                cap_secs: 21600,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 
     let mut req = h.request("job-2", &["inventory.read"]);
     req.max_lifetime = None;
@@ -193,16 +228,55 @@ async fn lifetime_over_the_cap_is_clamped_and_said_or_refused() {
 async fn malformed_input_is_invalid_argument() {
     let h = harness().await;
     let cases: Vec<(&str, IssueRequest)> = vec![
-        ("job_id", IssueRequest { job_id: String::new(), ..h.request("x", &[]) }),
-        ("job_id", IssueRequest { job_id: "a\u{0}b".into(), ..h.request("x", &[]) }),
-        ("job_id", IssueRequest { job_id: "j".repeat(5000), ..h.request("x", &[]) }),
-        ("max_lifetime", IssueRequest { max_lifetime: Some(Duration::ZERO), ..h.request("x", &[]) }),
+        (
+            "job_id",
+            IssueRequest {
+                job_id: String::new(),
+                ..h.request("x", &[])
+            },
+        ),
+        (
+            "job_id",
+            IssueRequest {
+                job_id: "a\u{0}b".into(),
+                ..h.request("x", &[])
+            },
+        ),
+        (
+            "job_id",
+            IssueRequest {
+                job_id: "j".repeat(5000),
+                ..h.request("x", &[])
+            },
+        ),
         (
             "max_lifetime",
-            IssueRequest { max_lifetime: Some(Duration::from_secs(u64::MAX / 2)), ..h.request("x", &[]) },
+            IssueRequest {
+                max_lifetime: Some(Duration::ZERO),
+                ..h.request("x", &[])
+            },
         ),
-        ("subject_token", IssueRequest { subject_token: String::new(), ..h.request("x", &[]) }),
-        ("subject_token", IssueRequest { subject_token: "x".repeat(100_000), ..h.request("x", &[]) }),
+        (
+            "max_lifetime",
+            IssueRequest {
+                max_lifetime: Some(Duration::from_secs(u64::MAX / 2)),
+                ..h.request("x", &[])
+            },
+        ),
+        (
+            "subject_token",
+            IssueRequest {
+                subject_token: String::new(),
+                ..h.request("x", &[])
+            },
+        ),
+        (
+            "subject_token",
+            IssueRequest {
+                subject_token: "x".repeat(100_000),
+                ..h.request("x", &[])
+            },
+        ),
         ("permissions", h.request("x", &["inventory.*"])),
     ];
     for (field, req) in cases {
@@ -212,13 +286,27 @@ async fn malformed_input_is_invalid_argument() {
         }
     }
     let many: Vec<String> = (0..5000).map(|i| format!("p{i}")).collect();
-    let req = IssueRequest { permissions: many, ..h.request("x", &[]) };
-    assert!(matches!(h.svc.issue(&h.importer, req).await, Err(Error::InvalidArgument { .. })));
-    for bad in ["", "garbage", "jrt1.0.short", "jrt1.-1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
+    let req = IssueRequest {
+        permissions: many,
+        ..h.request("x", &[])
+    };
+    assert!(matches!(
+        h.svc.issue(&h.importer, req).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+    for bad in [
+        "",
+        "garbage",
+        "jrt1.0.short",
+        "jrt1.-1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ] {
         let issued = h.issue(&format!("job-{}", bad.len())).await;
         let e = h.refresh(&issued.lease.id, bad).await.unwrap_err();
         assert!(
-            matches!(e, Error::InvalidArgument { .. } | Error::RefreshTokenInvalid),
+            matches!(
+                e,
+                Error::InvalidArgument { .. } | Error::RefreshTokenInvalid
+            ),
             "{bad}: {e:?}"
         );
     }
@@ -229,31 +317,48 @@ async fn subject_tokens_are_verified_strictly() {
     let h = harness().await;
     let now = to_unix_secs(h.clock.now());
     let issue = |token: String| {
-        let req = IssueRequest { subject_token: token, ..h.request("job", &["inventory.read"]) };
+        let req = IssueRequest {
+            subject_token: token,
+            ..h.request("job", &["inventory.read"])
+        };
         let svc = Arc::clone(&h.svc);
         let m = h.importer.clone();
         async move { svc.issue(&m, req).await }
     };
     let mut expired = h.claims(&["inventory.read"]);
     expired["exp"] = json!(now - 31);
-    assert!(matches!(issue(h.sign(&expired)).await, Err(Error::SubjectTokenExpired)));
+    assert!(matches!(
+        issue(h.sign(&expired)).await,
+        Err(Error::SubjectTokenExpired)
+    ));
     // Within the 30 s leeway it still passes.
     let mut barely = h.claims(&["inventory.read"]);
     barely["exp"] = json!(now - 10);
     let ok = issue(h.sign(&barely)).await.unwrap();
-    h.svc.release(&h.importer, &ok.lease.id, "succeeded", "").await.unwrap();
+    h.svc
+        .release(&h.importer, &ok.lease.id, "succeeded", "")
+        .await
+        .unwrap();
 
     let mut early = h.claims(&["inventory.read"]);
     early["nbf"] = json!(now + 120);
-    assert!(matches!(issue(h.sign(&early)).await, Err(Error::SubjectTokenNotYetValid)));
+    assert!(matches!(
+        issue(h.sign(&early)).await,
+        Err(Error::SubjectTokenNotYetValid)
+    ));
 
     let mut foreign = h.claims(&["inventory.read"]);
     foreign["iss"] = json!("https://evil.example");
-    assert!(matches!(issue(h.sign(&foreign)).await, Err(Error::UntrustedIssuer(i)) if i == "https://evil.example"));
+    assert!(
+        matches!(issue(h.sign(&foreign)).await, Err(Error::UntrustedIssuer(i)) if i == "https://evil.example")
+    );
 
     let mut no_tenant = h.claims(&["inventory.read"]);
     no_tenant.as_object_mut().unwrap().remove("tenant");
-    assert!(matches!(issue(h.sign(&no_tenant)).await, Err(Error::SubjectTokenInvalid(_))));
+    assert!(matches!(
+        issue(h.sign(&no_tenant)).await,
+        Err(Error::SubjectTokenInvalid(_))
+    ));
 
     // Tampered payload: signature no longer matches.
     let good = h.user_token();
@@ -261,26 +366,39 @@ async fn subject_tokens_are_verified_strictly() {
     let mut richer = h.claims(&["inventory.read", "inventory.admin"]);
     richer["sub"] = json!("mallory");
     parts[1] = B64.encode(richer.to_string());
-    assert!(matches!(issue(parts.join(".")).await, Err(Error::SubjectTokenInvalid(_))));
+    assert!(matches!(
+        issue(parts.join(".")).await,
+        Err(Error::SubjectTokenInvalid(_))
+    ));
 
     // alg: none.
     let header = B64.encode(r#"{"alg":"none","typ":"JWT"}"#);
     let body = B64.encode(h.claims(&["inventory.read"]).to_string());
-    assert!(matches!(issue(format!("{header}.{body}.")).await, Err(Error::SubjectTokenInvalid(_))));
+    assert!(matches!(
+        issue(format!("{header}.{body}.")).await,
+        Err(Error::SubjectTokenInvalid(_))
+    ));
 
     // HS256 signed with the issuer's *public* key as the HMAC secret (key confusion).
-    let public_pem = std::fs::read(dev_issuer_config(h.dir.path()).public_key_file.unwrap()).unwrap();
+    let public_pem =
+        std::fs::read(dev_issuer_config(h.dir.path()).public_key_file.unwrap()).unwrap();
     let forged = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &h.claims(&["inventory.read"]),
         &jsonwebtoken::EncodingKey::from_secret(&public_pem),
     )
     .unwrap();
-    assert!(matches!(issue(forged).await, Err(Error::SubjectTokenInvalid(_))));
+    assert!(matches!(
+        issue(forged).await,
+        Err(Error::SubjectTokenInvalid(_))
+    ));
 
     for garbage in ["abc", "a.b.c", "....", "eyJ.eyJ.sig", "\u{1F600}.x.y"] {
         assert!(
-            matches!(issue(garbage.into()).await, Err(Error::SubjectTokenInvalid(_))),
+            matches!(
+                issue(garbage.into()).await,
+                Err(Error::SubjectTokenInvalid(_))
+            ),
             "{garbage}"
         );
     }
@@ -297,8 +415,14 @@ async fn one_active_lease_per_job_and_module() {
         .unwrap_err();
     assert!(matches!(e, Error::LeaseAlreadyExists(ref j) if j == "job-1"));
     // Another module may use the same job id; after release the job id is free again.
-    h.svc.issue(&h.other, h.request("job-1", &["inventory.read"])).await.unwrap();
-    h.svc.release(&h.importer, &first.lease.id, "succeeded", "").await.unwrap();
+    h.svc
+        .issue(&h.other, h.request("job-1", &["inventory.read"]))
+        .await
+        .unwrap();
+    h.svc
+        .release(&h.importer, &first.lease.id, "succeeded", "")
+        .await
+        .unwrap();
     h.issue("job-1").await;
 }
 
@@ -318,7 +442,10 @@ async fn refresh_rotates_and_reuse_of_an_old_token_revokes() {
     assert_ne!(t1, t2);
 
     // t0 is two generations old: theft. The lease is revoked for everyone.
-    assert!(matches!(h.refresh(&id, &t0).await, Err(Error::RefreshTokenReused)));
+    assert!(matches!(
+        h.refresh(&id, &t0).await,
+        Err(Error::RefreshTokenReused)
+    ));
     assert!(matches!(
         h.refresh(&id, &t2).await,
         Err(Error::LeaseEnded(EndReason::RefreshTokenReused))
@@ -350,7 +477,12 @@ async fn racing_renewals_converge_without_a_false_alarm() {
     let t0 = rt(&issued.tokens);
     let mut tasks = Vec::new();
     for _ in 0..16 {
-        let (svc, m, id, t0) = (Arc::clone(&h.svc), h.importer.clone(), id.clone(), t0.clone());
+        let (svc, m, id, t0) = (
+            Arc::clone(&h.svc),
+            h.importer.clone(),
+            id.clone(),
+            t0.clone(),
+        );
         tasks.push(tokio::spawn(async move { svc.refresh(&m, &id, &t0).await }));
     }
     let mut successors = HashSet::new();
@@ -371,7 +503,10 @@ async fn retry_after_the_grace_window_is_reuse() {
     let t0 = rt(&issued.tokens);
     h.refresh(&id, &t0).await.unwrap();
     h.advance(GRACE);
-    assert!(matches!(h.refresh(&id, &t0).await, Err(Error::RefreshTokenReused)));
+    assert!(matches!(
+        h.refresh(&id, &t0).await,
+        Err(Error::RefreshTokenReused)
+    ));
 }
 
 #[tokio::test]
@@ -386,14 +521,20 @@ async fn forged_or_foreign_refresh_tokens_do_not_revoke() {
     ));
     // A token claiming a future generation is invalid too.
     let forged = rt(&a.tokens).replacen("jrt1.0.", "jrt1.7.", 1);
-    assert!(matches!(h.refresh(&a.lease.id, &forged).await, Err(Error::RefreshTokenInvalid)));
+    assert!(matches!(
+        h.refresh(&a.lease.id, &forged).await,
+        Err(Error::RefreshTokenInvalid)
+    ));
     h.refresh(&a.lease.id, &rt(&a.tokens)).await.unwrap();
     // Another module cannot renew A's lease even with the right token.
     assert!(matches!(
         h.svc.refresh(&h.other, &b.lease.id, &rt(&b.tokens)).await,
         Err(Error::ActorMismatch)
     ));
-    assert!(matches!(h.refresh("no-such-lease", &rt(&b.tokens)).await, Err(Error::LeaseNotFound)));
+    assert!(matches!(
+        h.refresh("no-such-lease", &rt(&b.tokens)).await,
+        Err(Error::LeaseNotFound)
+    ));
 }
 
 #[tokio::test]
@@ -406,7 +547,10 @@ async fn access_tokens_never_outlive_the_lease_and_expiry_ends_it() {
     let mut token = rt(&issued.tokens);
     h.advance(Duration::from_secs(250));
     let (lease, pair) = h.refresh(&issued.lease.id, &token).await.unwrap();
-    assert_eq!(pair.expires_at, lease.expires_at, "capped at the hard expiry");
+    assert_eq!(
+        pair.expires_at, lease.expires_at,
+        "capped at the hard expiry"
+    );
     assert_eq!(pair.expires_in, Duration::from_secs(150));
     token = rt(&pair);
     h.advance(Duration::from_secs(150));
@@ -414,7 +558,13 @@ async fn access_tokens_never_outlive_the_lease_and_expiry_ends_it() {
         h.refresh(&issued.lease.id, &token).await,
         Err(Error::LeaseEnded(EndReason::Expired))
     ));
-    assert!(h.svc.introspect(&pair.access_token).await.unwrap().is_none());
+    assert!(
+        h.svc
+            .introspect(&pair.access_token)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -461,10 +611,16 @@ async fn resume_reattaches_and_kills_the_previous_refresh_token() {
     assert_eq!(lease.id, issued.lease.id);
     assert_eq!(lease.resume_count, 1);
     // The old instance's token no longer works, but does not kill the lease either.
-    assert!(matches!(h.refresh(&lease.id, &old).await, Err(Error::RefreshTokenInvalid)));
+    assert!(matches!(
+        h.refresh(&lease.id, &old).await,
+        Err(Error::RefreshTokenInvalid)
+    ));
     h.refresh(&lease.id, &rt(&pair)).await.unwrap();
     // Only the same module can resume.
-    assert!(matches!(h.svc.resume(&h.other, "job").await, Err(Error::LeaseNotFound)));
+    assert!(matches!(
+        h.svc.resume(&h.other, "job").await,
+        Err(Error::LeaseNotFound)
+    ));
     let (_, events) = h.svc.get_lease(&lease.id).await.unwrap();
     let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
     assert_eq!(kinds, vec![EventKind::Issued, EventKind::Resumed]);
@@ -475,22 +631,38 @@ async fn release_ends_the_lease_once_and_only_for_its_holder() {
     let h = harness().await;
     let issued = h.issue("job").await;
     assert!(matches!(
-        h.svc.release(&h.other, &issued.lease.id, "succeeded", "").await,
+        h.svc
+            .release(&h.other, &issued.lease.id, "succeeded", "")
+            .await,
         Err(Error::ActorMismatch)
     ));
-    let lease = h.svc.release(&h.importer, &issued.lease.id, "succeeded", "imported 500k").await.unwrap();
+    let lease = h
+        .svc
+        .release(&h.importer, &issued.lease.id, "succeeded", "imported 500k")
+        .await
+        .unwrap();
     let end = lease.end.clone().unwrap();
     assert_eq!(end.reason, EndReason::Released);
     assert_eq!(end.by, "module:importer");
     assert_eq!(end.detail, "outcome: succeeded; imported 500k");
     h.advance(Duration::from_secs(5));
-    let again = h.svc.release(&h.importer, &issued.lease.id, "failed", "").await.unwrap();
+    let again = h
+        .svc
+        .release(&h.importer, &issued.lease.id, "failed", "")
+        .await
+        .unwrap();
     assert_eq!(again.end.unwrap(), end, "idempotent: the first end stands");
     assert!(matches!(
         h.refresh(&issued.lease.id, &rt(&issued.tokens)).await,
         Err(Error::LeaseEnded(EndReason::Released))
     ));
-    assert!(h.svc.introspect(&issued.tokens.access_token).await.unwrap().is_none());
+    assert!(
+        h.svc
+            .introspect(&issued.tokens.access_token)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -499,17 +671,51 @@ async fn administrators_revoke_by_lease_job_subject_and_actor() {
     let a = h.issue("job-a").await;
     h.issue("job-b").await;
     h.issue("job-c").await;
-    h.svc.issue(&h.other, h.request("job-a", &["inventory.read"])).await.unwrap();
+    h.svc
+        .issue(&h.other, h.request("job-a", &["inventory.read"]))
+        .await
+        .unwrap();
 
-    let lease = h.svc.admin_revoke_lease(&a.lease.id, "suspicious").await.unwrap();
+    let lease = h
+        .svc
+        .admin_revoke_lease(&a.lease.id, "suspicious")
+        .await
+        .unwrap();
     assert_eq!(lease.end.as_ref().unwrap().by, "admin");
-    let job = LeaseFilter { tenant: Some("acme".into()), job_id: Some("job-a".into()), ..Default::default() };
-    assert_eq!(h.svc.admin_revoke_matching(job, "cancel").await.unwrap(), 1, "other's job-a");
-    let actor = LeaseFilter { actor: Some("importer".into()), ..Default::default() };
-    assert_eq!(h.svc.admin_revoke_matching(actor, "module compromised").await.unwrap(), 2);
+    let job = LeaseFilter {
+        tenant: Some("acme".into()),
+        job_id: Some("job-a".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        h.svc.admin_revoke_matching(job, "cancel").await.unwrap(),
+        1,
+        "other's job-a"
+    );
+    let actor = LeaseFilter {
+        actor: Some("importer".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        h.svc
+            .admin_revoke_matching(actor, "module compromised")
+            .await
+            .unwrap(),
+        2
+    );
     h.issue("job-d").await;
-    let subject = LeaseFilter { tenant: Some("acme".into()), subject: Some("alice".into()), ..Default::default() };
-    assert_eq!(h.svc.admin_revoke_matching(subject, "user left").await.unwrap(), 1);
+    let subject = LeaseFilter {
+        tenant: Some("acme".into()),
+        subject: Some("alice".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        h.svc
+            .admin_revoke_matching(subject, "user left")
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(h.svc.count_active_leases().await.unwrap(), 0);
     assert!(matches!(
         h.refresh(&a.lease.id, &rt(&a.tokens)).await,
@@ -521,7 +727,12 @@ async fn administrators_revoke_by_lease_job_subject_and_actor() {
 async fn introspection_is_active_only_for_live_tokens_of_live_leases() {
     let h = harness().await;
     let issued = h.issue("job").await;
-    let claims = h.svc.introspect(&issued.tokens.access_token).await.unwrap().unwrap();
+    let claims = h
+        .svc
+        .introspect(&issued.tokens.access_token)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(claims.lease_id, issued.lease.id);
     assert_eq!(claims.act.sub, "importer");
     assert_eq!(claims.permissions, vec!["inventory.read"]);
@@ -533,7 +744,14 @@ async fn introspection_is_active_only_for_live_tokens_of_live_leases() {
     // A subject token (another issuer's JWT) is not one of ours.
     assert!(h.svc.introspect(&h.user_token()).await.unwrap().is_none());
     h.advance(TTL);
-    assert!(h.svc.introspect(&issued.tokens.access_token).await.unwrap().is_none(), "expired");
+    assert!(
+        h.svc
+            .introspect(&issued.tokens.access_token)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
 }
 
 #[tokio::test]
@@ -545,9 +763,22 @@ async fn key_rotation_keeps_tokens_in_flight_valid() {
     assert_eq!(retired, old_kid);
     assert_ne!(new_kid, old_kid);
     let kids: Vec<String> = h.svc.keys().jwks().into_iter().map(|k| k.kid).collect();
-    assert_eq!(kids, vec![new_kid.clone(), old_kid.clone()], "current first, old still published");
-    assert!(h.svc.introspect(&issued.tokens.access_token).await.unwrap().is_some());
-    let (_, pair) = h.refresh(&issued.lease.id, &rt(&issued.tokens)).await.unwrap();
+    assert_eq!(
+        kids,
+        vec![new_kid.clone(), old_kid.clone()],
+        "current first, old still published"
+    );
+    assert!(
+        h.svc
+            .introspect(&issued.tokens.access_token)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let (_, pair) = h
+        .refresh(&issued.lease.id, &rt(&issued.tokens))
+        .await
+        .unwrap();
     let header = jsonwebtoken::decode_header(&pair.access_token).unwrap();
     assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
     // Once every token the old key signed has expired, it is no longer published.
@@ -568,7 +799,10 @@ async fn every_lease_keeps_its_story() {
     }
     let refreshed_at = h.clock.now();
     h.svc.resume(&h.importer, "job").await.unwrap();
-    h.svc.admin_revoke_lease(&issued.lease.id, "operator cleanup").await.unwrap();
+    h.svc
+        .admin_revoke_lease(&issued.lease.id, "operator cleanup")
+        .await
+        .unwrap();
     let (lease, events) = h.svc.get_lease(&issued.lease.id).await.unwrap();
     assert_eq!(lease.refresh_count, 3);
     assert_eq!(lease.last_refreshed_at, Some(refreshed_at));
@@ -600,7 +834,14 @@ async fn listing_pages_through_every_lease_once() {
     loop {
         let page = h
             .svc
-            .list_leases(LeaseFilter { actor: Some("importer".into()), ..Default::default() }, 3, token.as_deref())
+            .list_leases(
+                LeaseFilter {
+                    actor: Some("importer".into()),
+                    ..Default::default()
+                },
+                3,
+                token.as_deref(),
+            )
             .await
             .unwrap();
         pages += 1;
@@ -615,8 +856,13 @@ async fn listing_pages_through_every_lease_once() {
     assert_eq!(seen, ids);
     assert_eq!(pages, 3);
     assert!(matches!(
-        h.svc.list_leases(LeaseFilter::default(), 3, Some("not-a-token")).await,
-        Err(Error::InvalidArgument { field: "page_token", .. })
+        h.svc
+            .list_leases(LeaseFilter::default(), 3, Some("not-a-token"))
+            .await,
+        Err(Error::InvalidArgument {
+            field: "page_token",
+            ..
+        })
     ));
 }
 
