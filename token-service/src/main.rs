@@ -16,7 +16,7 @@ use token_service::server::Server;
 /// Job tokens for long-running work: leases that keep a job's credential alive for
 /// exactly as long as the job runs.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +41,7 @@ enum Command {
         #[arg(long, env = "JOBTOKEN_CONFIG")]
         config: Option<PathBuf>,
         /// Data directory in dev mode (with a config, set `data_dir` there).
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        #[arg(long, env = "JOBTOKEN_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
         /// Log format.
         #[arg(long, env = "JOBTOKEN_LOG_FORMAT", value_enum, default_value = "text")]
@@ -63,7 +63,7 @@ enum Command {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: Duration,
         /// Data directory of the dev-mode service.
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        #[arg(long, env = "JOBTOKEN_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
     /// Read a module or admin key on standard input and print its SHA-256, the form the

@@ -72,7 +72,17 @@ impl Server {
         clock: Arc<dyn Clock>,
     ) -> Result<RunningServer, StartupError> {
         config.validate()?;
-        let master = load_or_create_master_key(&config.master_key_path())?;
+        let master_path = config.master_key_path();
+        if !master_path.exists() && config.store_path().exists() {
+            // Generating a new key would orphan every sealed signing key in the store.
+            return Err(StartupError::Key {
+                path: master_path,
+                problem: "missing, but the database already exists: restore the master key \
+                          that sealed it (a new one cannot open its signing keys)"
+                    .into(),
+            });
+        }
+        let master = load_or_create_master_key(&master_path)?;
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&config.store_path(), config.store.sync)?);
         // A retired key must verify every token it signed: their life plus the grace
@@ -134,11 +144,13 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| StartupError::Invalid(format!("reflection: {e}")))?;
 
+        let (shutdown, _) = watch::channel(false);
         let job_api = JobTokenApi::new(
             Arc::clone(&service),
             Arc::clone(&modules),
             Arc::clone(&metrics),
             WATCH_POLL,
+            shutdown.subscribe(),
         );
         let admin_api = AdminApi::new(
             Arc::clone(&service),
@@ -170,7 +182,6 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
 
-        let (shutdown, _) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };

@@ -625,6 +625,7 @@ impl LeaseService {
     /// An administrator ends every active lease matching `filter`; returns how many.
     pub async fn admin_revoke_matching(&self, filter: LeaseFilter, reason: &str) -> Result<u32> {
         check_text("reason", reason, MAX_DETAIL_LEN)?;
+        let requested = filter.clone();
         let mut filter = LeaseFilter {
             active: Some(true),
             ..filter
@@ -643,7 +644,16 @@ impl LeaseService {
                 }
             }
         }
-        tracing::info!(target: "audit", event = "admin.revoke_matching", ?filter, count, reason);
+        tracing::info!(
+            target: "audit",
+            event = "admin.revoke_matching",
+            tenant = requested.tenant.as_deref(),
+            subject = requested.subject.as_deref(),
+            actor = requested.actor.as_deref(),
+            job_id = requested.job_id.as_deref(),
+            count,
+            reason,
+        );
         Ok(count)
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::Stream;
 use jobtoken_proto::jobtoken::v1 as pb;
 use pb::job_token_service_server::JobTokenService;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
 use super::{authenticate, convert, observe};
@@ -28,6 +28,9 @@ pub struct JobTokenApi {
     /// How often a revocation stream re-reads the store without a local wake-up (ends
     /// written by other replicas or the sweeper of another process).
     watch_poll: Duration,
+    /// Becomes true at shutdown: open revocation streams end, so graceful shutdown does
+    /// not wait on watchers that never hang up.
+    stop: watch::Receiver<bool>,
 }
 
 impl JobTokenApi {
@@ -37,12 +40,14 @@ impl JobTokenApi {
         modules: Arc<Modules>,
         metrics: Arc<Metrics>,
         watch_poll: Duration,
+        stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
             service,
             modules,
             metrics,
             watch_poll,
+            stop,
         }
     }
 }
@@ -202,7 +207,12 @@ impl JobTokenService for JobTokenApi {
         })
         .await?;
         let (tx, rx) = mpsc::channel(64);
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::pin!(stopped);
             let mut wake = service.subscribe_ends();
             let mut cursor = start;
             loop {
@@ -224,6 +234,10 @@ impl JobTokenService for JobTokenApi {
                 }
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = &mut stopped => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down; reconnect with your cursor"))).await;
+                        return;
+                    }
                     _ = wake.changed() => {}
                     _ = tokio::time::sleep(poll) => {}
                 }

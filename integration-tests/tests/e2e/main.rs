@@ -1,0 +1,9 @@
+//! End-to-end tests: the real service, in-process on 127.0.0.1:0, over real gRPC and
+//! HTTP. One test binary (each extra test file is another slow link).
+
+mod flow;
+mod jwks;
+mod malformed;
+mod reflection;
+mod support;
+mod watch;
