@@ -372,22 +372,22 @@ impl Config {
                     m.id
                 ));
             }
-            if let Some(h) = &m.key_sha256 {
-                if !is_sha256_hex(h) {
-                    return bad(format!(
-                        "module {:?}: key_sha256 must be 64 hex digits",
-                        m.id
-                    ));
-                }
+            if let Some(h) = &m.key_sha256
+                && !is_sha256_hex(h)
+            {
+                return bad(format!(
+                    "module {:?}: key_sha256 must be 64 hex digits",
+                    m.id
+                ));
             }
             if m.max_lifetime.is_zero() {
                 return bad(format!("module {:?}: max_lifetime must be positive", m.id));
             }
         }
-        if let Some(h) = &self.admin_key_sha256 {
-            if !is_sha256_hex(h) {
-                return bad("admin_key_sha256 must be 64 hex digits".into());
-            }
+        if let Some(h) = &self.admin_key_sha256
+            && !is_sha256_hex(h)
+        {
+            return bad("admin_key_sha256 must be 64 hex digits".into());
         }
         for i in &self.trusted_issuers {
             let sources = [

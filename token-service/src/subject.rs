@@ -305,10 +305,10 @@ impl SubjectVerifier {
         if now > exp.saturating_add(leeway) {
             return Err(Error::SubjectTokenExpired);
         }
-        if let Some(nbf) = number("nbf") {
-            if now.saturating_add(leeway) < nbf {
-                return Err(Error::SubjectTokenNotYetValid);
-            }
+        if let Some(nbf) = number("nbf")
+            && now.saturating_add(leeway) < nbf
+        {
+            return Err(Error::SubjectTokenNotYetValid);
         }
         Ok(())
     }

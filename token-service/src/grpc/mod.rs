@@ -64,12 +64,12 @@ fn certificate_names(der: &[u8]) -> Vec<String> {
 
 /// The module making the call: by mTLS client certificate, else by module key.
 fn authenticate<T>(modules: &Modules, request: &Request<T>) -> Result<Arc<Module>, Error> {
-    if let Some(certs) = request.peer_certs() {
-        if let Some(leaf) = certs.first() {
-            let names = certificate_names(leaf.as_ref());
-            if let Some(m) = modules.by_cert_names(names.iter().map(String::as_str)) {
-                return Ok(m);
-            }
+    if let Some(certs) = request.peer_certs()
+        && let Some(leaf) = certs.first()
+    {
+        let names = certificate_names(leaf.as_ref());
+        if let Some(m) = modules.by_cert_names(names.iter().map(String::as_str)) {
+            return Ok(m);
         }
     }
     let key = request

@@ -1,0 +1,383 @@
+//! Tests of the real `token-service` binary as a process: dev mode from an empty
+//! directory, durability across `kill -9`, graceful shutdown on SIGTERM.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use token_sdk::proto::{GetLeaseRequest, IssueJobTokenRequest, RefreshJobTokenRequest};
+use token_service::clock::{Clock, SystemClock};
+use token_service::dev::{self, DevTokenRequest};
+use token_service::secrets::key_hash;
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-service");
+const MODULE_KEY: &str = "mk_process-test-module-key-0123456789abcdefghij";
+const ADMIN_KEY: &str = "ak_process-test-admin-key-0123456789abcdefghijk";
+
+/// A running service process and everything it logged.
+struct Proc {
+    child: Child,
+    grpc: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `token-service` with `args` in `cwd`, waits until it serves.
+    fn start(cwd: &Path, args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(cwd)
+            .env("JOBTOKEN_GRPC_LISTEN", "127.0.0.1:0")
+            .env("JOBTOKEN_HTTP_LISTEN", "127.0.0.1:0")
+            .env("JOBTOKEN_LOG_FORMAT", "json")
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start token-service");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let Some(addr) = v["fields"]["grpc_addr"].as_str()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("service did not start; log:\n{}", log.lock().unwrap()));
+        Proc {
+            child,
+            grpc: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL on Unix
+        self.child.wait().unwrap();
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn user_token(data_dir: &Path) -> String {
+    let request = DevTokenRequest {
+        user: "alice".into(),
+        tenant: "acme".into(),
+        permissions: ["inventory.read".to_owned()].into(),
+        ttl: Duration::from_secs(600),
+    };
+    dev::mint_dev_token(data_dir, &request, SystemClock.now()).unwrap()
+}
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    dev::ensure_issuer_key(dir).unwrap();
+    let issuer = dev::dev_issuer_config(dir);
+    let config = format!(
+        r#"
+data_dir = "{data}"
+admin_key_sha256 = "{admin}"
+
+[[modules]]
+id = "importer"
+key_sha256 = "{module}"
+delegable = ["inventory.*"]
+
+[[trusted_issuers]]
+issuer = "{issuer}"
+public_key_file = "{public}"
+algorithm = "EdDSA"
+"#,
+        data = dir.display(),
+        admin = key_hash(ADMIN_KEY),
+        module = key_hash(MODULE_KEY),
+        issuer = issuer.issuer,
+        public = issuer.public_key_file.unwrap().display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+async fn issue(endpoint: &str, data_dir: &Path, job: &str) -> (String, String) {
+    let mut client = token_sdk::connect(endpoint, MODULE_KEY).await.unwrap();
+    let issued = client
+        .issue_job_token(IssueJobTokenRequest {
+            subject_token: user_token(data_dir),
+            job_id: job.into(),
+            permissions: vec!["inventory.read".into()],
+            max_lifetime: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            audience: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        issued.lease.unwrap().lease_id,
+        issued.tokens.unwrap().refresh_token,
+    )
+}
+
+/// Every acknowledged renewal survives `kill -9`: after a restart, each holder's latest
+/// refresh token (the last one it received a response for) still renews.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_renewals_survive_kill_9() {
+    const HOLDERS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let config = config.to_str().unwrap();
+    let mut proc = Proc::start(dir.path(), &["serve", "--config", config]);
+
+    // Latest acknowledged token and acknowledged renewal count, per lease.
+    let latest: Arc<Mutex<HashMap<String, (String, u64)>>> = Arc::default();
+    for i in 0..HOLDERS {
+        let (lease, token) = issue(&proc.grpc, dir.path(), &format!("job-{i}")).await;
+        latest.lock().unwrap().insert(lease, (token, 0));
+    }
+
+    for round in 0..3u64 {
+        let mut holders = Vec::new();
+        let leases: Vec<String> = latest.lock().unwrap().keys().cloned().collect();
+        for lease in leases {
+            let (endpoint, latest) = (proc.grpc.clone(), Arc::clone(&latest));
+            holders.push(tokio::spawn(async move {
+                let mut client = token_sdk::connect(&endpoint, MODULE_KEY).await.unwrap();
+                loop {
+                    let token = latest.lock().unwrap()[&lease].0.clone();
+                    let request = RefreshJobTokenRequest {
+                        lease_id: lease.clone(),
+                        refresh_token: token,
+                    };
+                    match client.refresh_job_token(request).await {
+                        Ok(r) => {
+                            let next = r.into_inner().tokens.unwrap().refresh_token;
+                            let mut latest = latest.lock().unwrap();
+                            let entry = latest.get_mut(&lease).unwrap();
+                            *entry = (next, entry.1 + 1);
+                        }
+                        // The process died under us: stop, as a holder would, and retry
+                        // after the restart below.
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        // Let renewals run, then kill at an arbitrary moment, mid-flight.
+        tokio::time::sleep(Duration::from_millis(300 + 170 * round)).await;
+        proc.kill_9();
+        for h in holders {
+            h.await.unwrap();
+        }
+        proc = Proc::start(dir.path(), &["serve", "--config", config]);
+        let mut client = token_sdk::connect(&proc.grpc, MODULE_KEY).await.unwrap();
+        let mut admin = token_sdk::connect_admin(&proc.grpc, ADMIN_KEY)
+            .await
+            .unwrap();
+        let snapshot = latest.lock().unwrap().clone();
+        let total: u64 = snapshot.values().map(|(_, n)| n).sum();
+        assert!(
+            total > 0,
+            "round {round}: some renewals happened before the kill"
+        );
+        for (lease, (token, acknowledged)) in snapshot {
+            let stored = admin
+                .get_lease(GetLeaseRequest {
+                    lease_id: lease.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                stored.refresh_count >= acknowledged,
+                "round {round}: lease {lease} lost acknowledged renewals ({} < {acknowledged})",
+                stored.refresh_count
+            );
+            let renewed = client
+                .refresh_job_token(RefreshJobTokenRequest {
+                    lease_id: lease.clone(),
+                    refresh_token: token,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: lease {lease} cannot renew: {e:?}"));
+            let next = renewed.into_inner().tokens.unwrap().refresh_token;
+            let count = stored.refresh_count.max(acknowledged) + 1;
+            latest.lock().unwrap().insert(lease, (next, count));
+        }
+    }
+}
+
+/// From an empty directory: dev mode starts, `dev-token` mints a subject token the service
+/// accepts, the dev keys persist across a restart, secrets stay out of the log, and
+/// SIGTERM shuts the service down cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_from_an_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc = Proc::start(dir.path(), &["serve"]);
+    let data = dir.path().join("data");
+    let module_key = std::fs::read_to_string(data.join(dev::DEV_MODULE_KEY_FILE)).unwrap();
+    #[cfg(unix)]
+    for secret_file in [
+        dev::DEV_MODULE_KEY_FILE,
+        dev::DEV_ADMIN_KEY_FILE,
+        "master.key",
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join(secret_file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{secret_file} is private");
+    }
+    let output = Command::new(BIN)
+        .args([
+            "dev-token",
+            "--user",
+            "bob",
+            "--tenant",
+            "t1",
+            "--permissions",
+            "a.read,a.write",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let subject_token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+
+    let mut client = token_sdk::connect(&proc.grpc, module_key.trim())
+        .await
+        .unwrap();
+    let issued = client
+        .issue_job_token(IssueJobTokenRequest {
+            subject_token: subject_token.clone(),
+            job_id: "dev-job".into(),
+            permissions: vec!["a.write".into()],
+            max_lifetime: None,
+            audience: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = issued.lease.unwrap();
+    assert_eq!(
+        (lease.subject.as_str(), lease.tenant.as_str()),
+        ("bob", "t1")
+    );
+    let tokens = issued.tokens.unwrap();
+    let log = proc.log();
+    assert!(log.contains("DEV MODE"));
+    assert!(log.contains("lease.issued"));
+    for secret in [
+        module_key.trim(),
+        &subject_token,
+        &tokens.access_token,
+        &tokens.refresh_token,
+    ] {
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+
+    // SIGTERM: graceful exit.
+    let status = Command::new("kill")
+        .args(["-TERM", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut proc = proc;
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = proc.child.wait().unwrap();
+        (status, proc)
+    });
+    let (status, proc) = tokio::time::timeout(Duration::from_secs(10), exited)
+        .await
+        .expect("exits within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(proc);
+
+    // Restart: same dev keys, the lease renews.
+    let proc = Proc::start(dir.path(), &["serve"]);
+    let mut client = token_sdk::connect(&proc.grpc, module_key.trim())
+        .await
+        .unwrap();
+    client
+        .refresh_job_token(RefreshJobTokenRequest {
+            lease_id: lease.lease_id,
+            refresh_token: tokens.refresh_token,
+        })
+        .await
+        .unwrap();
+}
+
+#[test]
+fn help_is_complete() {
+    let help = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    for word in ["serve", "dev-token", "hash-key", "gen-key"] {
+        assert!(top.contains(word), "{top}");
+    }
+    let serve = help(&["serve", "--help"]);
+    for word in [
+        "--config",
+        "JOBTOKEN_CONFIG",
+        "--data-dir",
+        "DEV MODE",
+        "--log-format",
+    ] {
+        assert!(serve.contains(word), "{serve}");
+    }
+    let dev_token = help(&["dev-token", "--help"]);
+    for word in ["--user", "--tenant", "--permissions", "--ttl"] {
+        assert!(dev_token.contains(word), "{dev_token}");
+    }
+}
+
+#[test]
+fn a_missing_master_key_with_an_existing_database_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    std::fs::write(dir.path().join("jobtoken.db"), b"").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("JOBTOKEN_GRPC_LISTEN", "127.0.0.1:0")
+        .env("JOBTOKEN_HTTP_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("master.key") && err.contains("restore"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("master.key").exists(),
+        "no new key was made"
+    );
+}
