@@ -313,3 +313,231 @@ impl SubjectVerifier {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: u64 = 1_767_225_600;
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(NOW)
+    }
+
+    fn issuer(name: &str) -> IssuerConfig {
+        IssuerConfig {
+            issuer: name.into(),
+            audiences: Vec::new(),
+            jwks_file: None,
+            public_key_file: None,
+            algorithm: None,
+            hs256_secret_file: None,
+            permissions_claim: "permissions".into(),
+            tenant_claim: "tenant".into(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+
+    fn claims(iss: &str) -> Value {
+        let now = NOW as i64;
+        json!({"iss": iss, "sub": "alice", "tenant": "acme", "permissions": ["a.read"],
+               "iat": now, "exp": now + 300})
+    }
+
+    /// Builds a compact JWS by hand, so these tests do not trust the library under test to
+    /// produce what they check.
+    fn jws(
+        alg: &str,
+        kid: Option<&str>,
+        claims: &Value,
+        sign: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> String {
+        let mut header = json!({"alg": alg, "typ": "JWT"});
+        if let Some(kid) = kid {
+            header["kid"] = json!(kid);
+        }
+        let input = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let sig = sign(input.as_bytes());
+        format!("{input}.{}", B64.encode(sig))
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::engine::general_purpose::STANDARD;
+        let body = STANDARD.encode(der);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    #[test]
+    fn rs256_public_key_file_and_key_confusion() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let spki = pair.public_key().as_der().unwrap();
+        let public_pem = pem("PUBLIC KEY", spki.as_ref());
+        let path = dir.path().join("rsa.pem");
+        std::fs::write(&path, &public_pem).unwrap();
+        let mut config = issuer("https://rsa");
+        config.public_key_file = Some(path);
+        config.algorithm = Some("RS256".into());
+        let verifier = SubjectVerifier::from_config(&[config]).unwrap();
+
+        let rsa_sign = |msg: &[u8]| {
+            let mut sig = vec![0; pair.public_modulus_len()];
+            pair.sign(
+                &signature::RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                msg,
+                &mut sig,
+            )
+            .unwrap();
+            sig
+        };
+        let token = jws("RS256", None, &claims("https://rsa"), rsa_sign);
+        let subject = verifier.verify(&token, now()).unwrap();
+        assert_eq!(subject.subject, "alice");
+
+        // The classic confusion: HS256 keyed with the RSA public key the attacker knows.
+        let hmac_key =
+            aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, public_pem.as_bytes());
+        let forged = jws("HS256", None, &claims("https://rsa"), |m| {
+            aws_lc_rs::hmac::sign(&hmac_key, m).as_ref().to_vec()
+        });
+        assert!(matches!(
+            verifier.verify(&forged, now()),
+            Err(Error::SubjectTokenInvalid(_))
+        ));
+        let none = jws("none", None, &claims("https://rsa"), |_| Vec::new());
+        assert!(matches!(
+            verifier.verify(&none, now()),
+            Err(Error::SubjectTokenInvalid(_))
+        ));
+    }
+
+    #[test]
+    fn es256_from_a_jwks_file_selected_by_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        let rng = SystemRandom::new();
+        let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pairs: Vec<EcdsaKeyPair> = (0..2)
+            .map(|_| {
+                let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+                EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref()).unwrap()
+            })
+            .collect();
+        let keys: Vec<Value> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let point = p.public_key().as_ref();
+                json!({"kty": "EC", "crv": "P-256", "kid": format!("ec{i}"), "use": "sig",
+                       "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65])})
+            })
+            .collect();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
+        let mut config = issuer("https://ec");
+        config.jwks_file = Some(path);
+        let verifier = SubjectVerifier::from_config(&[config]).unwrap();
+
+        let sign_with = |i: usize| {
+            let pair = &pairs[i];
+            move |m: &[u8]| {
+                pair.sign(&SystemRandom::new(), m)
+                    .unwrap()
+                    .as_ref()
+                    .to_vec()
+            }
+        };
+        let token = jws("ES256", Some("ec1"), &claims("https://ec"), sign_with(1));
+        assert_eq!(verifier.verify(&token, now()).unwrap().tenant, "acme");
+        // Signed by key 0 but naming key 1: refused.
+        let wrong = jws("ES256", Some("ec1"), &claims("https://ec"), sign_with(0));
+        assert!(matches!(
+            verifier.verify(&wrong, now()),
+            Err(Error::SubjectTokenInvalid(_))
+        ));
+        // The header cannot switch the algorithm away from the key's.
+        let switched = jws("RS256", Some("ec1"), &claims("https://ec"), sign_with(1));
+        assert!(matches!(
+            verifier.verify(&switched, now()),
+            Err(Error::SubjectTokenInvalid(_))
+        ));
+    }
+
+    #[test]
+    fn hs256_shared_secret_with_custom_claims_and_audience() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = b"a-shared-secret-of-at-least-32-bytes!!";
+        let path = dir.path().join("secret");
+        std::fs::write(&path, secret).unwrap();
+        let mut config = issuer("https://hs");
+        config.hs256_secret_file = Some(path);
+        config.permissions_claim = "realm_access.roles".into();
+        config.tenant_claim = "org".into();
+        config.audiences = vec!["platform".into()];
+        let verifier = SubjectVerifier::from_config(&[config]).unwrap();
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+        let hs = |m: &[u8]| aws_lc_rs::hmac::sign(&key, m).as_ref().to_vec();
+
+        let mut c = claims("https://hs");
+        c["org"] = json!("globex");
+        c["aud"] = json!(["platform", "other"]);
+        c["realm_access"] = json!({"roles": ["x.read", "x.write"]});
+        let subject = verifier.verify(&jws("HS256", None, &c, hs), now()).unwrap();
+        assert_eq!(subject.tenant, "globex");
+        assert_eq!(
+            subject.permissions,
+            ["x.read".to_owned(), "x.write".to_owned()].into()
+        );
+
+        c["aud"] = json!("someone-else");
+        assert!(matches!(
+            verifier.verify(&jws("HS256", None, &c, hs), now()),
+            Err(Error::SubjectTokenAudience)
+        ));
+        c["aud"] = json!("platform");
+        c["realm_access"] = json!({"roles": "x.read x.admin"});
+        let subject = verifier.verify(&jws("HS256", None, &c, hs), now()).unwrap();
+        assert!(
+            subject.permissions.contains("x.admin"),
+            "space-separated string form"
+        );
+    }
+
+    #[test]
+    fn weak_or_missing_keys_stop_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"too short").unwrap();
+        let mut config = issuer("https://hs");
+        config.hs256_secret_file = Some(short);
+        assert!(matches!(
+            SubjectVerifier::from_config(&[config]),
+            Err(StartupError::Key { .. })
+        ));
+        let mut config = issuer("https://x");
+        config.jwks_file = Some(dir.path().join("missing.json"));
+        assert!(matches!(
+            SubjectVerifier::from_config(&[config]),
+            Err(StartupError::Io { .. })
+        ));
+    }
+}

@@ -6,4 +6,5 @@ mod jwks;
 mod malformed;
 mod reflection;
 mod support;
+mod tls;
 mod watch;
