@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use token_sdk::proto::{GetLeaseRequest, IssueJobTokenRequest, RefreshJobTokenRequest};
+use token_sdk::proto::{
+    GetLeaseRequest, IntrospectTokenRequest, IssueJobTokenRequest, RefreshJobTokenRequest,
+};
 use token_service::clock::{Clock, SystemClock};
 use token_service::dev::{self, DevTokenRequest};
 use token_service::secrets::key_hash;
@@ -330,6 +332,15 @@ async fn dev_mode_from_an_empty_directory() {
         })
         .await
         .unwrap();
+    // The signing key persisted: the access token from before the restart still verifies.
+    let introspected = client
+        .introspect_token(IntrospectTokenRequest {
+            token: tokens.access_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(introspected.active);
 }
 
 #[test]
