@@ -4,6 +4,14 @@ use std::{env, path::PathBuf};
 
 const PROTOS: &[&str] = &["jobtoken/v1/jobtoken.proto", "jobtoken/v1/admin.proto"];
 
+/// Messages that carry secrets: their `Debug` is written by hand (src/redact.rs).
+const SECRET_BEARING: &[&str] = &[
+    ".jobtoken.v1.IssueJobTokenRequest",
+    ".jobtoken.v1.RefreshJobTokenRequest",
+    ".jobtoken.v1.IntrospectTokenRequest",
+    ".jobtoken.v1.TokenPair",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
@@ -17,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .codec_path("crate::codec::ValidatingCodec")
+        .skip_debug(SECRET_BEARING)
         .compile_fds(fds)?;
     Ok(())
 }

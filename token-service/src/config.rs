@@ -31,6 +31,11 @@ pub const DEFAULT_ISSUER: &str = "jobtoken";
 pub const DEFAULT_AUDIENCE: &str = "jobtoken";
 /// Default data directory (SQLite file, master key, dev-mode files).
 pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default time a rotated-in signing key is published before it signs: longer than
+/// verifiers cache the JWKS (`max-age=60`) plus the key reload interval.
+pub const DEFAULT_KEY_ACTIVATION_DELAY: Duration = Duration::from_secs(90);
+/// Longest duration any setting accepts; beyond it is surely a mistake.
+pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Shortest access-token lifetime accepted.
 pub const MIN_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(1);
 
@@ -106,6 +111,9 @@ pub struct Config {
     /// Window in which the previous refresh token still returns the current one. Default 30s.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub refresh_grace: Duration,
+    /// How long a rotated-in signing key is published before it signs. Default 90s.
+    #[serde(default = "default_key_activation_delay", with = "humantime_serde")]
+    pub key_activation_delay: Duration,
     /// What to do when a request asks for a lifetime above the module's cap. Default clamp.
     #[serde(default)]
     pub lifetime_over_cap: OverCap,
@@ -267,6 +275,9 @@ fn default_idle() -> Duration {
 fn default_grace() -> Duration {
     DEFAULT_REFRESH_GRACE
 }
+fn default_key_activation_delay() -> Duration {
+    DEFAULT_KEY_ACTIVATION_DELAY
+}
 fn default_leeway() -> Duration {
     DEFAULT_LEEWAY
 }
@@ -361,10 +372,41 @@ impl Config {
         if self.refresh_grace > self.idle_timeout {
             return bad("refresh_grace must not exceed idle_timeout".into());
         }
+        let mut durations = vec![
+            ("access_token_ttl", self.access_token_ttl),
+            ("idle_timeout", self.idle_timeout),
+            ("refresh_grace", self.refresh_grace),
+            ("key_activation_delay", self.key_activation_delay),
+        ];
+        for m in &self.modules {
+            durations.push(("modules.max_lifetime", m.max_lifetime));
+            durations.push(("modules.default_lifetime", m.default_lifetime));
+        }
+        for i in &self.trusted_issuers {
+            durations.push(("trusted_issuers.leeway", i.leeway));
+        }
+        if let Some((name, _)) = durations.iter().find(|(_, d)| *d > MAX_SETTING_DURATION) {
+            return bad(format!("{name} must be at most 366 days"));
+        }
         let mut ids = std::collections::HashSet::new();
+        let mut credentials = std::collections::HashSet::new();
         for m in &self.modules {
             if m.id.is_empty() || !ids.insert(&m.id) {
                 return bad(format!("module id {:?} is empty or repeated", m.id));
+            }
+            // Two modules sharing a credential would authenticate as each other.
+            let key = m
+                .key_sha256
+                .as_ref()
+                .map(|h| format!("key:{}", h.to_ascii_lowercase()));
+            let cert = m.mtls_subject.as_ref().map(|n| format!("cert:{n}"));
+            for credential in [key, cert].into_iter().flatten() {
+                if !credentials.insert(credential) {
+                    return bad(format!(
+                        "module {:?} shares its key_sha256 or mtls_subject with another module",
+                        m.id
+                    ));
+                }
             }
             if m.key_sha256.is_none() && m.mtls_subject.is_none() {
                 return bad(format!(
@@ -435,6 +477,7 @@ impl Config {
             access_token_ttl: DEFAULT_ACCESS_TOKEN_TTL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             refresh_grace: DEFAULT_REFRESH_GRACE,
+            key_activation_delay: DEFAULT_KEY_ACTIVATION_DELAY,
             lifetime_over_cap: OverCap::Clamp,
             data_dir: data_dir.to_owned(),
             master_key_file: None,
@@ -546,5 +589,30 @@ mod tests {
             default_lifetime: DEFAULT_LEASE_LIFETIME,
         });
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn absurd_durations_and_shared_credentials_are_refused() {
+        let mut c = Config::for_test(Path::new("/tmp"));
+        c.idle_timeout = Duration::from_secs(u64::MAX / 4);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("idle_timeout")
+        );
+        let module = |id: &str| ModuleConfig {
+            id: id.into(),
+            key_sha256: Some("ab".repeat(32)),
+            mtls_subject: None,
+            delegable: vec![],
+            max_lifetime: DEFAULT_MAX_LEASE_LIFETIME,
+            default_lifetime: DEFAULT_LEASE_LIFETIME,
+        };
+        let mut c = Config::for_test(Path::new("/tmp"));
+        c.modules = vec![module("a"), module("b")];
+        assert!(c.validate().unwrap_err().to_string().contains("shares"));
+        c.modules[1].key_sha256 = Some("cd".repeat(32));
+        c.validate().unwrap();
     }
 }

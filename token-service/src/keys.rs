@@ -96,30 +96,55 @@ pub enum KeyError {
     Sign(#[source] jsonwebtoken::errors::Error),
 }
 
-struct Loaded {
-    current_kid: String,
+/// A key that can sign, from its activation on.
+struct Signer {
+    kid: String,
+    activates_at: SystemTime,
     encoding: EncodingKey,
+}
+
+struct Loaded {
+    /// The newest key (the store's current one), possibly not signing yet.
+    newest_kid: String,
+    /// Keys that sign, newest activation first.
+    signers: Vec<Signer>,
     published: HashMap<String, (Jwk, DecodingKey)>,
 }
 
+impl Loaded {
+    /// The key that signs at `now`: the newest already active, else the oldest.
+    fn signer(&self, now: SystemTime) -> &Signer {
+        self.signers
+            .iter()
+            .find(|s| s.activates_at <= now)
+            .or_else(|| self.signers.last())
+            .expect("a key ring always has a signer")
+    }
+}
+
 /// The service's signing keys, reloaded from the store after rotations.
+///
+/// A rotation publishes the new key at once but signs with it only after
+/// `activation_delay`, so verifiers that cached the JWKS have refetched it before the
+/// first token under the new `kid` reaches them.
 pub struct KeyRing {
     store: Arc<dyn Store>,
     master: MasterKey,
     /// How long a retired key stays published: the longest a token it signed can live.
     retain: Duration,
+    activation_delay: Duration,
     loaded: RwLock<Arc<Loaded>>,
 }
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyRing")
-            .field("current_kid", &self.current().current_kid)
+            .field("newest_kid", &self.current().newest_kid)
             .finish_non_exhaustive()
     }
 }
 
-fn new_key(master: &MasterKey, now: SystemTime) -> StoredKey {
+fn new_key(master: &MasterKey, now: SystemTime, activates_at: SystemTime) -> StoredKey {
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
         .expect("Ed25519 key generation does not fail");
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("freshly generated key parses");
@@ -132,22 +157,27 @@ fn new_key(master: &MasterKey, now: SystemTime) -> StoredKey {
         algorithm: ALGORITHM.to_owned(),
         public_key,
         created_at: now,
+        activates_at,
         retired_at: None,
     }
 }
 
 impl KeyRing {
     /// Loads the keys, creating the first one if the store has none.
+    /// `retain`: how long a retired key stays published. `activation_delay`: how long a
+    /// rotated-in key is published before it signs.
     pub async fn load(
         store: Arc<dyn Store>,
         master: MasterKey,
         retain: Duration,
+        activation_delay: Duration,
         now: SystemTime,
     ) -> Result<Self, KeyError> {
         if store.signing_keys().await?.is_empty() {
-            // Losing this race to another replica is fine: its key is then used.
+            // The first key signs at once. Losing this race to another replica is fine:
+            // its key is then used.
             store
-                .rotate_signing_key(&new_key(&master, now), None)
+                .rotate_signing_key(&new_key(&master, now, now), None)
                 .await?;
         }
         let loaded = build(&store.signing_keys().await?, &master, retain, now)?;
@@ -155,6 +185,7 @@ impl KeyRing {
             store,
             master,
             retain,
+            activation_delay,
             loaded: RwLock::new(Arc::new(loaded)),
         })
     }
@@ -175,30 +206,32 @@ impl KeyRing {
         Ok(())
     }
 
-    /// Makes a new key current. Returns `(new kid, retired kid)`.
-    pub async fn rotate(&self, now: SystemTime) -> Result<(String, String), KeyError> {
+    /// Adds a new key: published now, signing from the returned instant on, when the
+    /// previous key retires. Returns `(new kid, retired kid, signing starts at)`.
+    pub async fn rotate(&self, now: SystemTime) -> Result<(String, String, SystemTime), KeyError> {
         loop {
             self.reload(now).await?;
-            let retired = self.current().current_kid.clone();
-            let key = new_key(&self.master, now);
+            let retired = self.current().newest_kid.clone();
+            let key = new_key(&self.master, now, now + self.activation_delay);
             if self.store.rotate_signing_key(&key, Some(&retired)).await? {
                 self.reload(now).await?;
-                return Ok((key.kid, retired));
+                return Ok((key.kid, retired, key.activates_at));
             }
         }
     }
 
-    /// The id of the key that signs now.
-    pub fn current_kid(&self) -> String {
-        self.current().current_kid.clone()
+    /// The id of the key that signs at `now`.
+    pub fn signing_kid(&self, now: SystemTime) -> String {
+        self.current().signer(now).kid.clone()
     }
 
-    /// Signs access-token claims with the current key.
-    pub fn sign(&self, claims: &AccessClaims) -> Result<String, KeyError> {
+    /// Signs access-token claims with the key active at `now`.
+    pub fn sign(&self, claims: &AccessClaims, now: SystemTime) -> Result<String, KeyError> {
         let loaded = self.current();
+        let signer = loaded.signer(now);
         let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(loaded.current_kid.clone());
-        jsonwebtoken::encode(&header, claims, &loaded.encoding).map_err(KeyError::Sign)
+        header.kid = Some(signer.kid.clone());
+        jsonwebtoken::encode(&header, claims, &signer.encoding).map_err(KeyError::Sign)
     }
 
     /// Verifies an access token's signature and issuer, and that it is within its validity
@@ -231,13 +264,14 @@ impl KeyRing {
             .then_some(claims)
     }
 
-    /// The published public keys: the current one and retired ones still in use.
+    /// The published public keys: the newest (possibly not signing yet), the signing one
+    /// and retired ones whose tokens may still be valid.
     pub fn jwks(&self) -> Vec<Jwk> {
         let loaded = self.current();
         let mut keys: Vec<Jwk> = loaded.published.values().map(|(j, _)| j.clone()).collect();
-        // Current key first, then by kid, so the document is stable.
+        // Newest key first, then by kid, so the document is stable.
         keys.sort_by(|a, b| {
-            (a.kid != loaded.current_kid, &a.kid).cmp(&(b.kid != loaded.current_kid, &b.kid))
+            (a.kid != loaded.newest_kid, &a.kid).cmp(&(b.kid != loaded.newest_kid, &b.kid))
         });
         keys
     }
@@ -254,24 +288,33 @@ fn build(
     retain: Duration,
     now: SystemTime,
 ) -> Result<Loaded, KeyError> {
-    let current = keys
+    let newest = keys
         .iter()
         .find(|k| k.retired_at.is_none())
         .or_else(|| keys.first())
         .ok_or_else(|| KeyError::Malformed {
             kid: "<none>".into(),
         })?;
-    let pkcs8 = master
-        .open(&current.sealed_private_key, &current.kid)
-        .map_err(|_| KeyError::Unseal {
-            kid: current.kid.clone(),
-        })?;
-    let encoding = EncodingKey::from_ed_der(&pkcs8);
+    let mut signers = Vec::new();
     let mut published = HashMap::new();
     for key in keys {
+        // Published until every token it can have signed has expired.
         let live = key.retired_at.is_none_or(|r| r + retain > now);
         if !live || key.algorithm != ALGORITHM {
             continue;
+        }
+        // Only keys that still sign (or will) need their private half in memory.
+        if key.retired_at.is_none_or(|r| r > now) {
+            let pkcs8 = master
+                .open(&key.sealed_private_key, &key.kid)
+                .map_err(|_| KeyError::Unseal {
+                    kid: key.kid.clone(),
+                })?;
+            signers.push(Signer {
+                kid: key.kid.clone(),
+                activates_at: key.activates_at,
+                encoding: EncodingKey::from_ed_der(&pkcs8),
+            });
         }
         let x = B64.encode(&key.public_key);
         let decoding = DecodingKey::from_ed_components(&x).map_err(|_| KeyError::Malformed {
@@ -287,9 +330,15 @@ fn build(
         };
         published.insert(key.kid.clone(), (jwk, decoding));
     }
+    if signers.is_empty() {
+        return Err(KeyError::Malformed {
+            kid: newest.kid.clone(),
+        });
+    }
+    signers.sort_by_key(|s| std::cmp::Reverse(s.activates_at));
     Ok(Loaded {
-        current_kid: current.kid.clone(),
-        encoding,
+        newest_kid: newest.kid.clone(),
+        signers,
         published,
     })
 }

@@ -42,7 +42,13 @@ pub fn grant(
 ) -> Result<Vec<String>> {
     let may_delegate = |p: &String| delegable.iter().any(|pat| pattern_covers(pat, p));
     if requested.is_empty() {
-        let granted: Vec<String> = user.iter().filter(|p| may_delegate(p)).cloned().collect();
+        // A name the user holds but nobody could request (a literal `a.*`, say) is not
+        // granted implicitly either.
+        let granted: Vec<String> = user
+            .iter()
+            .filter(|p| validate_name(p).is_ok() && may_delegate(p))
+            .cloned()
+            .collect();
         if granted.is_empty() {
             return Err(Error::NoPermissionsGranted);
         }
@@ -125,6 +131,11 @@ mod tests {
             grant(&[], &set(&["b.read"]), &delegable),
             Err(Error::NoPermissionsGranted)
         ));
+        // A literal wildcard the user holds is never granted implicitly.
+        assert_eq!(
+            grant(&[], &set(&["a.*", "a.read"]), &delegable).unwrap(),
+            vec(&["a.read"])
+        );
     }
 
     #[test]

@@ -88,8 +88,16 @@ impl Server {
         // A retired key must verify every token it signed: their life plus the grace
         // window in which a retry can still mint one, plus slack for clock skew.
         let retain = config.access_token_ttl + config.refresh_grace + Duration::from_secs(60);
-        let keys =
-            Arc::new(KeyRing::load(Arc::clone(&store), master.clone(), retain, clock.now()).await?);
+        let keys = Arc::new(
+            KeyRing::load(
+                Arc::clone(&store),
+                master.clone(),
+                retain,
+                config.key_activation_delay,
+                clock.now(),
+            )
+            .await?,
+        );
         let subjects = SubjectVerifier::from_config(&config.trusted_issuers)?;
         let metrics = Arc::new(Metrics::new());
         let service = Arc::new(LeaseService::new(

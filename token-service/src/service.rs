@@ -246,7 +246,7 @@ impl LeaseService {
                 sub: lease.actor.clone(),
             },
         };
-        let access_token = self.keys.sign(&claims).map_err(Error::internal)?;
+        let access_token = self.keys.sign(&claims, now).map_err(Error::internal)?;
         // Report exactly the `exp` in the token (whole seconds), so holders schedule from it.
         let expires_at = UNIX_EPOCH + Duration::from_secs(exp.max(0).unsigned_abs());
         Ok(TokenPair {
@@ -443,7 +443,7 @@ impl LeaseService {
                 if !self.store.update_lease(&lease, None).await? {
                     continue;
                 }
-                tracing::debug!(
+                tracing::info!(
                     target: "audit",
                     event = "lease.refreshed",
                     lease_id = %lease.id,
@@ -472,9 +472,9 @@ impl LeaseService {
                 let tokens = self.mint(&lease, now)?;
                 return Ok((lease, tokens));
             }
-            if presented.generation > current {
-                return Err(Error::RefreshTokenInvalid);
-            }
+            // The MAC covers the generation, so a genuine token is never from the future:
+            // this one is genuine but superseded, from before `current - 1` or outside
+            // the grace window.
             // A genuine but superseded token: someone replays a stolen token, or the
             // holder was cloned. Either way the lease can no longer be trusted.
             lease.finish(
@@ -555,8 +555,8 @@ impl LeaseService {
         detail: &str,
         check: impl Fn(&Lease) -> Result<()>,
     ) -> Result<(Lease, bool)> {
+        // Callers check `detail` against their own field's limit.
         check_id("lease_id", lease_id)?;
-        check_text("reason", detail, MAX_DETAIL_LEN)?;
         for _ in 0..CAS_ATTEMPTS {
             let now = self.clock.now();
             let mut lease = self
@@ -616,6 +616,7 @@ impl LeaseService {
 
     /// An administrator ends one lease.
     pub async fn admin_revoke_lease(&self, lease_id: &str, reason: &str) -> Result<Lease> {
+        check_text("reason", reason, MAX_DETAIL_LEN)?;
         let (lease, _) = self
             .end_lease(lease_id, EndReason::Revoked, "admin", reason, |_| Ok(()))
             .await?;
@@ -724,9 +725,9 @@ impl LeaseService {
         })
     }
 
-    /// Rotates the signing key. Returns `(new kid, retired kid)`.
-    pub async fn rotate_signing_key(&self) -> Result<(String, String)> {
-        let (new, old) = self
+    /// Rotates the signing key. Returns `(new kid, retired kid, signing starts at)`.
+    pub async fn rotate_signing_key(&self) -> Result<(String, String, SystemTime)> {
+        let (new, old, starts) = self
             .keys
             .rotate(self.clock.now())
             .await
@@ -734,8 +735,14 @@ impl LeaseService {
                 crate::keys::KeyError::Store(s) => Error::from(s),
                 other => Error::internal(other),
             })?;
-        tracing::info!(target: "audit", event = "keys.rotated", new_kid = %new, retired_kid = %old);
-        Ok((new, old))
+        tracing::info!(
+            target: "audit",
+            event = "keys.rotated",
+            new_kid = %new,
+            retired_kid = %old,
+            signing_starts_in_secs = starts.duration_since(self.clock.now()).unwrap_or_default().as_secs(),
+        );
+        Ok((new, old, starts))
     }
 
     /// Ends every lease whose deadline has passed; returns how many it ended.

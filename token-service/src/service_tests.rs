@@ -20,6 +20,7 @@ use crate::subject::SubjectVerifier;
 const TTL: Duration = Duration::from_secs(300);
 const GRACE: Duration = Duration::from_secs(30);
 const IDLE: Duration = Duration::from_secs(900);
+const KEY_ACTIVATION: Duration = Duration::from_secs(90);
 
 struct Harness {
     svc: Arc<LeaseService>,
@@ -44,9 +45,15 @@ async fn harness_with(over_cap: OverCap) -> Harness {
     let store: Arc<dyn crate::store::Store> = Arc::new(SqliteStore::in_memory().unwrap());
     let master = MasterKey::from_bytes(&[9u8; 32]);
     let keys = Arc::new(
-        KeyRing::load(Arc::clone(&store), master.clone(), TTL + GRACE, clock.now())
-            .await
-            .unwrap(),
+        KeyRing::load(
+            Arc::clone(&store),
+            master.clone(),
+            TTL + GRACE,
+            KEY_ACTIVATION,
+            clock.now(),
+        )
+        .await
+        .unwrap(),
     );
     let subjects =
         SubjectVerifier::from_config(&[dev_issuer_config(dir.path())]).unwrap_or_else(|_| {
@@ -755,19 +762,33 @@ async fn introspection_is_active_only_for_live_tokens_of_live_leases() {
 }
 
 #[tokio::test]
-async fn key_rotation_keeps_tokens_in_flight_valid() {
+async fn key_rotation_publishes_first_signs_later_and_keeps_tokens_in_flight_valid() {
     let h = harness().await;
     let issued = h.issue("job").await;
-    let old_kid = h.svc.keys().current_kid();
-    let (new_kid, retired) = h.svc.rotate_signing_key().await.unwrap();
+    let old_kid = h.svc.keys().signing_kid(h.clock.now());
+    let (new_kid, retired, starts) = h.svc.rotate_signing_key().await.unwrap();
     assert_eq!(retired, old_kid);
     assert_ne!(new_kid, old_kid);
-    let kids: Vec<String> = h.svc.keys().jwks().into_iter().map(|k| k.kid).collect();
+    assert_eq!(starts, h.clock.now() + KEY_ACTIVATION);
+    let kid_of = |token: &str| jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    let kids =
+        |h: &Harness| -> Vec<String> { h.svc.keys().jwks().into_iter().map(|k| k.kid).collect() };
     assert_eq!(
-        kids,
+        kids(&h),
         vec![new_kid.clone(), old_kid.clone()],
-        "current first, old still published"
+        "newest first, both published"
     );
+
+    // Until the new key activates, the old one keeps signing: verifiers with a cached
+    // JWKS never see an unknown kid.
+    let mut token = rt(&issued.tokens);
+    let (_, pair) = h.refresh(&issued.lease.id, &token).await.unwrap();
+    assert_eq!(kid_of(&pair.access_token), old_kid);
+    token = rt(&pair);
+    h.advance(KEY_ACTIVATION);
+    let (_, pair) = h.refresh(&issued.lease.id, &token).await.unwrap();
+    assert_eq!(kid_of(&pair.access_token), new_kid);
+    // Tokens the old key signed still verify while they live.
     assert!(
         h.svc
             .introspect(&issued.tokens.access_token)
@@ -775,17 +796,11 @@ async fn key_rotation_keeps_tokens_in_flight_valid() {
             .unwrap()
             .is_some()
     );
-    let (_, pair) = h
-        .refresh(&issued.lease.id, &rt(&issued.tokens))
-        .await
-        .unwrap();
-    let header = jsonwebtoken::decode_header(&pair.access_token).unwrap();
-    assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
     // Once every token the old key signed has expired, it is no longer published.
     h.advance(TTL + GRACE + Duration::from_secs(1));
     h.svc.keys().reload(h.clock.now()).await.unwrap();
-    let kids: Vec<String> = h.svc.keys().jwks().into_iter().map(|k| k.kid).collect();
-    assert_eq!(kids, vec![new_kid]);
+    assert_eq!(kids(&h), vec![new_kid]);
+    h.refresh(&issued.lease.id, &rt(&pair)).await.unwrap();
 }
 
 #[tokio::test]
@@ -877,6 +892,10 @@ async fn debug_output_never_shows_secrets() {
     for secret in [&subject_token, &issued.tokens.access_token, &refresh] {
         assert!(!printed.contains(secret.as_str()), "{printed}");
     }
-    let seed_hex: String = issued.lease.seed.iter().map(|b| format!("{b}")).collect();
-    assert!(!printed.contains(&seed_hex));
+    let lease = format!("{:?}", issued.lease);
+    assert!(
+        !lease.contains(&format!("{:?}", issued.lease.seed)),
+        "{lease}"
+    );
+    assert!(lease.contains("<redacted>"));
 }

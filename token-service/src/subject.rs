@@ -23,6 +23,9 @@ use crate::error::{Error, Result};
 /// Longest subject token accepted, in bytes.
 pub const MAX_SUBJECT_TOKEN_LEN: usize = 16 * 1024;
 
+/// Longest `sub` or tenant accepted.
+pub const MAX_CLAIM_LEN: usize = 200;
+
 /// The verified user behind a subject token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
@@ -265,12 +268,22 @@ impl SubjectVerifier {
         }
         let claims = verified.ok_or(last)?;
         self.check_time(&claims, issuer.leeway, now)?;
+        // Subject and tenant are stored and logged: keep them short and printable.
         let text = |name: &str| {
             claim(&claims, name)
                 .and_then(Value::as_str)
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .ok_or_else(|| Error::SubjectTokenInvalid(format!("the {name} claim is missing")))
+                .and_then(|s| {
+                    if s.len() > MAX_CLAIM_LEN || s.chars().any(char::is_control) {
+                        Err(Error::SubjectTokenInvalid(format!(
+                            "the {name} claim is longer than {MAX_CLAIM_LEN} bytes or has control characters"
+                        )))
+                    } else {
+                        Ok(s)
+                    }
+                })
         };
         let permissions = match claim(&claims, &issuer.permissions_claim) {
             None | Some(Value::Null) => BTreeSet::new(),
@@ -514,6 +527,12 @@ mod tests {
             Err(Error::SubjectTokenAudience)
         ));
         c["aud"] = json!("platform");
+        c["org"] = json!("globex\nINFO forged log line");
+        assert!(matches!(
+            verifier.verify(&jws("HS256", None, &c, hs), now()),
+            Err(Error::SubjectTokenInvalid(_))
+        ));
+        c["org"] = json!("globex");
         c["realm_access"] = json!({"roles": "x.read x.admin"});
         let subject = verifier.verify(&jws("HS256", None, &c, hs), now()).unwrap();
         assert!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use token_sdk::proto::{
     GetLeaseRequest, IntrospectTokenRequest, IssueJobTokenRequest, RefreshJobTokenRequest,
+    ResumeJobTokenRequest, RevokeJobTokenRequest,
 };
 use token_service::clock::{Clock, SystemClock};
 use token_service::dev::{self, DevTokenRequest};
@@ -290,16 +291,30 @@ async fn dev_mode_from_an_empty_directory() {
         ("bob", "t1")
     );
     let tokens = issued.tokens.unwrap();
+    let mut secrets = vec![
+        module_key.trim().to_owned(),
+        subject_token.clone(),
+        tokens.access_token.clone(),
+        tokens.refresh_token.clone(),
+    ];
+    secrets.extend(exercise_every_path(&mut client, &subject_token).await);
     let log = proc.log();
-    assert!(log.contains("DEV MODE"));
-    assert!(log.contains("lease.issued"));
-    for secret in [
-        module_key.trim(),
-        &subject_token,
-        &tokens.access_token,
-        &tokens.refresh_token,
+    for event in [
+        "DEV MODE",
+        "lease.issued",
+        "lease.refreshed",
+        "lease.refresh_retry",
+        "lease.reuse_detected",
+        "lease.resumed",
+        "lease.ended",
     ] {
-        assert!(!log.contains(secret), "a secret reached the log");
+        assert!(log.contains(event), "{event} is logged");
+    }
+    for (i, secret) in secrets.iter().enumerate() {
+        // The signature / MAC part is what makes a token secret; a key is secret whole.
+        let tail = secret.rsplit('.').next().unwrap();
+        assert!(tail.len() >= 32, "secret {i} has a distinctive part");
+        assert!(!log.contains(tail), "secret {i} reached the log");
     }
 
     // SIGTERM: graceful exit.
@@ -341,6 +356,110 @@ async fn dev_mode_from_an_empty_directory() {
         .unwrap()
         .into_inner();
     assert!(introspected.active);
+}
+
+/// Renewal, grace retry, reuse detection, resume, introspection, release and refusals, so
+/// the log check above sees every path. Returns the secrets it handled.
+async fn exercise_every_path(
+    client: &mut token_sdk::JobTokenClient,
+    subject_token: &str,
+) -> Vec<String> {
+    let issued = client
+        .issue_job_token(IssueJobTokenRequest {
+            subject_token: subject_token.to_owned(),
+            job_id: "paths".into(),
+            permissions: vec!["a.read".into()],
+            max_lifetime: None,
+            audience: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lease_id = issued.lease.unwrap().lease_id;
+    let t0 = issued.tokens.unwrap();
+    let refresh = |token: &str| RefreshJobTokenRequest {
+        lease_id: lease_id.clone(),
+        refresh_token: token.to_owned(),
+    };
+    let t1 = client
+        .refresh_job_token(refresh(&t0.refresh_token))
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = client
+        .refresh_job_token(refresh(&t0.refresh_token))
+        .await
+        .unwrap()
+        .into_inner();
+    let t1 = t1.tokens.unwrap();
+    let t2 = client
+        .refresh_job_token(refresh(&t1.refresh_token))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .refresh_job_token(refresh(&t0.refresh_token))
+        .await
+        .unwrap_err(); // reuse
+    let other = client
+        .issue_job_token(IssueJobTokenRequest {
+            subject_token: subject_token.to_owned(),
+            job_id: "resumed".into(),
+            permissions: vec!["a.read".into()],
+            max_lifetime: None,
+            audience: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let resumed = client
+        .resume_job_token(ResumeJobTokenRequest {
+            job_id: "resumed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .unwrap();
+    let other_tokens = other.tokens.unwrap();
+    client
+        .introspect_token(IntrospectTokenRequest {
+            token: resumed.access_token.clone(),
+        })
+        .await
+        .unwrap();
+    client
+        .revoke_job_token(RevokeJobTokenRequest {
+            lease_id: other.lease.unwrap().lease_id,
+            outcome: 1,
+            detail: "done".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .issue_job_token(IssueJobTokenRequest {
+            subject_token: format!("{subject_token}x"),
+            job_id: "bad".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let mut secrets = vec![
+        t0.access_token,
+        t0.refresh_token,
+        t1.access_token,
+        t1.refresh_token,
+    ];
+    secrets.push(retry.tokens.unwrap().access_token);
+    let t2 = t2.tokens.unwrap();
+    secrets.extend([
+        t2.access_token,
+        t2.refresh_token,
+        resumed.access_token,
+        resumed.refresh_token,
+    ]);
+    secrets.extend([other_tokens.access_token, other_tokens.refresh_token]);
+    secrets
 }
 
 #[test]

@@ -38,7 +38,8 @@ fn verify(
 
 #[tokio::test]
 async fn jwks_over_http_verifies_tokens_with_an_independent_library() {
-    let server = TestServer::start().await;
+    let activation = std::time::Duration::from_millis(1500);
+    let server = TestServer::start_with(|c| c.key_activation_delay = activation).await;
     let issued = server.issue("job").await;
     let token = issued.tokens.unwrap().access_token;
     let (status, body) = http_get(server.http_addr(), "/.well-known/jwks.json").await;

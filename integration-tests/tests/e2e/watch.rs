@@ -11,12 +11,39 @@ use tonic::Code;
 
 use crate::support::{TestServer, reason};
 
-async fn next(stream: &mut tonic::Streaming<WatchRevocationsResponse>) -> WatchRevocationsResponse {
+type Watch = tonic::Streaming<WatchRevocationsResponse>;
+
+async fn next_message(stream: &mut Watch) -> WatchRevocationsResponse {
     tokio::time::timeout(Duration::from_secs(1), stream.next())
         .await
-        .expect("an event within a second")
+        .expect("a message within a second")
         .unwrap()
         .unwrap()
+}
+
+/// The next lease end, skipping heartbeats.
+async fn next(stream: &mut Watch) -> WatchRevocationsResponse {
+    loop {
+        let message = next_message(stream).await;
+        if !message.heartbeat {
+            return message;
+        }
+    }
+}
+
+/// Nothing but heartbeats for a while (no duplicates, no stray events).
+async fn quiet(stream: &mut Watch) {
+    let wait = tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if !m.heartbeat {
+                return m;
+            }
+        }
+    });
+    if let Ok(unexpected) = wait.await {
+        panic!("unexpected event {unexpected:?}");
+    }
 }
 
 #[tokio::test]
@@ -24,15 +51,28 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let mut admin = server.admin().await;
+    let before = server.issue("job-before").await.lease.unwrap();
     let a = server.issue("job-a").await.lease.unwrap();
     let b = server.issue("job-b").await.lease.unwrap();
     let c = server.issue("job-c").await.lease.unwrap();
+    admin
+        .revoke_lease(RevokeLeaseRequest {
+            lease_id: before.lease_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
 
+    // "From now": the stream opens with a heartbeat carrying its starting cursor, and
+    // does not replay the end that happened before.
     let mut stream = client
         .watch_revocations(WatchRevocationsRequest { after_cursor: None })
         .await
         .unwrap()
         .into_inner();
+    let opening = next_message(&mut stream).await;
+    assert!(opening.heartbeat);
+    assert!(opening.cursor > 0);
     admin
         .revoke_lease(RevokeLeaseRequest {
             lease_id: a.lease_id.clone(),
@@ -46,6 +86,8 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
     assert_eq!(first.tenant, "acme");
     assert_eq!(first.job_id, "job-a");
     assert!(first.tokens_valid_until.unwrap().seconds >= first.ended_at.unwrap().seconds);
+    assert!(first.cursor > opening.cursor);
+    quiet(&mut stream).await;
     drop(stream);
 
     // While disconnected, two more leases end.
@@ -82,6 +124,7 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
         (c.lease_id.as_str(), EndReason::Revoked)
     );
     assert!(first.cursor < second.cursor && second.cursor < third.cursor);
+    quiet(&mut resumed).await;
 
     // From the start, everything is replayed.
     let mut all = client
@@ -91,7 +134,7 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
         .await
         .unwrap()
         .into_inner();
-    for expected in [&a, &b, &c] {
+    for expected in [&before, &a, &b, &c] {
         assert_eq!(next(&mut all).await.lease_id, expected.lease_id);
     }
 

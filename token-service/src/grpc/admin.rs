@@ -196,10 +196,11 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
         observe(&self.metrics, "RotateSigningKey", async {
             self.check(&request)?;
-            let (new_kid, retired_kid) = self.service.rotate_signing_key().await?;
+            let (new_kid, retired_kid, starts) = self.service.rotate_signing_key().await?;
             Ok(Response::new(pb::RotateSigningKeyResponse {
                 new_kid,
                 retired_kid,
+                signing_starts_at: Some(convert::timestamp(starts)),
             }))
         })
         .await

@@ -137,6 +137,7 @@ pub(super) fn revocation(e: LeaseEvent) -> pb::WatchRevocationsResponse {
         reason: e.reason.map_or(pb::EndReason::Unspecified, end_reason) as i32,
         ended_at: Some(timestamp(e.at)),
         tokens_valid_until: Some(timestamp(e.tokens_valid_until.unwrap_or(UNIX_EPOCH))),
+        heartbeat: false,
     }
 }
 

@@ -18,6 +18,16 @@ use crate::service::{IssueRequest, LeaseService};
 
 /// Events sent per store query by a revocation stream.
 const WATCH_BATCH: usize = 500;
+/// How often an idle revocation stream sends a heartbeat with its cursor.
+const WATCH_HEARTBEAT: Duration = Duration::from_secs(30);
+
+fn heartbeat(cursor: u64) -> pb::WatchRevocationsResponse {
+    pb::WatchRevocationsResponse {
+        cursor,
+        heartbeat: true,
+        ..Default::default()
+    }
+}
 
 /// The module-facing API.
 #[derive(Debug, Clone)]
@@ -215,9 +225,15 @@ impl JobTokenService for JobTokenApi {
             tokio::pin!(stopped);
             let mut wake = service.subscribe_ends();
             let mut cursor = start;
+            let mut beat = tokio::time::interval(WATCH_HEARTBEAT);
+            beat.tick().await; // the first tick is immediate; the opening heartbeat is below
+            if tx.send(Ok(heartbeat(cursor))).await.is_err() {
+                return;
+            }
             loop {
                 match service.ends_after(cursor, WATCH_BATCH).await {
                     Ok(events) if !events.is_empty() => {
+                        beat.reset();
                         for event in events {
                             cursor = event.sequence;
                             if tx.send(Ok(convert::revocation(event))).await.is_err() {
@@ -240,6 +256,11 @@ impl JobTokenService for JobTokenApi {
                     }
                     _ = wake.changed() => {}
                     _ = tokio::time::sleep(poll) => {}
+                    _ = beat.tick() => {
+                        if tx.send(Ok(heartbeat(cursor))).await.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         });

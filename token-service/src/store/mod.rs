@@ -60,9 +60,11 @@ pub struct StoredKey {
     pub public_key: Vec<u8>,
     /// Private key (PKCS#8), encrypted with the master key.
     pub sealed_private_key: Vec<u8>,
-    /// Created at.
+    /// Created (and published) at.
     pub created_at: SystemTime,
-    /// When it stopped signing; `None` for the current key.
+    /// When it starts signing.
+    pub activates_at: SystemTime,
+    /// When it stops signing (its successor's activation); `None` for the newest key.
     pub retired_at: Option<SystemTime>,
 }
 
@@ -72,6 +74,7 @@ impl fmt::Debug for StoredKey {
             .field("kid", &self.kid)
             .field("algorithm", &self.algorithm)
             .field("created_at", &self.created_at)
+            .field("activates_at", &self.activates_at)
             .field("retired_at", &self.retired_at)
             .finish_non_exhaustive()
     }
@@ -131,8 +134,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every signing key, newest first.
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
 
-    /// Adds `new` as the current key and marks the previous current key retired at
-    /// `new.created_at`, atomically, but only if the current key is still
+    /// Adds `new` as the newest key and marks the previous newest key retired at
+    /// `new.activates_at`, atomically, but only if the newest key is still
     /// `expected_current` (`None`: there is no key yet); otherwise returns `Ok(false)`, so
     /// racing rotations (or replicas starting together) make one key, not two.
     async fn rotate_signing_key(

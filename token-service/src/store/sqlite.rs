@@ -68,6 +68,7 @@ CREATE TABLE signing_keys (
     public_key         BLOB NOT NULL,
     sealed_private_key BLOB NOT NULL,
     created_at         INTEGER NOT NULL,
+    activates_at       INTEGER NOT NULL,
     retired_at         INTEGER
 );
 "#];
@@ -313,7 +314,8 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<StoredKey> {
         public_key: row.get(2)?,
         sealed_private_key: row.get(3)?,
         created_at: from_millis(row.get(4)?),
-        retired_at: row.get::<_, Option<i64>>(5)?.map(from_millis),
+        activates_at: from_millis(row.get(5)?),
+        retired_at: row.get::<_, Option<i64>>(6)?.map(from_millis),
     })
 }
 
@@ -574,7 +576,8 @@ impl Store for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT kid, algorithm, public_key, sealed_private_key, created_at, \
-                     retired_at FROM signing_keys ORDER BY created_at DESC, kid DESC",
+                     activates_at, retired_at FROM signing_keys \
+                     ORDER BY created_at DESC, kid DESC",
                 )
                 .map_err(map_err)?;
             let rows = stmt.query_map([], key_from_row).map_err(map_err)?;
@@ -607,18 +610,19 @@ impl Store for SqliteStore {
             }
             tx.execute(
                 "UPDATE signing_keys SET retired_at = ?1 WHERE retired_at IS NULL",
-                [to_millis(new.created_at)],
+                [to_millis(new.activates_at)],
             )
             .map_err(map_err)?;
             tx.execute(
                 "INSERT INTO signing_keys (kid, algorithm, public_key, sealed_private_key, \
-                 created_at, retired_at) VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+                 created_at, activates_at, retired_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
                 params![
                     new.kid,
                     new.algorithm,
                     new.public_key,
                     new.sealed_private_key,
-                    to_millis(new.created_at)
+                    to_millis(new.created_at),
+                    to_millis(new.activates_at),
                 ],
             )
             .map_err(map_err)?;
