@@ -1,25 +1,51 @@
-//! Client side of the job token service.
-//!
-//! For now this is the generated gRPC client plus the module-key credential and a helper
-//! that reads the stable error reason; the leasing SDK (background renewal, verifier,
-//! interceptors) builds on it.
+//! Client side of the job token service: hold a job lease, keep its token fresh for as
+//! long as the job runs, and put the token on outgoing calls.
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! use token_sdk::proto::RefreshJobTokenRequest;
-//! let mut client = token_sdk::connect("http://127.0.0.1:50051", "mk_...").await?;
-//! match client
-//!     .refresh_job_token(RefreshJobTokenRequest {
-//!         lease_id: "lease-id".into(),
-//!         refresh_token: "jrt1....".into(),
-//!     })
-//!     .await
-//! {
-//!     Ok(response) => println!("renewed: {:?}", response.into_inner().lease),
-//!     Err(status) => println!("refused: {:?}", token_sdk::error_reason(&status)),
+//! # async fn import(records: Vec<String>, user_token: String) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use token_sdk::{Client, Outcome};
+//!
+//! let client = Client::builder("http://127.0.0.1:50051")
+//!     .module_key(std::env::var("MODULE_KEY")?)
+//!     .connect()
+//!     .await?;
+//! let lease = client
+//!     .lease("import-2024-05-01", user_token)
+//!     .permissions(["inventory.write"])
+//!     .max_lifetime(Duration::from_secs(6 * 3600))
+//!     .start()
+//!     .await?;
+//! for record in records {
+//!     if let token_sdk::LeaseState::Ended(end) = lease.state() {
+//!         println!("lease ended ({:?}): checkpoint and stop", end.reason);
+//!         break;
+//!     }
+//!     let token = lease.access_token(); // lock-free, always fresh
+//!     // ... send `record` with `Authorization: Bearer {token.secret()}` ...
+//! #   let _ = (record, token);
 //! }
+//! lease.release(Outcome::Succeeded).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Renewal runs in one background task per lease, scheduled from the durations the
+//! service returns (see [`RenewalConfig`]); transient failures retry with backoff using
+//! the same refresh token; terminal ones end the lease and [`Lease::ended`] says why.
+//! Revocations reach the lease within a second through the service's revocation stream.
+
+mod api;
+mod client;
+mod clock;
+mod interceptor;
+mod lease;
+mod schedule;
+mod watcher;
+
+pub use client::{Client, ClientBuilder, LeaseRequest};
+pub use interceptor::BearerInterceptor;
+pub use lease::{AccessToken, EndReason, Lease, LeaseEnd, LeaseInfo, LeaseState, Outcome};
+pub use schedule::{FLOOR, RenewalConfig, backoff, refresh_in};
 
 use std::fmt;
 
@@ -47,6 +73,9 @@ pub enum Error {
     /// The endpoint URI is malformed or the connection failed.
     #[error("cannot connect: {0}")]
     Connect(#[from] tonic::transport::Error),
+    /// The service refused the call; [`error_reason`] gives its machine reason.
+    #[error("the service refused: {}: {}", error_reason(.0).unwrap_or_default(), .0.message())]
+    Rejected(Status),
 }
 
 /// Adds a credential header to every request. The value is marked sensitive, so it is
@@ -54,7 +83,7 @@ pub enum Error {
 #[derive(Clone)]
 pub struct KeyInterceptor {
     header: &'static str,
-    value: MetadataValue<Ascii>,
+    value: Option<MetadataValue<Ascii>>,
 }
 
 impl fmt::Debug for KeyInterceptor {
@@ -77,18 +106,29 @@ impl KeyInterceptor {
         Self::new(ADMIN_KEY_HEADER, key)
     }
 
+    /// Sends no key (the module authenticates by mTLS certificate).
+    pub fn none() -> Self {
+        Self {
+            header: MODULE_KEY_HEADER,
+            value: None,
+        }
+    }
+
     fn new(header: &'static str, key: &str) -> Result<Self, Error> {
         let mut value: MetadataValue<Ascii> = key.parse().map_err(|_| Error::InvalidKey)?;
         value.set_sensitive(true);
-        Ok(Self { header, value })
+        Ok(Self {
+            header,
+            value: Some(value),
+        })
     }
 }
 
 impl Interceptor for KeyInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert(self.header, self.value.clone());
+        if let Some(value) = &self.value {
+            request.metadata_mut().insert(self.header, value.clone());
+        }
         Ok(request)
     }
 }

@@ -1,0 +1,268 @@
+//! The leasing client: grants and resumes leases, and shares one connection and one
+//! revocation stream among them.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tonic::Status;
+use tonic::transport::{ClientTlsConfig, Endpoint};
+
+use crate::api::Grpc;
+use crate::lease::{Lease, LeaseInfo, Renewal};
+use crate::schedule::RenewalConfig;
+use crate::watcher::Watcher;
+use crate::{Error, JobTokenClient, KeyInterceptor, proto};
+
+/// Configures a [`Client`].
+#[derive(Clone)]
+pub struct ClientBuilder {
+    endpoint: String,
+    module_key: Option<String>,
+    tls: Option<ClientTlsConfig>,
+    renewal: RenewalConfig,
+    release_on_drop: bool,
+    watch_revocations: bool,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("endpoint", &self.endpoint)
+            .field(
+                "module_key",
+                &self.module_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tls", &self.tls.is_some())
+            .field("renewal", &self.renewal)
+            .field("release_on_drop", &self.release_on_drop)
+            .field("watch_revocations", &self.watch_revocations)
+            .finish()
+    }
+}
+
+impl ClientBuilder {
+    /// Authenticate with a module key (sent as `x-module-key`).
+    pub fn module_key(mut self, key: impl Into<String>) -> Self {
+        self.module_key = Some(key.into());
+        self
+    }
+
+    /// TLS settings; with a client identity, the module authenticates by certificate.
+    pub fn tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Renewal timing. Default: [`RenewalConfig::default`].
+    pub fn renewal(mut self, renewal: RenewalConfig) -> Self {
+        self.renewal = renewal;
+        self
+    }
+
+    /// Release a lease when its last handle is dropped. Default true.
+    pub fn release_on_drop(mut self, release: bool) -> Self {
+        self.release_on_drop = release;
+        self
+    }
+
+    /// Follow the service's revocation stream, so revocations reach leases within a
+    /// second. Default true.
+    pub fn watch_revocations(mut self, watch: bool) -> Self {
+        self.watch_revocations = watch;
+        self
+    }
+
+    /// Connects.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let interceptor = match &self.module_key {
+            Some(key) => KeyInterceptor::module_key(key)?,
+            None => KeyInterceptor::none(),
+        };
+        let mut endpoint = Endpoint::from_shared(self.endpoint)?;
+        if let Some(tls) = self.tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint.connect().await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                grpc: proto::job_token_service_client::JobTokenServiceClient::with_interceptor(
+                    channel,
+                    interceptor,
+                ),
+                renewal: self.renewal,
+                release_on_drop: self.release_on_drop,
+                watch_revocations: self.watch_revocations,
+                watcher: Mutex::new(Weak::new()),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    grpc: JobTokenClient,
+    renewal: RenewalConfig,
+    release_on_drop: bool,
+    watch_revocations: bool,
+    watcher: Mutex<Weak<Watcher>>,
+}
+
+/// Holds leases for a module. Cheap to clone; clones share one connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("renewal", &self.inner.renewal)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts configuring a client for the service at `endpoint`
+    /// (e.g. `http://127.0.0.1:50051`).
+    pub fn builder(endpoint: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            endpoint: endpoint.into(),
+            module_key: None,
+            tls: None,
+            renewal: RenewalConfig::default(),
+            release_on_drop: true,
+            watch_revocations: true,
+        }
+    }
+
+    /// The generated client, for calls this type does not wrap.
+    pub fn grpc(&self) -> JobTokenClient {
+        self.inner.grpc.clone()
+    }
+
+    /// Asks for a lease for `job_id` on behalf of the user whose access token is
+    /// `subject_token`. Set permissions and lifetime on the request, then `start()` it.
+    pub fn lease(
+        &self,
+        job_id: impl Into<String>,
+        subject_token: impl Into<String>,
+    ) -> LeaseRequest {
+        LeaseRequest {
+            client: self.clone(),
+            request: proto::IssueJobTokenRequest {
+                subject_token: subject_token.into(),
+                job_id: job_id.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Re-attaches to this module's lease for `job_id` after a restart. The refresh token
+    /// the previous instance held stops working.
+    pub async fn resume(&self, job_id: impl Into<String>) -> Result<Lease, Error> {
+        let response = self
+            .grpc()
+            .resume_job_token(proto::ResumeJobTokenRequest {
+                job_id: job_id.into(),
+            })
+            .await
+            .map_err(Error::Rejected)?
+            .into_inner();
+        self.hold(response.lease, response.tokens)
+    }
+
+    fn watcher(&self) -> Option<Arc<Watcher>> {
+        if !self.inner.watch_revocations {
+            return None;
+        }
+        let mut slot = self.inner.watcher.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(watcher) = slot.upgrade() {
+            return Some(watcher);
+        }
+        let watcher = Watcher::spawn(self.grpc());
+        *slot = Arc::downgrade(&watcher);
+        Some(watcher)
+    }
+
+    fn hold(
+        &self,
+        lease: Option<proto::Lease>,
+        tokens: Option<proto::TokenPair>,
+    ) -> Result<Lease, Error> {
+        let (Some(lease), Some(tokens)) = (lease, tokens) else {
+            return Err(Error::Rejected(Status::internal(
+                "the service answered without a lease or tokens",
+            )));
+        };
+        let info = LeaseInfo {
+            lease_id: lease.lease_id,
+            job_id: lease.job_id,
+            tenant: lease.tenant,
+            subject: lease.subject,
+            actor: lease.actor,
+            permissions: lease.granted_permissions,
+            expires_at: lease
+                .expires_at
+                .and_then(|t| std::time::SystemTime::try_from(t).ok()),
+        };
+        let renewal = Renewal {
+            api: Arc::new(Grpc(self.grpc())),
+            config: self.inner.renewal.clone(),
+            release_on_drop: self.inner.release_on_drop,
+            watcher: self.watcher(),
+        };
+        Ok(Lease::start(info, tokens, renewal))
+    }
+}
+
+/// A lease being asked for; see [`Client::lease`].
+pub struct LeaseRequest {
+    client: Client,
+    request: proto::IssueJobTokenRequest,
+}
+
+impl fmt::Debug for LeaseRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The generated request's Debug redacts the subject token.
+        f.debug_struct("LeaseRequest")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeaseRequest {
+    /// The permissions the job needs. Default: everything the user holds that this
+    /// module may delegate. Any that cannot be granted fails the request by name.
+    pub fn permissions<I, S>(mut self, permissions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.request.permissions = permissions.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How long the job may hold the lease at most. Default: the module's default.
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.request.max_lifetime = prost_types::Duration::try_from(lifetime).ok();
+        self
+    }
+
+    /// The audience of the job's tokens. Default: the service's.
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.request.audience = audience.into();
+        self
+    }
+
+    /// Grants the lease and starts renewing it in the background.
+    pub async fn start(self) -> Result<Lease, Error> {
+        let response = self
+            .client
+            .grpc()
+            .issue_job_token(self.request)
+            .await
+            .map_err(Error::Rejected)?
+            .into_inner();
+        self.client.hold(response.lease, response.tokens)
+    }
+}

@@ -1,0 +1,748 @@
+//! A held lease: its current access token, its background renewal, and how it ended.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+#[cfg(test)]
+use tonic::Request;
+#[cfg(test)]
+use tonic::service::Interceptor;
+use tonic::{Code, Status};
+
+use crate::api::Api;
+use crate::proto;
+use crate::schedule::{RenewalConfig, backoff, refresh_in};
+use crate::watcher::Watcher;
+
+/// Why a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// Released by its holder ([`Lease::release`], or every handle dropped).
+    Released,
+    /// Its hard expiry (maximum lifetime) passed.
+    Expired,
+    /// Nobody renewed it within the service's idle timeout.
+    IdleTimeout,
+    /// An administrator revoked it.
+    Revoked,
+    /// An old refresh token was presented again; the service revoked the lease.
+    RefreshTokenReused,
+    /// Another instance of this module resumed the job, so this one lost the lease.
+    Superseded,
+    /// The service refused a renewal for another reason (see the detail).
+    Rejected,
+}
+
+impl EndReason {
+    /// From the machine reason of a failed renewal.
+    fn from_error_reason(reason: &str) -> Self {
+        match reason {
+            "LEASE_RELEASED" => EndReason::Released,
+            "LEASE_EXPIRED" => EndReason::Expired,
+            "LEASE_IDLE_TIMEOUT" => EndReason::IdleTimeout,
+            "LEASE_REVOKED" => EndReason::Revoked,
+            "REFRESH_TOKEN_REUSED" => EndReason::RefreshTokenReused,
+            "REFRESH_TOKEN_INVALID" => EndReason::Superseded,
+            _ => EndReason::Rejected,
+        }
+    }
+
+    /// From the reason of a revocation event.
+    pub(crate) fn from_proto(reason: proto::EndReason) -> Self {
+        match reason {
+            proto::EndReason::Released => EndReason::Released,
+            proto::EndReason::Expired => EndReason::Expired,
+            proto::EndReason::IdleTimeout => EndReason::IdleTimeout,
+            proto::EndReason::Revoked => EndReason::Revoked,
+            proto::EndReason::RefreshTokenReused => EndReason::RefreshTokenReused,
+            proto::EndReason::Unspecified => EndReason::Rejected,
+        }
+    }
+}
+
+/// How a lease ended: the reason, and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEnd {
+    /// Why.
+    pub reason: EndReason,
+    /// Details (the service's message, or the operator's reason).
+    pub detail: String,
+}
+
+/// Whether the lease still renews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Renewing in the background.
+    Active,
+    /// Ended; the job should checkpoint and stop.
+    Ended(LeaseEnd),
+}
+
+/// How the job ended, told to the service on release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job finished its work.
+    Succeeded,
+    /// The job failed.
+    Failed,
+    /// The job was cancelled.
+    Cancelled,
+}
+
+impl Outcome {
+    pub(crate) fn to_proto(self) -> proto::JobOutcome {
+        match self {
+            Outcome::Succeeded => proto::JobOutcome::Succeeded,
+            Outcome::Failed => proto::JobOutcome::Failed,
+            Outcome::Cancelled => proto::JobOutcome::Cancelled,
+        }
+    }
+}
+
+/// A job access token. `Debug` never shows the token itself.
+#[derive(Clone)]
+pub struct AccessToken {
+    secret: Arc<str>,
+    expires_at: Instant,
+    generation: u64,
+}
+
+impl AccessToken {
+    /// The token, for an `Authorization: Bearer` header. Secret: do not log it.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// When it expires, on this process's monotonic clock (measured from the lifetime
+    /// the service returned, so wall-clock skew does not matter).
+    pub fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+
+    /// How many renewals came before this token (0 for the first).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("secret", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// What the service granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// Lease id.
+    pub lease_id: String,
+    /// Job id.
+    pub job_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// The user.
+    pub subject: String,
+    /// This module.
+    pub actor: String,
+    /// Granted permissions.
+    pub permissions: Vec<String>,
+    /// Hard expiry.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// State shared by the handles, the renewal task and the revocation watcher.
+pub(crate) struct Shared {
+    pub(crate) info: LeaseInfo,
+    current: ArcSwap<AccessToken>,
+    changes: watch::Sender<Arc<AccessToken>>,
+    end: watch::Sender<Option<LeaseEnd>>,
+    /// Highest generation some caller of `refresh_now` wants to see exceeded.
+    wanted: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Ends the lease (first end wins).
+    pub(crate) fn finish(&self, end: LeaseEnd) {
+        self.end.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            tracing::info!(
+                lease_id = %self.info.lease_id,
+                job_id = %self.info.job_id,
+                reason = ?end.reason,
+                detail = %end.detail,
+                "lease ended"
+            );
+            *current = Some(end);
+            true
+        });
+    }
+
+    fn publish(&self, token: AccessToken) {
+        let token = Arc::new(token);
+        self.current.store(Arc::clone(&token));
+        self.changes.send_replace(token);
+    }
+}
+
+/// Dropped with the last [`Lease`] handle, which tells the renewal task to stop (its
+/// receiver of `_alive` sees the sender gone). Keeps the revocation watcher running.
+struct Handle {
+    shared: Arc<Shared>,
+    _alive: watch::Sender<()>,
+    _watcher: Option<Arc<Watcher>>,
+}
+
+/// A lease held by this module for one job. Cheap to clone: hand it to every worker of
+/// the job. The lease renews itself in the background until it ends; when the last
+/// handle is dropped, renewal stops and (by default) the lease is released.
+#[derive(Clone)]
+pub struct Lease {
+    handle: Arc<Handle>,
+    api: Arc<dyn Api>,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("info", &self.handle.shared.info)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the renewal task needs besides the shared state.
+pub(crate) struct Renewal {
+    pub(crate) api: Arc<dyn Api>,
+    pub(crate) config: RenewalConfig,
+    pub(crate) release_on_drop: bool,
+    pub(crate) watcher: Option<Arc<Watcher>>,
+}
+
+/// The service's answer to a grant, resume or renewal.
+pub(crate) fn token_from(pair: &proto::TokenPair, generation: u64) -> (AccessToken, Duration) {
+    let life = pair
+        .access_token_expires_in
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or_default();
+    let token = AccessToken {
+        secret: Arc::from(pair.access_token.as_str()),
+        expires_at: crate::clock::now() + life,
+        generation,
+    };
+    (token, life)
+}
+
+impl Lease {
+    /// Starts holding a lease the service just granted (or resumed).
+    pub(crate) fn start(info: LeaseInfo, pair: proto::TokenPair, renewal: Renewal) -> Lease {
+        let (token, life) = token_from(&pair, 0);
+        let token = Arc::new(token);
+        let shared = Arc::new(Shared {
+            info,
+            current: ArcSwap::new(Arc::clone(&token)),
+            changes: watch::channel(token).0,
+            end: watch::channel(None).0,
+            wanted: watch::channel(0).0,
+        });
+        let (alive, alive_rx) = watch::channel(());
+        if let Some(watcher) = &renewal.watcher {
+            watcher.register(&shared);
+        }
+        let api = Arc::clone(&renewal.api);
+        let watcher = renewal.watcher.clone();
+        tokio::spawn(run(
+            Arc::clone(&shared),
+            renewal,
+            pair.refresh_token,
+            life,
+            alive_rx,
+        ));
+        Lease {
+            handle: Arc::new(Handle {
+                shared,
+                _alive: alive,
+                _watcher: watcher,
+            }),
+            api,
+        }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    /// What the service granted.
+    pub fn info(&self) -> &LeaseInfo {
+        &self.shared().info
+    }
+
+    /// The current access token: a lock-free load and one `Arc` clone.
+    pub fn access_token(&self) -> Arc<AccessToken> {
+        self.shared().current.load_full()
+    }
+
+    /// Every new token, as it arrives.
+    pub fn changes(&self) -> watch::Receiver<Arc<AccessToken>> {
+        self.shared().changes.subscribe()
+    }
+
+    /// Active, or how it ended. Cheap.
+    pub fn state(&self) -> LeaseState {
+        match &*self.shared().end.borrow() {
+            None => LeaseState::Active,
+            Some(end) => LeaseState::Ended(end.clone()),
+        }
+    }
+
+    /// Resolves when the lease ends, with why: the job should checkpoint and stop.
+    pub async fn ended(&self) -> LeaseEnd {
+        let mut end = self.shared().end.subscribe();
+        let ended = end.wait_for(Option::is_some).await;
+        match ended {
+            Ok(end) => end
+                .clone()
+                .unwrap_or_else(|| unreachable!("waited for Some")),
+            // The sender lives in `Shared`, which this handle keeps alive.
+            Err(_) => unreachable!("the lease's state outlives its handles"),
+        }
+    }
+
+    /// Renews now (for a token found stale, say after a downstream UNAUTHENTICATED) and
+    /// returns the new token. Concurrent callers share one renewal.
+    pub async fn refresh_now(&self) -> Result<Arc<AccessToken>, LeaseEnd> {
+        let mut changes = self.changes();
+        let before = changes.borrow_and_update().generation;
+        self.shared()
+            .wanted
+            .send_modify(|w| *w = (*w).max(before + 1));
+        let mut end = self.shared().end.subscribe();
+        loop {
+            if let Some(ended) = end.borrow_and_update().clone() {
+                return Err(ended);
+            }
+            {
+                let token = changes.borrow_and_update();
+                if token.generation > before {
+                    return Ok(Arc::clone(&token));
+                }
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = end.changed() => {}
+            }
+        }
+    }
+
+    /// Releases the lease at the end of the job: every token of it stops being valid.
+    pub async fn release(&self, outcome: Outcome) -> Result<(), Status> {
+        let shared = self.shared();
+        if let LeaseState::Ended(_) = self.state() {
+            return Ok(());
+        }
+        self.api
+            .release(&shared.info.lease_id, outcome.to_proto(), "")
+            .await?;
+        shared.finish(LeaseEnd {
+            reason: EndReason::Released,
+            detail: format!("released by this module ({outcome:?})"),
+        });
+        Ok(())
+    }
+}
+
+/// Failures worth retrying with the same refresh token (the service's grace window makes
+/// a retry of a renewal whose answer was lost converge).
+fn is_transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+    )
+}
+
+fn end_from(status: &Status) -> LeaseEnd {
+    let reason = crate::error_reason(status).unwrap_or_default();
+    LeaseEnd {
+        reason: EndReason::from_error_reason(&reason),
+        detail: format!("{}: {}", reason, status.message()),
+    }
+}
+
+/// The background renewal: sleep to the renewal point (or until asked), renew, publish;
+/// back off on transient failures; stop on a terminal one, on release, or when every
+/// handle is gone.
+async fn run(
+    shared: Arc<Shared>,
+    renewal: Renewal,
+    mut refresh_token: String,
+    life: Duration,
+    mut alive: watch::Receiver<()>,
+) {
+    let Renewal {
+        api,
+        config,
+        release_on_drop,
+        watcher: _,
+    } = renewal;
+    let lease_id = shared.info.lease_id.clone();
+    let mut end = shared.end.subscribe();
+    let mut wanted = shared.wanted.subscribe();
+    let mut due = crate::clock::now() + refresh_in(life, &config, fastrand::f64());
+    let mut attempt = 0u32;
+    loop {
+        let generation = shared.current.load().generation;
+        let asked = *wanted.borrow_and_update() > generation;
+        if !asked {
+            tokio::select! {
+                biased;
+                _ = alive.changed() => {
+                    if release_on_drop && shared.end.borrow().is_none() {
+                        let released = api
+                            .release(&lease_id, proto::JobOutcome::Cancelled, "every handle was dropped")
+                            .await;
+                        if let Err(status) = released {
+                            tracing::warn!(lease_id = %lease_id, code = ?status.code(), "release on drop failed");
+                        }
+                    }
+                    shared.finish(LeaseEnd {
+                        reason: EndReason::Released,
+                        detail: "every handle was dropped".into(),
+                    });
+                    return;
+                }
+                _ = async { let _ = end.wait_for(Option::is_some).await; } => return,
+                // A caller of `refresh_now`: re-check whether it still needs a renewal.
+                _ = wanted.changed() => continue,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+        }
+        match api.refresh(&lease_id, &refresh_token).await {
+            Ok(pair) => {
+                let (token, life) = token_from(&pair, generation + 1);
+                refresh_token = pair.refresh_token;
+                shared.publish(token);
+                attempt = 0;
+                let wait = refresh_in(life, &config, fastrand::f64());
+                due = crate::clock::now() + wait;
+                tracing::debug!(
+                    lease_id = %lease_id,
+                    generation = generation + 1,
+                    next_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "lease renewed"
+                );
+            }
+            Err(status) if is_transient(&status) => {
+                let expires_at = shared.current.load().expires_at;
+                let until_expiry = expires_at.saturating_duration_since(crate::clock::now());
+                let wait = backoff(attempt, until_expiry, &config, fastrand::f64());
+                due = crate::clock::now() + wait;
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(
+                    lease_id = %lease_id,
+                    code = ?status.code(),
+                    attempt,
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "renewal failed; retrying with the same refresh token"
+                );
+            }
+            Err(status) => {
+                shared.finish(end_from(&status));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+
+    /// A scripted service: answers renewals from a script, then with fresh tokens of
+    /// `life`; records every call.
+    struct Fake {
+        life: Duration,
+        script: Mutex<VecDeque<Result<(), Status>>>,
+        presented: Mutex<Vec<(Instant, String)>>,
+        releases: AtomicUsize,
+        issued: AtomicUsize,
+    }
+
+    impl Fake {
+        fn new(life: Duration) -> Arc<Fake> {
+            Arc::new(Fake {
+                life,
+                script: Mutex::new(VecDeque::new()),
+                presented: Mutex::new(Vec::new()),
+                releases: AtomicUsize::new(0),
+                issued: AtomicUsize::new(0),
+            })
+        }
+
+        fn then(&self, answer: Result<(), Status>) {
+            self.script.lock().unwrap().push_back(answer);
+        }
+
+        fn pair(&self) -> proto::TokenPair {
+            let n = self.issued.fetch_add(1, Ordering::SeqCst);
+            proto::TokenPair {
+                access_token: format!("access-{n}"),
+                access_token_expires_in: prost_types::Duration::try_from(self.life).ok(),
+                // Deliberately absurd: the SDK must schedule from the duration only.
+                access_token_expires_at: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                refresh_token: format!("rt-{n}"),
+                token_type: "Bearer".into(),
+            }
+        }
+
+        fn calls(&self) -> Vec<(Instant, String)> {
+            self.presented.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl Api for Fake {
+        async fn refresh(&self, _: &str, refresh_token: &str) -> Result<proto::TokenPair, Status> {
+            self.presented
+                .lock()
+                .unwrap()
+                .push((crate::clock::now(), refresh_token.to_owned()));
+            // A round trip takes a moment, so racing callers overlap.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let next = self.script.lock().unwrap().pop_front();
+            match next {
+                Some(Err(status)) => Err(status),
+                _ => Ok(self.pair()),
+            }
+        }
+
+        async fn release(&self, _: &str, _: proto::JobOutcome, _: &str) -> Result<(), Status> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn info() -> LeaseInfo {
+        LeaseInfo {
+            lease_id: "lease-1".into(),
+            job_id: "job-1".into(),
+            tenant: "acme".into(),
+            subject: "alice".into(),
+            actor: "importer".into(),
+            permissions: vec!["a.read".into()],
+            expires_at: None,
+        }
+    }
+
+    fn no_jitter() -> RenewalConfig {
+        RenewalConfig {
+            jitter: 0.0,
+            ..RenewalConfig::default()
+        }
+    }
+
+    fn hold(fake: &Arc<Fake>, config: RenewalConfig) -> Lease {
+        let first = fake.pair();
+        Lease::start(
+            info(),
+            first,
+            Renewal {
+                api: Arc::clone(fake) as Arc<dyn Api>,
+                config,
+                release_on_drop: true,
+                watcher: None,
+            },
+        )
+    }
+
+    fn unavailable() -> Status {
+        Status::unavailable("connection reset")
+    }
+
+    fn terminal(reason: &str) -> Status {
+        <Status as tonic_types::StatusExt>::with_error_details(
+            tonic::Code::FailedPrecondition,
+            "the lease has ended",
+            tonic_types::ErrorDetails::with_error_info(
+                reason,
+                "jobtoken.v1",
+                std::collections::HashMap::new(),
+            ),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renews_at_seventy_percent_from_durations_chaining_refresh_tokens() {
+        let fake = Fake::new(Duration::from_secs(100));
+        let start = crate::clock::now();
+        let lease = hold(&fake, no_jitter());
+        let mut changes = lease.changes();
+        for n in 1..=5u64 {
+            changes.changed().await.unwrap();
+            assert_eq!(lease.access_token().generation(), n);
+            assert_eq!(lease.access_token().secret(), format!("access-{n}"));
+        }
+        let calls = fake.calls();
+        for (i, (at, presented)) in calls.iter().enumerate() {
+            // Each renewal presents the refresh token of the previous answer...
+            assert_eq!(presented, &format!("rt-{i}"));
+            // ...70 s after that answer arrived (answers take 5 ms).
+            let expected = start + Duration::from_millis(70_000 * (i as u64 + 1) + 5 * i as u64);
+            assert_eq!(*at, expected, "renewal {i}");
+        }
+        assert_eq!(lease.state(), LeaseState::Active);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_retry_the_same_token_with_backoff_inside_the_token_life() {
+        let fake = Fake::new(Duration::from_secs(10));
+        for _ in 0..4 {
+            fake.then(Err(unavailable()));
+        }
+        let lease = hold(&fake, no_jitter());
+        let mut changes = lease.changes();
+        changes.changed().await.unwrap();
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 5);
+        assert!(
+            calls.iter().all(|(_, t)| t == "rt-0"),
+            "retries reuse the token: {calls:?}"
+        );
+        // The first retry 7 s in; all retries before the 10 s token expires.
+        let first = calls[0].0;
+        let last = calls[4].0;
+        assert!(last - first < Duration::from_secs(3), "{:?}", last - first);
+        let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        assert!(
+            gaps.iter().all(|g| *g >= crate::schedule::FLOOR),
+            "{gaps:?}"
+        );
+        assert_eq!(lease.state(), LeaseState::Active);
+        assert_eq!(lease.access_token().generation(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminal_failures_end_the_lease_with_the_reason() {
+        for (reason, expected) in [
+            ("LEASE_REVOKED", EndReason::Revoked),
+            ("LEASE_EXPIRED", EndReason::Expired),
+            ("LEASE_IDLE_TIMEOUT", EndReason::IdleTimeout),
+            ("REFRESH_TOKEN_REUSED", EndReason::RefreshTokenReused),
+            ("REFRESH_TOKEN_INVALID", EndReason::Superseded),
+            ("SOMETHING_NEW", EndReason::Rejected),
+        ] {
+            let fake = Fake::new(Duration::from_secs(10));
+            fake.then(Err(terminal(reason)));
+            let lease = hold(&fake, no_jitter());
+            let end = lease.ended().await;
+            assert_eq!(end.reason, expected, "{reason}");
+            assert!(end.detail.contains(reason));
+            assert!(matches!(lease.state(), LeaseState::Ended(_)));
+            // No renewal after a terminal answer.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            assert_eq!(fake.calls().len(), 1, "{reason}");
+            // The interceptor refuses locally once the lease has ended.
+            let err = lease.interceptor().call(Request::new(())).unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_demand_refresh_is_single_flight() {
+        let fake = Fake::new(Duration::from_secs(300));
+        let lease = hold(&fake, no_jitter());
+        let callers: Vec<_> = (0..200)
+            .map(|_| {
+                let lease = lease.clone();
+                tokio::spawn(async move { lease.refresh_now().await })
+            })
+            .collect();
+        for caller in callers {
+            let token = caller.await.unwrap().unwrap();
+            assert_eq!(token.generation(), 1);
+        }
+        assert_eq!(fake.calls().len(), 1, "200 callers, one renewal");
+        // Later callers get a renewal of their own.
+        assert_eq!(lease.refresh_now().await.unwrap().generation(), 2);
+        assert_eq!(fake.calls().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_last_handle_releases_and_stops() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let worker = lease.clone();
+        drop(lease);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(
+            fake.releases.load(Ordering::SeqCst),
+            0,
+            "a worker still holds it"
+        );
+        assert_eq!(fake.calls().len(), 1, "and it kept renewing");
+        drop(worker);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(fake.releases.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            fake.calls().len(),
+            1,
+            "no renewal after the last handle went"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_ends_the_lease_and_debug_hides_tokens() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let printed = format!("{lease:?} {:?}", lease.access_token());
+        assert!(!printed.contains("access-0"), "{printed}");
+        lease.release(Outcome::Succeeded).await.unwrap();
+        assert_eq!(lease.ended().await.reason, EndReason::Released);
+        lease.release(Outcome::Succeeded).await.unwrap(); // idempotent
+        assert_eq!(fake.releases.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(fake.calls().is_empty(), "no renewal after release");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_interceptor_sends_the_current_token() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let mut interceptor = lease.interceptor();
+        let request = interceptor.call(Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer access-0"
+        );
+        lease.refresh_now().await.unwrap();
+        let mut custom = crate::BearerInterceptor::with_header(lease.clone(), "x-okapi-token");
+        let request = custom.call(Request::new(())).unwrap();
+        assert_eq!(request.metadata().get("x-okapi-token").unwrap(), "access-1");
+        assert_eq!(lease.authorization_header(), "Bearer access-1");
+    }
+}
