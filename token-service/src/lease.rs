@@ -164,10 +164,13 @@ impl Lease {
 
     /// The latest instant any access token of this lease can be valid. Tokens are minted
     /// at grant, renewal and resume (all recorded in `last_active_at`/`rotated_at`) and by
-    /// grace retries up to `grace` later; none lives past `ttl` or the hard expiry.
+    /// grace retries up to `grace` later; none lives past `ttl` (rounded up to a whole
+    /// second) or the hard expiry.
     pub fn tokens_valid_until(&self, ttl: Duration, grace: Duration) -> SystemTime {
+        // `exp` is rounded up to a whole second, hence the extra second.
+        let slack = Duration::from_secs(1);
         self.expires_at
-            .min(self.last_active_at.max(self.rotated_at) + grace + ttl)
+            .min(self.last_active_at.max(self.rotated_at) + grace + ttl + slack)
     }
 }
 

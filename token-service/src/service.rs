@@ -228,8 +228,12 @@ impl LeaseService {
     }
 
     fn mint(&self, lease: &Lease, now: SystemTime) -> Result<TokenPair> {
-        let exp_time = (now + self.settings.access_token_ttl).min(lease.expires_at);
-        let exp = to_unix_secs(exp_time);
+        // `exp` is in whole seconds: round the TTL up (a 1 s token never lives less than
+        // 1 s) but the hard expiry down (no token outlives its lease).
+        let ttl_end = to_millis(now + self.settings.access_token_ttl);
+        let exp = (ttl_end + 999)
+            .div_euclid(1000)
+            .min(to_unix_secs(lease.expires_at));
         let claims = AccessClaims {
             iss: self.settings.issuer.clone(),
             sub: lease.subject.clone(),

@@ -20,7 +20,7 @@ async fn issue_refresh_introspect_release() {
     assert_eq!(lease.actor, "importer");
     assert_eq!(lease.granted_permissions, vec!["inventory.read"]);
     assert_eq!(tokens.token_type, "Bearer");
-    assert_eq!(tokens.access_token_expires_in.unwrap().seconds, 299);
+    assert_eq!(tokens.access_token_expires_in.unwrap().seconds, 300);
     assert!(!issued.lifetime_clamped);
 
     let refreshed = client

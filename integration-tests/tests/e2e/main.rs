@@ -5,6 +5,7 @@ mod flow;
 mod jwks;
 mod malformed;
 mod reflection;
+mod sdk;
 mod support;
 mod tls;
 mod watch;
