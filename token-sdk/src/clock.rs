@@ -8,3 +8,9 @@ use tokio::time::Instant;
 pub(crate) fn now() -> Instant {
     Instant::now()
 }
+
+/// The wall clock, for comparing with times the service sends.
+#[allow(clippy::disallowed_methods)] // the one place allowed
+pub(crate) fn wall_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}

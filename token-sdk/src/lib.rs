@@ -38,14 +38,18 @@ mod api;
 mod client;
 mod clock;
 mod interceptor;
+mod layer;
 mod lease;
 mod schedule;
+mod verifier;
 mod watcher;
 
 pub use client::{Client, ClientBuilder, LeaseRequest};
 pub use interceptor::BearerInterceptor;
+pub use layer::{VerifyLayer, VerifyService};
 pub use lease::{AccessToken, EndReason, Lease, LeaseEnd, LeaseInfo, LeaseState, Outcome};
 pub use schedule::{FLOOR, RenewalConfig, backoff, refresh_in};
+pub use verifier::{Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError};
 
 use std::fmt;
 

@@ -9,9 +9,21 @@ use crate::lease::{EndReason, LeaseEnd, Shared};
 use crate::schedule::{RenewalConfig, backoff};
 use crate::{JobTokenClient, proto};
 
+/// Receives the lease ends of a revocation stream.
+pub(crate) trait EndSink: Send + Sync + 'static {
+    /// One lease ended.
+    fn on_end(&self, event: &proto::WatchRevocationsResponse);
+}
+
 /// Routes revocation events to the leases of this process.
 pub(crate) struct Watcher {
     leases: Mutex<HashMap<String, Weak<Shared>>>,
+}
+
+impl EndSink for Watcher {
+    fn on_end(&self, event: &proto::WatchRevocationsResponse) {
+        self.dispatch(event);
+    }
 }
 
 impl Watcher {
@@ -20,7 +32,8 @@ impl Watcher {
         let watcher = Arc::new(Watcher {
             leases: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(stream(Arc::downgrade(&watcher), client));
+        let sink: Arc<dyn EndSink> = watcher.clone();
+        tokio::spawn(stream(Arc::downgrade(&sink), client));
         watcher
     }
 
@@ -44,11 +57,13 @@ impl Watcher {
     }
 }
 
-async fn stream(watcher: Weak<Watcher>, client: JobTokenClient) {
+/// Follows the revocation stream for as long as `sink` lives, reconnecting from the last
+/// cursor with backoff, so no end is missed while disconnected.
+pub(crate) async fn stream(sink: Weak<dyn EndSink>, client: JobTokenClient) {
     let retry = RenewalConfig::default();
     let mut cursor = None;
     let mut attempt = 0u32;
-    while watcher.strong_count() > 0 {
+    while sink.strong_count() > 0 {
         let request = proto::WatchRevocationsRequest {
             after_cursor: cursor,
         };
@@ -57,11 +72,11 @@ async fn stream(watcher: Weak<Watcher>, client: JobTokenClient) {
             while let Ok(Some(event)) = events.message().await {
                 attempt = 0;
                 cursor = Some(event.cursor);
-                let Some(watcher) = watcher.upgrade() else {
+                let Some(sink) = sink.upgrade() else {
                     return;
                 };
                 if !event.heartbeat {
-                    watcher.dispatch(&event);
+                    sink.on_end(&event);
                 }
             }
         }

@@ -60,6 +60,11 @@ impl TestServer {
     }
 
     pub(crate) fn user_token(&self, permissions: &[&str]) -> String {
+        self.user_token_for(permissions, Duration::from_secs(600))
+    }
+
+    /// A user token that lives `ttl`.
+    pub(crate) fn user_token_for(&self, permissions: &[&str], ttl: Duration) -> String {
         let request = DevTokenRequest {
             user: "alice".into(),
             tenant: "acme".into(),
@@ -67,7 +72,7 @@ impl TestServer {
                 .iter()
                 .map(|s| s.to_string())
                 .collect::<BTreeSet<_>>(),
-            ttl: Duration::from_secs(600),
+            ttl,
         };
         dev::mint_dev_token(self.dir.path(), &request, SystemClock.now()).unwrap()
     }

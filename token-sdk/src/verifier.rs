@@ -1,0 +1,331 @@
+//! Verifying job tokens on the receiving side (resource servers).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::watcher::{EndSink, stream};
+use crate::{Client, JobTokenClient, proto};
+
+/// Least time between two JWKS fetches triggered by unknown key ids, so garbage tokens
+/// cannot make the verifier hammer the service.
+pub const DEFAULT_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The verified claims of a job token, put in request extensions by
+/// [`crate::VerifyLayer`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Claims {
+    /// The user on whose behalf the job acts.
+    #[serde(rename = "sub")]
+    pub subject: String,
+    /// The user's tenant.
+    pub tenant: String,
+    /// Granted permissions.
+    pub permissions: Vec<String>,
+    /// The job.
+    pub job_id: String,
+    /// Its lease.
+    pub lease_id: String,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+    /// The module running the job.
+    #[serde(rename = "act", deserialize_with = "actor")]
+    pub actor: String,
+}
+
+fn actor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    struct Act {
+        sub: String,
+    }
+    Ok(Act::deserialize(d)?.sub)
+}
+
+impl Claims {
+    /// Whether the token carries every one of `permissions`.
+    pub fn has_all<S: AsRef<str>>(&self, permissions: &[S]) -> bool {
+        permissions
+            .iter()
+            .all(|p| self.permissions.iter().any(|g| g == p.as_ref()))
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// No token, or not a well-formed JWT.
+    #[error("no valid bearer token")]
+    Malformed,
+    /// Signed by a key the service does not publish.
+    #[error("token signed by an unknown key")]
+    UnknownKey,
+    /// Bad signature, issuer, audience, or outside its validity.
+    #[error("token rejected: {0}")]
+    Invalid(String),
+    /// Its lease has ended (revoked, released, expired).
+    #[error("the token's lease has ended")]
+    Revoked,
+    /// It lacks a required permission.
+    #[error("missing permission {0}")]
+    MissingPermission(String),
+    /// Online verification could not reach the service.
+    #[error("cannot reach the token service")]
+    Unavailable,
+}
+
+/// Ended leases whose tokens may still be inside their `exp`.
+#[derive(Default)]
+struct Revoked(Mutex<HashMap<String, SystemTime>>);
+
+impl EndSink for Revoked {
+    fn on_end(&self, event: &proto::WatchRevocationsResponse) {
+        let until = event
+            .tokens_valid_until
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let now = crate::clock::wall_now();
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget leases none of whose tokens can be valid any more.
+        set.retain(|_, valid_until| *valid_until > now);
+        if until > now {
+            set.insert(event.lease_id.clone(), until);
+        }
+    }
+}
+
+impl Revoked {
+    fn contains(&self, lease_id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(lease_id)
+    }
+}
+
+struct Inner {
+    grpc: JobTokenClient,
+    validation: Validation,
+    keys: ArcSwap<HashMap<String, DecodingKey>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    refetch_interval: Duration,
+    revoked: Arc<Revoked>,
+    online: bool,
+}
+
+/// Verifies job tokens: offline against the service's published keys (cached, refetched
+/// on an unknown `kid` at most every [`DEFAULT_REFETCH_INTERVAL`]), with a revocation set
+/// fed by the service's revocation stream; optionally online by introspection.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verifier")
+            .field("keys", &self.inner.keys.load().len())
+            .field("online", &self.inner.online)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`Verifier`].
+#[derive(Debug, Clone)]
+pub struct VerifierBuilder {
+    client: Client,
+    issuer: String,
+    audience: Option<String>,
+    leeway: Duration,
+    refetch_interval: Duration,
+    online: bool,
+    watch_revocations: bool,
+}
+
+impl VerifierBuilder {
+    /// Expected `iss`. Default `jobtoken`.
+    pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuer = issuer.into();
+        self
+    }
+
+    /// Required `aud`. Default: not checked.
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// Leeway on `exp`/`nbf`. Default 5 s.
+    pub fn leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = leeway;
+        self
+    }
+
+    /// Least time between key refetches. Default [`DEFAULT_REFETCH_INTERVAL`].
+    pub fn refetch_interval(mut self, interval: Duration) -> Self {
+        self.refetch_interval = interval;
+        self
+    }
+
+    /// Also ask the service (`IntrospectToken`) on every verification. Default false.
+    pub fn online(mut self, online: bool) -> Self {
+        self.online = online;
+        self
+    }
+
+    /// Follow the revocation stream to refuse tokens of ended leases. Default true.
+    pub fn watch_revocations(mut self, watch: bool) -> Self {
+        self.watch_revocations = watch;
+        self
+    }
+
+    /// Fetches the keys and starts following revocations.
+    pub async fn build(self) -> Result<Verifier, tonic::Status> {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[self.issuer]);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        let grpc = self.client.grpc();
+        let revoked = Arc::new(Revoked::default());
+        let verifier = Verifier {
+            inner: Arc::new(Inner {
+                keys: ArcSwap::from_pointee(fetch_keys(&grpc).await?),
+                grpc: grpc.clone(),
+                validation,
+                last_fetch: tokio::sync::Mutex::new(Some(crate::clock::now())),
+                refetch_interval: self.refetch_interval,
+                revoked: Arc::clone(&revoked),
+                online: self.online,
+            }),
+        };
+        if self.watch_revocations {
+            // The stream lives as long as the verifier holds the set.
+            let sink: Arc<dyn EndSink> = revoked;
+            tokio::spawn(stream(Arc::downgrade(&sink), grpc));
+        }
+        Ok(verifier)
+    }
+}
+
+async fn fetch_keys(grpc: &JobTokenClient) -> Result<HashMap<String, DecodingKey>, tonic::Status> {
+    let jwks = grpc
+        .clone()
+        .get_jwks(proto::GetJwksRequest {})
+        .await?
+        .into_inner();
+    Ok(jwks
+        .keys
+        .into_iter()
+        .filter(|k| k.kty == "OKP" && k.crv == "Ed25519")
+        .filter_map(|k| Some((k.kid, DecodingKey::from_ed_components(&k.x).ok()?)))
+        .collect())
+}
+
+impl Client {
+    /// A verifier for job tokens, using this client's connection and credentials.
+    pub fn verifier(&self) -> VerifierBuilder {
+        VerifierBuilder {
+            client: self.clone(),
+            issuer: "jobtoken".into(),
+            audience: None,
+            leeway: Duration::from_secs(5),
+            refetch_interval: DEFAULT_REFETCH_INTERVAL,
+            online: false,
+            watch_revocations: true,
+        }
+    }
+}
+
+impl Verifier {
+    /// Verifies `token` and returns its claims.
+    pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| VerifyError::Malformed)?;
+        let kid = header.kid.ok_or(VerifyError::Malformed)?;
+        let claims = match self.verify_with_cached_key(token, &kid) {
+            Some(result) => result?,
+            None => {
+                self.refetch_keys().await;
+                self.verify_with_cached_key(token, &kid)
+                    .ok_or(VerifyError::UnknownKey)??
+            }
+        };
+        if self.inner.revoked.contains(&claims.lease_id) {
+            return Err(VerifyError::Revoked);
+        }
+        if self.inner.online {
+            let answer = self
+                .inner
+                .grpc
+                .clone()
+                .introspect_token(proto::IntrospectTokenRequest {
+                    token: token.to_owned(),
+                })
+                .await
+                .map_err(|_| VerifyError::Unavailable)?;
+            if !answer.into_inner().active {
+                return Err(VerifyError::Revoked);
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Verifies `token` and checks it carries every one of `permissions`.
+    pub async fn verify_with<S: AsRef<str>>(
+        &self,
+        token: &str,
+        permissions: &[S],
+    ) -> Result<Claims, VerifyError> {
+        let claims = self.verify(token).await?;
+        if let Some(missing) = permissions
+            .iter()
+            .find(|p| !claims.permissions.iter().any(|g| g == p.as_ref()))
+        {
+            return Err(VerifyError::MissingPermission(missing.as_ref().to_owned()));
+        }
+        Ok(claims)
+    }
+
+    /// The hot path: no I/O, one lock-free load of the key map.
+    fn verify_with_cached_key(
+        &self,
+        token: &str,
+        kid: &str,
+    ) -> Option<Result<Claims, VerifyError>> {
+        let keys = self.inner.keys.load();
+        let key = keys.get(kid)?;
+        Some(
+            jsonwebtoken::decode::<Claims>(token, key, &self.inner.validation)
+                .map(|data| data.claims)
+                .map_err(|e| VerifyError::Invalid(e.to_string())),
+        )
+    }
+
+    /// Refetches the keys unless that happened within the refetch interval. Concurrent
+    /// callers wait for one fetch.
+    async fn refetch_keys(&self) {
+        let mut last = self.inner.last_fetch.lock().await;
+        let now = crate::clock::now();
+        if last.is_some_and(|at| now.duration_since(at) < self.inner.refetch_interval) {
+            return;
+        }
+        *last = Some(now);
+        match fetch_keys(&self.inner.grpc).await {
+            Ok(keys) => self.inner.keys.store(Arc::new(keys)),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "fetching the service's keys failed")
+            }
+        }
+    }
+}
