@@ -71,6 +71,16 @@ impl Server {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<RunningServer, StartupError> {
+        Self::start_custom(config, clock, |store| store).await
+    }
+
+    /// Starts the service with the given clock, wrapping the store it opens with `wrap`
+    /// (tests inject store failures this way).
+    pub async fn start_custom(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> Result<RunningServer, StartupError> {
         config.validate()?;
         let master_path = config.master_key_path();
         if !master_path.exists() && config.store_path().exists() {
@@ -83,8 +93,10 @@ impl Server {
             });
         }
         let master = load_or_create_master_key(&master_path)?;
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&config.store_path(), config.store.sync)?);
+        let store: Arc<dyn Store> = wrap(Arc::new(SqliteStore::open(
+            &config.store_path(),
+            config.store.sync,
+        )?));
         // A retired key must verify every token it signed: their life plus the grace
         // window in which a retry can still mint one, plus slack for clock skew.
         let retain = config.access_token_ttl + config.refresh_grace + Duration::from_secs(60);

@@ -224,3 +224,68 @@ async fn a_restarted_instance_resumes_and_the_old_one_learns_it_lost_the_lease()
     assert!(new.refresh_now().await.is_ok());
     server.stop().await;
 }
+
+/// The job keeps renewing through a restart of the service and through 30% of renewals
+/// failing transiently (half of them after the rotation was written: lost responses
+/// that the grace window turns into convergent retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_ride_out_a_restart_and_transient_failures() {
+    let server = TestServer::start_flaky(
+        |c| {
+            c.access_token_ttl = Duration::from_secs(1);
+            c.idle_timeout = Duration::from_secs(10);
+            c.refresh_grace = Duration::from_secs(5);
+        },
+        0.3,
+    )
+    .await;
+    let client = client(&server).await;
+    let verifier = client
+        .verifier()
+        .leeway(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    let lease = client
+        .lease("flaky-import", server.user_token(&["inventory.read"]))
+        .start()
+        .await
+        .unwrap();
+    let checks = async {
+        let mut rejected = 0;
+        for _ in 0..300 {
+            if verifier
+                .verify(lease.access_token().secret())
+                .await
+                .is_err()
+            {
+                rejected += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rejected
+    };
+    assert_eq!(
+        checks.await,
+        0,
+        "no token was refused over 6 s of flaky renewals"
+    );
+    let before_restart = lease.access_token().generation();
+    assert!(before_restart >= 5, "{before_restart} renewals");
+    let (_, metrics) = crate::support::http_get(server.http_addr(), "/metrics").await;
+    assert!(
+        metrics.contains(r#"jobtoken_renewals_total{result="UNAVAILABLE"}"#),
+        "failures were injected:\n{metrics}"
+    );
+
+    let server = server.restart(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(lease.state(), LeaseState::Active);
+    let after = lease.access_token().generation();
+    assert!(
+        after > before_restart + 2,
+        "renewing again after the restart: {before_restart} -> {after}"
+    );
+    assert!(verifier.verify(lease.access_token().secret()).await.is_ok());
+    server.stop().await;
+}

@@ -3,13 +3,18 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::time::SystemTime;
 use token_sdk::proto::{IssueJobTokenRequest, IssueJobTokenResponse};
 use token_sdk::{AdminClient, JobTokenClient};
 use token_service::clock::{Clock, SystemClock};
 use token_service::config::{Config, ModuleConfig};
 use token_service::dev::{self, DevTokenRequest};
 use token_service::secrets::key_hash;
+
+use token_service::lease::{Lease, LeaseEvent};
 use token_service::server::{RunningServer, Server};
+use token_service::store::{LeaseFilter, Store, StoreError, StoredKey};
 
 pub(crate) const IMPORTER_KEY: &str = "mk_importer-test-key-0123456789abcdefghijklmnop";
 pub(crate) const OTHER_KEY: &str = "mk_other-test-key-0123456789abcdefghijklmnopqrs";
@@ -18,6 +23,8 @@ pub(crate) const ADMIN_KEY: &str = "ak_admin-test-key-0123456789abcdefghijklmnop
 pub(crate) struct TestServer {
     running: RunningServer,
     dir: tempfile::TempDir,
+    config: Config,
+    failure_rate: f64,
 }
 
 fn module(id: &str, key: &str, delegable: &[&str]) -> ModuleConfig {
@@ -37,6 +44,12 @@ impl TestServer {
     }
 
     pub(crate) async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_flaky(adjust, 0.0).await
+    }
+
+    /// A server whose store fails `failure_rate` of lease updates with UNAVAILABLE: half
+    /// before writing (a lost request), half after (a lost response).
+    pub(crate) async fn start_flaky(adjust: impl FnOnce(&mut Config), failure_rate: f64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         dev::ensure_issuer_key(dir.path()).unwrap();
         let mut config = Config::for_test(dir.path());
@@ -47,8 +60,23 @@ impl TestServer {
         config.admin_key_sha256 = Some(key_hash(ADMIN_KEY));
         config.trusted_issuers = vec![dev::dev_issuer_config(dir.path())];
         adjust(&mut config);
-        let running = Server::start(config).await.unwrap();
-        Self { running, dir }
+        let running = launch(config.clone(), failure_rate).await;
+        Self {
+            running,
+            dir,
+            config,
+            failure_rate,
+        }
+    }
+
+    /// Stops the service and starts it again on the same address and data.
+    pub(crate) async fn restart(mut self, downtime: Duration) -> Self {
+        let addr = self.running.grpc_addr();
+        self.running.shutdown().await;
+        tokio::time::sleep(downtime).await;
+        self.config.listen.grpc = addr;
+        self.running = launch(self.config.clone(), self.failure_rate).await;
+        self
     }
 
     pub(crate) fn endpoint(&self) -> String {
@@ -122,6 +150,96 @@ impl TestServer {
 
     pub(crate) async fn stop(self) {
         self.running.shutdown().await;
+    }
+}
+
+async fn launch(config: Config, failure_rate: f64) -> RunningServer {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    Server::start_custom(config, clock, |store| {
+        if failure_rate > 0.0 {
+            Arc::new(FlakyStore {
+                inner: store,
+                failure_rate,
+            })
+        } else {
+            store
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// A store that loses some lease updates, before or after writing them.
+struct FlakyStore {
+    inner: Arc<dyn Store>,
+    failure_rate: f64,
+}
+
+fn lost() -> StoreError {
+    StoreError::Unavailable("injected failure".into())
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
+        self.inner.insert_lease(lease, event).await
+    }
+    async fn get_lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.inner.get_lease(id).await
+    }
+    async fn find_active_lease(&self, actor: &str, job: &str) -> Result<Option<Lease>, StoreError> {
+        self.inner.find_active_lease(actor, job).await
+    }
+    async fn update_lease(
+        &self,
+        lease: &Lease,
+        event: Option<&LeaseEvent>,
+    ) -> Result<bool, StoreError> {
+        let dice = fastrand::f64();
+        if dice < self.failure_rate / 2.0 {
+            return Err(lost());
+        }
+        let written = self.inner.update_lease(lease, event).await?;
+        if dice < self.failure_rate {
+            return Err(lost());
+        }
+        Ok(written)
+    }
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.inner.list_leases(filter, limit).await
+    }
+    async fn lease_events(&self, id: &str) -> Result<Vec<LeaseEvent>, StoreError> {
+        self.inner.lease_events(id).await
+    }
+    async fn end_events_after(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<LeaseEvent>, StoreError> {
+        self.inner.end_events_after(cursor, limit).await
+    }
+    async fn last_event_sequence(&self) -> Result<u64, StoreError> {
+        self.inner.last_event_sequence().await
+    }
+    async fn leases_due(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
+        self.inner.leases_due(now, limit).await
+    }
+    async fn count_active_leases(&self) -> Result<u64, StoreError> {
+        self.inner.count_active_leases().await
+    }
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.inner.signing_keys().await
+    }
+    async fn rotate_signing_key(
+        &self,
+        new: &StoredKey,
+        current: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.inner.rotate_signing_key(new, current).await
     }
 }
 
