@@ -124,6 +124,12 @@ impl AccessToken {
         self.expires_at
     }
 
+    /// Time left until it expires (zero once expired).
+    pub fn remaining(&self) -> Duration {
+        self.expires_at
+            .saturating_duration_since(crate::clock::now())
+    }
+
     /// How many renewals came before this token (0 for the first).
     pub fn generation(&self) -> u64 {
         self.generation
