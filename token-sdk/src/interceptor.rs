@@ -78,6 +78,41 @@ impl Lease {
         BearerInterceptor::new(self.clone())
     }
 
+    /// Runs a call that sends this lease's token (through [`Lease::interceptor`]); if the
+    /// callee rejects it as UNAUTHENTICATED (the token expired in flight), renews once and
+    /// runs the call again. `call` must be safe to run twice: build the request inside it.
+    ///
+    /// ```no_run
+    /// # async fn f(lease: token_sdk::Lease, channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
+    /// use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    /// let api = HealthClient::with_interceptor(channel, lease.interceptor());
+    /// let answer = lease
+    ///     .with_retry(|| {
+    ///         let mut api = api.clone();
+    ///         async move { api.check(HealthCheckRequest::default()).await }
+    ///     })
+    ///     .await?;
+    /// # let _ = answer; Ok(()) }
+    /// ```
+    pub async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        match call().await {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                if let Err(end) = self.refresh_now().await {
+                    return Err(Status::unauthenticated(format!(
+                        "the job's lease has ended ({:?})",
+                        end.reason
+                    )));
+                }
+                call().await
+            }
+            other => other,
+        }
+    }
+
     /// The current `Authorization` header value (`Bearer …`), for HTTP clients.
     pub fn authorization_header(&self) -> String {
         format!("Bearer {}", self.access_token().secret())

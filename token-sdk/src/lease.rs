@@ -736,6 +736,49 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn with_retry_renews_once_after_an_unauthenticated_answer() {
+        let fake = Fake::new(Duration::from_secs(300));
+        let lease = hold(&fake, no_jitter());
+        let seen = Mutex::new(Vec::new());
+        // The callee refuses the first token (expired in flight), accepts the renewed one.
+        let answer = lease
+            .with_retry(|| {
+                let token = lease.access_token();
+                seen.lock().unwrap().push(token.generation());
+                async move {
+                    if token.generation() == 0 {
+                        Err(Status::unauthenticated("token expired"))
+                    } else {
+                        Ok(token.generation())
+                    }
+                }
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 1);
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
+        // A second refusal is returned, not retried again.
+        let calls = AtomicUsize::new(0);
+        let err = lease
+            .with_retry(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(Status::unauthenticated("no")) }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Other errors are not retried.
+        let calls = AtomicUsize::new(0);
+        let _ = lease
+            .with_retry(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(Status::not_found("x")) }
+            })
+            .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_interceptor_sends_the_current_token() {
         let fake = Fake::new(Duration::from_secs(10));
         let lease = hold(&fake, no_jitter());
