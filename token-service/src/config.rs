@@ -180,15 +180,84 @@ impl Default for ListenConfig {
 }
 
 /// Store selection.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// `sqlite` (default: one process, embedded) or `postgres` (several replicas).
+    #[serde(default)]
+    pub kind: StoreKind,
     /// SQLite file. Default `<data_dir>/jobtoken.db`.
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// `normal` (survives kill -9; default) or `full` (fsync each commit; survives power loss).
+    /// SQLite: `normal` (survives kill -9; default) or `full` (fsync each commit; survives
+    /// power loss).
     #[serde(default)]
     pub sync: SyncMode,
+    /// PostgreSQL connection URL (`postgres://user:password@host/db`). Secret: never
+    /// logged.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// PostgreSQL schema for the tables, created if missing. Default `jobtoken`.
+    #[serde(default = "default_pg_schema")]
+    pub schema: String,
+    /// PostgreSQL connection pool size per replica. Default 16.
+    #[serde(default = "default_pg_pool")]
+    pub max_connections: usize,
+    /// PostgreSQL statement timeout; a slower query fails with UNAVAILABLE. Default 5s.
+    #[serde(default = "default_pg_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// How long ended leases (and their events) are kept before cleanup. Default 7 days.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::default(),
+            path: None,
+            sync: SyncMode::default(),
+            url: None,
+            schema: default_pg_schema(),
+            max_connections: default_pg_pool(),
+            statement_timeout: default_pg_timeout(),
+            retention: default_retention(),
+        }
+    }
+}
+
+/// Which store backs the service.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One SQLite file.
+    #[default]
+    Sqlite,
+    /// PostgreSQL, shared by replicas.
+    Postgres,
+}
+
+/// A string that never shows in `Debug` output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretString(String);
+
+impl SecretString {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// TLS files (PEM).
@@ -296,6 +365,18 @@ fn default_max_lifetime() -> Duration {
 fn default_lifetime() -> Duration {
     DEFAULT_LEASE_LIFETIME
 }
+fn default_pg_schema() -> String {
+    "jobtoken".into()
+}
+fn default_pg_pool() -> usize {
+    16
+}
+fn default_pg_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
 fn default_permissions_claim() -> String {
     "permissions".into()
 }
@@ -309,6 +390,10 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("JOBTOKEN_HTTP_LISTEN", "listen.http"),
     ("JOBTOKEN_DATA_DIR", "data_dir"),
     ("JOBTOKEN_STORE_PATH", "store.path"),
+    (
+        "JOBTOKEN_STORE_URL",
+        "store.url (and store.kind = postgres)",
+    ),
     ("JOBTOKEN_MASTER_KEY_FILE", "master_key_file"),
     ("JOBTOKEN_ACCESS_TOKEN_TTL", "access_token_ttl"),
     ("JOBTOKEN_IDLE_TIMEOUT", "idle_timeout"),
@@ -350,6 +435,10 @@ impl Config {
                 "JOBTOKEN_HTTP_LISTEN" => self.listen.http = addr(name, &v)?,
                 "JOBTOKEN_DATA_DIR" => self.data_dir = v.into(),
                 "JOBTOKEN_STORE_PATH" => self.store.path = Some(v.into()),
+                "JOBTOKEN_STORE_URL" => {
+                    self.store.kind = StoreKind::Postgres;
+                    self.store.url = Some(SecretString::new(v));
+                }
                 "JOBTOKEN_MASTER_KEY_FILE" => self.master_key_file = Some(v.into()),
                 "JOBTOKEN_ACCESS_TOKEN_TTL" => self.access_token_ttl = duration(name, &v)?,
                 "JOBTOKEN_IDLE_TIMEOUT" => self.idle_timeout = duration(name, &v)?,
@@ -372,11 +461,31 @@ impl Config {
         if self.refresh_grace > self.idle_timeout {
             return bad("refresh_grace must not exceed idle_timeout".into());
         }
+        if self.store.kind == StoreKind::Postgres {
+            if self.store.url.is_none() {
+                return bad("store.kind = \"postgres\" needs store.url".into());
+            }
+            let schema_ok = !self.store.schema.is_empty()
+                && self.store.schema.len() <= 63
+                && self
+                    .store
+                    .schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !schema_ok {
+                return bad("store.schema must be 1-63 characters of a-z 0-9 _".into());
+            }
+            if self.store.max_connections == 0 {
+                return bad("store.max_connections must be at least 1".into());
+            }
+        }
         let mut durations = vec![
             ("access_token_ttl", self.access_token_ttl),
             ("idle_timeout", self.idle_timeout),
             ("refresh_grace", self.refresh_grace),
             ("key_activation_delay", self.key_activation_delay),
+            ("store.statement_timeout", self.store.statement_timeout),
+            ("store.retention", self.store.retention),
         ];
         for m in &self.modules {
             durations.push(("modules.max_lifetime", m.max_lifetime));

@@ -69,6 +69,9 @@ enum Command {
     /// Read a module or admin key on standard input and print its SHA-256, the form the
     /// config keeps (`key_sha256`, `admin_key_sha256`).
     HashKey,
+    /// Print a new master key (base64url of 32 random bytes) for `master_key_file`. Replicas
+    /// sharing a PostgreSQL store must all use the same one.
+    GenMasterKey,
     /// Generate a new random module key (or admin key with --admin): prints the key on the
     /// first line and its SHA-256 for the config on the second.
     GenKey {
@@ -173,6 +176,10 @@ fn main() -> ExitCode {
                 .read_to_string(&mut key)
                 .map(|_| println!("{}", key_hash(key.trim())))
                 .map_err(|e| format!("reading standard input: {e}"))
+        }
+        Command::GenMasterKey => {
+            println!("{}", token_service::secrets::MasterKey::generate().1);
+            Ok(())
         }
         Command::GenKey { admin } => {
             let key = generate_key_text(if admin { "ak" } else { "mk" });

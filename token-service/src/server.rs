@@ -15,13 +15,15 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::auth::{AdminAuth, Modules};
 use crate::clock::{Clock, SystemClock};
+use crate::config::StoreKind;
 use crate::config::{Config, StartupError};
 use crate::dev::load_or_create_master_key;
 use crate::grpc::{AdminApi, JobTokenApi};
 use crate::keys::KeyRing;
 use crate::metrics::Metrics;
 use crate::service::{LeaseService, Settings};
-use crate::store::{SqliteStore, Store};
+use crate::store::postgres::PostgresOptions;
+use crate::store::{PostgresStore, SqliteStore, Store};
 use crate::subject::SubjectVerifier;
 
 /// Largest request message accepted; field limits are far below it.
@@ -30,6 +32,8 @@ const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often keys are re-read (another replica may rotate).
 const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+/// How often leases past their retention are deleted.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
 /// How often a revocation stream re-reads the store without a local wake-up.
 const WATCH_POLL: Duration = Duration::from_secs(1);
 
@@ -83,7 +87,17 @@ impl Server {
     ) -> Result<RunningServer, StartupError> {
         config.validate()?;
         let master_path = config.master_key_path();
-        if !master_path.exists() && config.store_path().exists() {
+        let shared_store = config.store.kind == StoreKind::Postgres;
+        if shared_store && !master_path.exists() {
+            // Replicas must share one master key; making one here would split them.
+            return Err(StartupError::Key {
+                path: master_path,
+                problem: "missing: with store.kind = \"postgres\" every replica needs the same \
+                          master key; create it once with `token-service gen-master-key`"
+                    .into(),
+            });
+        }
+        if !shared_store && !master_path.exists() && config.store_path().exists() {
             // Generating a new key would orphan every sealed signing key in the store.
             return Err(StartupError::Key {
                 path: master_path,
@@ -93,10 +107,27 @@ impl Server {
             });
         }
         let master = load_or_create_master_key(&master_path)?;
-        let store: Arc<dyn Store> = wrap(Arc::new(SqliteStore::open(
-            &config.store_path(),
-            config.store.sync,
-        )?));
+        let store: Arc<dyn Store> = match config.store.kind {
+            StoreKind::Sqlite => {
+                Arc::new(SqliteStore::open(&config.store_path(), config.store.sync)?)
+            }
+            StoreKind::Postgres => {
+                let options = PostgresOptions {
+                    url: config
+                        .store
+                        .url
+                        .as_ref()
+                        .map(|u| u.expose().to_owned())
+                        .unwrap_or_default(),
+                    schema: config.store.schema.clone(),
+                    max_connections: config.store.max_connections,
+                    statement_timeout: config.store.statement_timeout,
+                };
+                Arc::new(PostgresStore::connect(&options).await?)
+            }
+        };
+        let store = wrap(store);
+        let remote_ends = store.remote_ends();
         // A retired key must verify every token it signed: their life plus the grace
         // window in which a retry can still mint one, plus slack for clock skew.
         let retain = config.access_token_ttl + config.refresh_grace + Duration::from_secs(60);
@@ -228,15 +259,40 @@ impl Server {
         tasks.spawn(background(
             Arc::clone(&service),
             Arc::clone(&keys),
+            config.store.retention,
             shutdown.subscribe(),
         ));
+        if let Some(mut remote) = remote_ends {
+            // Ends recorded by other replicas wake this replica's revocation streams.
+            let service = Arc::clone(&service);
+            let mut stop = shutdown.subscribe();
+            tasks.spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                tokio::pin!(stopped);
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        changed = remote.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            service.notify_ends();
+                        }
+                    }
+                }
+            });
+        }
 
         tracing::info!(
             %grpc_addr,
             %http_addr,
             tls = config.tls.is_some(),
             dev_mode = config.dev_mode,
-            store = %config.store_path().display(),
+            store = ?config.store.kind,
+            sqlite_path = %config.store_path().display(),
+            pg_schema = %config.store.schema,
             modules = config.modules.len(),
             trusted_issuers = config.trusted_issuers.len(),
             access_token_ttl_secs = config.access_token_ttl.as_secs(),
@@ -252,10 +308,12 @@ impl Server {
     }
 }
 
-/// Sweeps ended leases, keeps the active-lease gauge current and reloads keys.
+/// Sweeps ended leases, keeps the active-lease gauge current, reloads keys and deletes
+/// leases ended longer than `retention` ago.
 async fn background(
     service: Arc<LeaseService>,
     keys: Arc<KeyRing>,
+    retention: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let stopped = async move {
@@ -264,6 +322,7 @@ async fn background(
     tokio::pin!(stopped);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut reload = tokio::time::interval(KEY_RELOAD_INTERVAL);
+    let mut cleanup = tokio::time::interval(CLEANUP_INTERVAL);
     loop {
         tokio::select! {
             biased;
@@ -279,6 +338,13 @@ async fn background(
             _ = reload.tick() => {
                 if let Err(e) = keys.reload(service.now()).await {
                     tracing::warn!(error = %e, "reloading signing keys failed");
+                }
+            }
+            _ = cleanup.tick() => {
+                match service.purge_ended(retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, "deleted leases past their retention"),
+                    Err(e) => tracing::warn!(error = %e, "cleaning up ended leases failed"),
                 }
             }
         }

@@ -778,9 +778,28 @@ impl LeaseService {
         Ok(self.store.last_event_sequence().await?)
     }
 
-    /// Changes whenever this process ends a lease.
+    /// Changes whenever a lease ends (here, or on another replica once told).
     pub fn subscribe_ends(&self) -> watch::Receiver<u64> {
         self.ends.subscribe()
+    }
+
+    /// Wakes revocation streams: another replica recorded a lease end.
+    pub fn notify_ends(&self) {
+        self.ends.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Deletes leases that ended more than `retention` ago, in batches; returns how many.
+    pub async fn purge_ended(&self, retention: Duration) -> Result<usize> {
+        const BATCH: usize = 1000;
+        let before = self.clock.now() - retention;
+        let mut total = 0;
+        loop {
+            let n = self.store.purge_ended(before, BATCH).await?;
+            total += n;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
     }
 }
 

@@ -39,10 +39,45 @@ fn module(id: &str, delegable: &[&str]) -> Module {
     }
 }
 
-async fn harness_with(over_cap: OverCap) -> Harness {
+/// Which store a test runs against: every domain test runs on both (the store
+/// conformance suite).
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server for tests; `.ci/run` sets the variable, the default is the
+/// local server.
+pub(crate) fn test_postgres_url() -> String {
+    std::env::var("JOBTOKEN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn open_store(backend: Backend) -> Arc<dyn crate::store::Store> {
+    match backend {
+        Backend::Sqlite => Arc::new(SqliteStore::in_memory().unwrap()),
+        Backend::Postgres => {
+            // A schema of its own, so test runs never collide.
+            let options = crate::store::postgres::PostgresOptions {
+                url: test_postgres_url(),
+                schema: format!("jt_test_{}", uuid::Uuid::new_v4().simple()),
+                max_connections: 8,
+                statement_timeout: Duration::from_secs(10),
+            };
+            Arc::new(
+                crate::store::PostgresStore::connect(&options)
+                    .await
+                    .unwrap(),
+            )
+        }
+    }
+}
+
+async fn harness_with(backend: Backend, over_cap: OverCap) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::at_fixed_instant();
-    let store: Arc<dyn crate::store::Store> = Arc::new(SqliteStore::in_memory().unwrap());
+    let store = open_store(backend).await;
     let master = MasterKey::from_bytes(&[9u8; 32]);
     let keys = Arc::new(
         KeyRing::load(
@@ -86,8 +121,8 @@ async fn harness_with(over_cap: OverCap) -> Harness {
     }
 }
 
-async fn harness() -> Harness {
-    harness_with(OverCap::Clamp).await
+async fn harness(backend: Backend) -> Harness {
+    harness_with(backend, OverCap::Clamp).await
 }
 
 impl Harness {
@@ -142,9 +177,8 @@ fn rt(t: &TokenPair) -> String {
     t.refresh_token.expose().to_owned()
 }
 
-#[tokio::test]
-async fn grant_is_requested_intersect_user_intersect_delegable() {
-    let h = harness().await;
+async fn grant_is_requested_intersect_user_intersect_delegable(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h
         .svc
         .issue(
@@ -196,9 +230,8 @@ async fn grant_is_requested_intersect_user_intersect_delegable() {
     );
 }
 
-#[tokio::test]
-async fn lifetime_over_the_cap_is_clamped_and_said_or_refused() {
-    let h = harness().await;
+async fn lifetime_over_the_cap_is_clamped_and_said_or_refused(backend: Backend) {
+    let h = harness(backend).await;
     let mut req = h.request("job-1", &["inventory.read"]);
     req.max_lifetime = Some(Duration::from_secs(48 * 3600));
     let issued = h.svc.issue(&h.importer, req.clone()).await.unwrap();
@@ -209,7 +242,7 @@ async fn lifetime_over_the_cap_is_clamped_and_said_or_refused() {
         h.clock.now() + h.importer.max_lifetime
     );
 
-    let strict = harness_with(OverCap::Refuse).await;
+    let strict = harness_with(backend, OverCap::Refuse).await;
     let mut req = strict.request("job-1", &["inventory.read"]);
     req.max_lifetime = Some(Duration::from_secs(48 * 3600));
     let e = strict.svc.issue(&strict.importer, req).await.unwrap_err();
@@ -231,9 +264,8 @@ async fn lifetime_over_the_cap_is_clamped_and_said_or_refused() {
     assert_eq!(issued.granted_lifetime, h.importer.default_lifetime);
 }
 
-#[tokio::test]
-async fn malformed_input_is_invalid_argument() {
-    let h = harness().await;
+async fn malformed_input_is_invalid_argument(backend: Backend) {
+    let h = harness(backend).await;
     let cases: Vec<(&str, IssueRequest)> = vec![
         (
             "job_id",
@@ -319,9 +351,8 @@ async fn malformed_input_is_invalid_argument() {
     }
 }
 
-#[tokio::test]
-async fn subject_tokens_are_verified_strictly() {
-    let h = harness().await;
+async fn subject_tokens_are_verified_strictly(backend: Backend) {
+    let h = harness(backend).await;
     let now = to_unix_secs(h.clock.now());
     let issue = |token: String| {
         let req = IssueRequest {
@@ -411,9 +442,8 @@ async fn subject_tokens_are_verified_strictly() {
     }
 }
 
-#[tokio::test]
-async fn one_active_lease_per_job_and_module() {
-    let h = harness().await;
+async fn one_active_lease_per_job_and_module(backend: Backend) {
+    let h = harness(backend).await;
     let first = h.issue("job-1").await;
     let e = h
         .svc
@@ -433,9 +463,8 @@ async fn one_active_lease_per_job_and_module() {
     h.issue("job-1").await;
 }
 
-#[tokio::test]
-async fn refresh_rotates_and_reuse_of_an_old_token_revokes() {
-    let h = harness().await;
+async fn refresh_rotates_and_reuse_of_an_old_token_revokes(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let id = issued.lease.id.clone();
     let t0 = rt(&issued.tokens);
@@ -462,9 +491,8 @@ async fn refresh_rotates_and_reuse_of_an_old_token_revokes() {
     assert_eq!(events.last().unwrap().kind, EventKind::Ended);
 }
 
-#[tokio::test]
-async fn retry_of_the_previous_token_within_grace_returns_the_same_successor() {
-    let h = harness().await;
+async fn retry_of_the_previous_token_within_grace_returns_the_same_successor(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let id = issued.lease.id.clone();
     let t0 = rt(&issued.tokens);
@@ -476,9 +504,8 @@ async fn retry_of_the_previous_token_within_grace_returns_the_same_successor() {
     h.refresh(&id, &rt(&first)).await.unwrap();
 }
 
-#[tokio::test]
-async fn racing_renewals_converge_without_a_false_alarm() {
-    let h = harness().await;
+async fn racing_renewals_converge_without_a_false_alarm(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let id = issued.lease.id.clone();
     let t0 = rt(&issued.tokens);
@@ -502,9 +529,8 @@ async fn racing_renewals_converge_without_a_false_alarm() {
     assert_eq!(lease.refresh_count, 1, "one rotation, not sixteen");
 }
 
-#[tokio::test]
-async fn retry_after_the_grace_window_is_reuse() {
-    let h = harness().await;
+async fn retry_after_the_grace_window_is_reuse(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let id = issued.lease.id.clone();
     let t0 = rt(&issued.tokens);
@@ -516,9 +542,8 @@ async fn retry_after_the_grace_window_is_reuse() {
     ));
 }
 
-#[tokio::test]
-async fn forged_or_foreign_refresh_tokens_do_not_revoke() {
-    let h = harness().await;
+async fn forged_or_foreign_refresh_tokens_do_not_revoke(backend: Backend) {
+    let h = harness(backend).await;
     let a = h.issue("job-a").await;
     let b = h.issue("job-b").await;
     // B's token presented for A: invalid, and A lives on.
@@ -544,9 +569,8 @@ async fn forged_or_foreign_refresh_tokens_do_not_revoke() {
     ));
 }
 
-#[tokio::test]
-async fn access_tokens_never_outlive_the_lease_and_expiry_ends_it() {
-    let h = harness().await;
+async fn access_tokens_never_outlive_the_lease_and_expiry_ends_it(backend: Backend) {
+    let h = harness(backend).await;
     let mut req = h.request("job", &["inventory.read"]);
     req.max_lifetime = Some(Duration::from_secs(400));
     let issued = h.svc.issue(&h.importer, req).await.unwrap();
@@ -574,9 +598,8 @@ async fn access_tokens_never_outlive_the_lease_and_expiry_ends_it() {
     );
 }
 
-#[tokio::test]
-async fn survives_the_users_session() {
-    let h = harness().await;
+async fn survives_the_users_session(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let mut token = rt(&issued.tokens);
     // The user's token expires after 10 minutes; the job renews for an hour without it.
@@ -586,9 +609,8 @@ async fn survives_the_users_session() {
     }
 }
 
-#[tokio::test]
-async fn idle_leases_end_and_the_sweeper_reports_them() {
-    let h = harness().await;
+async fn idle_leases_end_and_the_sweeper_reports_them(backend: Backend) {
+    let h = harness(backend).await;
     let idle = h.issue("idle").await;
     let busy = h.issue("busy").await;
     let cursor = h.svc.last_sequence().await.unwrap();
@@ -609,9 +631,8 @@ async fn idle_leases_end_and_the_sweeper_reports_them() {
     assert_eq!(h.svc.sweep().await.unwrap(), 0, "nothing left to sweep");
 }
 
-#[tokio::test]
-async fn resume_reattaches_and_kills_the_previous_refresh_token() {
-    let h = harness().await;
+async fn resume_reattaches_and_kills_the_previous_refresh_token(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let old = rt(&issued.tokens);
     let (lease, pair) = h.svc.resume(&h.importer, "job").await.unwrap();
@@ -633,9 +654,8 @@ async fn resume_reattaches_and_kills_the_previous_refresh_token() {
     assert_eq!(kinds, vec![EventKind::Issued, EventKind::Resumed]);
 }
 
-#[tokio::test]
-async fn release_ends_the_lease_once_and_only_for_its_holder() {
-    let h = harness().await;
+async fn release_ends_the_lease_once_and_only_for_its_holder(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     assert!(matches!(
         h.svc
@@ -672,9 +692,8 @@ async fn release_ends_the_lease_once_and_only_for_its_holder() {
     );
 }
 
-#[tokio::test]
-async fn administrators_revoke_by_lease_job_subject_and_actor() {
-    let h = harness().await;
+async fn administrators_revoke_by_lease_job_subject_and_actor(backend: Backend) {
+    let h = harness(backend).await;
     let a = h.issue("job-a").await;
     h.issue("job-b").await;
     h.issue("job-c").await;
@@ -730,9 +749,8 @@ async fn administrators_revoke_by_lease_job_subject_and_actor() {
     ));
 }
 
-#[tokio::test]
-async fn introspection_is_active_only_for_live_tokens_of_live_leases() {
-    let h = harness().await;
+async fn introspection_is_active_only_for_live_tokens_of_live_leases(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let claims = h
         .svc
@@ -761,9 +779,10 @@ async fn introspection_is_active_only_for_live_tokens_of_live_leases() {
     );
 }
 
-#[tokio::test]
-async fn key_rotation_publishes_first_signs_later_and_keeps_tokens_in_flight_valid() {
-    let h = harness().await;
+async fn key_rotation_publishes_first_signs_later_and_keeps_tokens_in_flight_valid(
+    backend: Backend,
+) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let old_kid = h.svc.keys().signing_kid(h.clock.now());
     let (new_kid, retired, starts) = h.svc.rotate_signing_key().await.unwrap();
@@ -803,9 +822,8 @@ async fn key_rotation_publishes_first_signs_later_and_keeps_tokens_in_flight_val
     h.refresh(&issued.lease.id, &rt(&pair)).await.unwrap();
 }
 
-#[tokio::test]
-async fn every_lease_keeps_its_story() {
-    let h = harness().await;
+async fn every_lease_keeps_its_story(backend: Backend) {
+    let h = harness(backend).await;
     let issued = h.issue("job").await;
     let mut token = rt(&issued.tokens);
     for _ in 0..3 {
@@ -835,9 +853,8 @@ async fn every_lease_keeps_its_story() {
     assert!(events.windows(2).all(|w| w[0].sequence < w[1].sequence));
 }
 
-#[tokio::test]
-async fn listing_pages_through_every_lease_once() {
-    let h = harness().await;
+async fn listing_pages_through_every_lease_once(backend: Backend) {
+    let h = harness(backend).await;
     let mut ids = HashSet::new();
     for i in 0..7 {
         ids.insert(h.issue(&format!("job-{i}")).await.lease.id);
@@ -881,9 +898,8 @@ async fn listing_pages_through_every_lease_once() {
     ));
 }
 
-#[tokio::test]
-async fn debug_output_never_shows_secrets() {
-    let h = harness().await;
+async fn debug_output_never_shows_secrets(backend: Backend) {
+    let h = harness(backend).await;
     let req = h.request("job", &["inventory.read"]);
     let subject_token = req.subject_token.clone();
     let issued = h.svc.issue(&h.importer, req.clone()).await.unwrap();
@@ -899,3 +915,141 @@ async fn debug_output_never_shows_secrets() {
     );
     assert!(lease.contains("<redacted>"));
 }
+
+async fn purge_removes_only_leases_past_their_retention(backend: Backend) {
+    let h = harness(backend).await;
+    let old = h.issue("old").await;
+    h.svc
+        .release(&h.importer, &old.lease.id, "succeeded", "")
+        .await
+        .unwrap();
+    h.advance(Duration::from_secs(3600));
+    let recent = h.issue("recent").await;
+    h.svc
+        .release(&h.importer, &recent.lease.id, "succeeded", "")
+        .await
+        .unwrap();
+    let active = h.issue("active").await;
+    assert_eq!(
+        h.svc.purge_ended(Duration::from_secs(1800)).await.unwrap(),
+        1
+    );
+    assert!(matches!(
+        h.svc.get_lease(&old.lease.id).await,
+        Err(Error::LeaseNotFound)
+    ));
+    let (_, events) = h.svc.get_lease(&recent.lease.id).await.unwrap();
+    assert_eq!(events.len(), 2);
+    h.svc.get_lease(&active.lease.id).await.unwrap();
+    assert_eq!(
+        h.svc.purge_ended(Duration::from_secs(1800)).await.unwrap(),
+        0
+    );
+}
+
+async fn concurrent_ends_stream_in_order_without_gaps(backend: Backend) {
+    let h = harness(backend).await;
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        ids.push(h.issue(&format!("job-{i}")).await.lease.id);
+    }
+    let start = h.svc.last_sequence().await.unwrap();
+    // A watcher polls while the leases end concurrently.
+    let svc = Arc::clone(&h.svc);
+    let watcher = tokio::spawn(async move {
+        let (mut cursor, mut seen) = (start, Vec::new());
+        while seen.len() < 24 {
+            for event in svc.ends_after(cursor, 5).await.unwrap() {
+                assert!(event.sequence > cursor);
+                cursor = event.sequence;
+                seen.push(event.lease_id);
+            }
+            tokio::task::yield_now().await;
+        }
+        seen
+    });
+    let revokes: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (svc, id) = (Arc::clone(&h.svc), id.clone());
+            tokio::spawn(async move { svc.admin_revoke_lease(&id, "bulk").await })
+        })
+        .collect();
+    for r in revokes {
+        r.await.unwrap().unwrap();
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(20), watcher)
+        .await
+        .expect("the watcher saw every end")
+        .unwrap();
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), 24, "each end once");
+    assert_eq!(seen.len(), 24);
+}
+
+async fn replicas_starting_together_make_one_signing_key(backend: Backend) {
+    let store = open_store(backend).await;
+    let master = MasterKey::from_bytes(&[9u8; 32]);
+    let now = ManualClock::at_fixed_instant().now();
+    let load = || {
+        let (store, master) = (Arc::clone(&store), master.clone());
+        tokio::spawn(async move {
+            KeyRing::load(store, master, TTL, KEY_ACTIVATION, now)
+                .await
+                .unwrap()
+                .signing_kid(now)
+        })
+    };
+    let (a, b) = (load(), load());
+    assert_eq!(a.await.unwrap(), b.await.unwrap());
+    assert_eq!(store.signing_keys().await.unwrap().len(), 1);
+}
+
+/// Runs each test above against both stores.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    purge_removes_only_leases_past_their_retention,
+    concurrent_ends_stream_in_order_without_gaps,
+    replicas_starting_together_make_one_signing_key,
+    grant_is_requested_intersect_user_intersect_delegable,
+    lifetime_over_the_cap_is_clamped_and_said_or_refused,
+    malformed_input_is_invalid_argument,
+    subject_tokens_are_verified_strictly,
+    one_active_lease_per_job_and_module,
+    refresh_rotates_and_reuse_of_an_old_token_revokes,
+    retry_of_the_previous_token_within_grace_returns_the_same_successor,
+    racing_renewals_converge_without_a_false_alarm,
+    retry_after_the_grace_window_is_reuse,
+    forged_or_foreign_refresh_tokens_do_not_revoke,
+    access_tokens_never_outlive_the_lease_and_expiry_ends_it,
+    survives_the_users_session,
+    idle_leases_end_and_the_sweeper_reports_them,
+    resume_reattaches_and_kills_the_previous_refresh_token,
+    release_ends_the_lease_once_and_only_for_its_holder,
+    administrators_revoke_by_lease_job_subject_and_actor,
+    introspection_is_active_only_for_live_tokens_of_live_leases,
+    key_rotation_publishes_first_signs_later_and_keeps_tokens_in_flight_valid,
+    every_lease_keeps_its_story,
+    listing_pages_through_every_lease_once,
+    debug_output_never_shows_secrets,
+);

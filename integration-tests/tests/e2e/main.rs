@@ -4,6 +4,7 @@
 mod flow;
 mod jwks;
 mod malformed;
+mod postgres;
 mod reflection;
 mod sdk;
 mod support;

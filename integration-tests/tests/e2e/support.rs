@@ -8,8 +8,9 @@ use std::time::SystemTime;
 use token_sdk::proto::{IssueJobTokenRequest, IssueJobTokenResponse};
 use token_sdk::{AdminClient, JobTokenClient};
 use token_service::clock::{Clock, SystemClock};
-use token_service::config::{Config, ModuleConfig};
+use token_service::config::{Config, ModuleConfig, SecretString, StoreKind};
 use token_service::dev::{self, DevTokenRequest};
+use token_service::secrets::MasterKey;
 use token_service::secrets::key_hash;
 
 use token_service::lease::{Lease, LeaseEvent};
@@ -22,7 +23,7 @@ pub(crate) const ADMIN_KEY: &str = "ak_admin-test-key-0123456789abcdefghijklmnop
 
 pub(crate) struct TestServer {
     running: RunningServer,
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
     config: Config,
     failure_rate: f64,
 }
@@ -60,12 +61,28 @@ impl TestServer {
         config.admin_key_sha256 = Some(key_hash(ADMIN_KEY));
         config.trusted_issuers = vec![dev::dev_issuer_config(dir.path())];
         adjust(&mut config);
+        if config.store.kind == StoreKind::Postgres && !config.master_key_path().exists() {
+            std::fs::write(config.master_key_path(), MasterKey::generate().1).unwrap();
+        }
         let running = launch(config.clone(), failure_rate).await;
         Self {
             running,
-            dir,
+            dir: Arc::new(dir),
             config,
             failure_rate,
+        }
+    }
+
+    /// Another replica on the same store, data directory and master key.
+    pub(crate) async fn replica(&self) -> Self {
+        let mut config = self.config.clone();
+        config.listen.grpc = "127.0.0.1:0".parse().unwrap();
+        config.listen.http = "127.0.0.1:0".parse().unwrap();
+        Self {
+            running: launch(config.clone(), self.failure_rate).await,
+            dir: Arc::clone(&self.dir),
+            config,
+            failure_rate: self.failure_rate,
         }
     }
 
@@ -241,6 +258,30 @@ impl Store for FlakyStore {
     ) -> Result<bool, StoreError> {
         self.inner.rotate_signing_key(new, current).await
     }
+    async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
+        self.inner.purge_ended(before, limit).await
+    }
+    fn remote_ends(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.remote_ends()
+    }
+}
+
+/// The PostgreSQL server for tests (`.ci/run` sets the variable).
+pub(crate) fn postgres_url() -> String {
+    std::env::var("JOBTOKEN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Points `config` at PostgreSQL through `url`, in a schema of its own.
+pub(crate) fn use_postgres(config: &mut Config, url: &str) {
+    config.store.kind = StoreKind::Postgres;
+    config.store.url = Some(SecretString::new(url));
+    config.store.schema = format!("jt_e2e_{}", uuid_like());
+    config.store.statement_timeout = Duration::from_secs(2);
+}
+
+fn uuid_like() -> String {
+    (0..24).map(|_| fastrand::lowercase()).collect()
 }
 
 /// The machine reason of a failed call.

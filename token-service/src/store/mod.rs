@@ -4,8 +4,10 @@
 //! updated with compare-and-set on [`Lease::version`], so concurrent renewals (threads or
 //! replicas) never lose a rotation: the loser re-reads and decides again.
 
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PostgresStore;
 pub use sqlite::{SqliteStore, SyncMode};
 
 use std::fmt;
@@ -143,4 +145,14 @@ pub trait Store: Send + Sync + 'static {
         new: &StoredKey,
         expected_current: Option<&str>,
     ) -> Result<bool, StoreError>;
+
+    /// Deletes up to `limit` leases that ended before `before`, with their events.
+    /// Returns how many leases it deleted. Safe to run on several replicas at once.
+    async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError>;
+
+    /// Changes whenever *another process* sharing this store records a lease end, so
+    /// revocation streams wake at once. `None` for a store only one process uses.
+    fn remote_ends(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }

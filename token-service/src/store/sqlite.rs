@@ -62,6 +62,7 @@ CREATE TABLE lease_events (
 );
 CREATE INDEX lease_events_lease ON lease_events (lease_id, seq);
 CREATE INDEX lease_events_ended ON lease_events (seq) WHERE kind = 'ended';
+CREATE INDEX leases_ended_at ON leases (ended_at) WHERE active = 0;
 CREATE TABLE signing_keys (
     kid                TEXT PRIMARY KEY,
     algorithm          TEXT NOT NULL,
@@ -628,6 +629,35 @@ impl Store for SqliteStore {
             .map_err(map_err)?;
             tx.commit().map_err(map_err)?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(map_err)?;
+            let ids: Vec<String> = {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id FROM leases WHERE active = 0 AND ended_at < ?1 LIMIT ?2",
+                    )
+                    .map_err(map_err)?;
+                let rows = stmt
+                    .query_map(
+                        params![to_millis(before), i64::try_from(limit).unwrap_or(i64::MAX)],
+                        |r| r.get(0),
+                    )
+                    .map_err(map_err)?;
+                rows.collect::<Result<_, _>>().map_err(map_err)?
+            };
+            for id in &ids {
+                tx.execute("DELETE FROM lease_events WHERE lease_id = ?1", [id])
+                    .map_err(map_err)?;
+                tx.execute("DELETE FROM leases WHERE id = ?1", [id])
+                    .map_err(map_err)?;
+            }
+            tx.commit().map_err(map_err)?;
+            Ok(ids.len())
         })
         .await
     }
