@@ -511,3 +511,92 @@ fn a_missing_master_key_with_an_existing_database_refuses_to_start() {
         "no new key was made"
     );
 }
+
+/// Two replicas of the real binary on one PostgreSQL database: leases renew on either,
+/// and when one is killed with SIGKILL mid-load, every lease keeps renewing through the
+/// other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_keep_renewing_through_a_surviving_replica() {
+    const HOLDERS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let url = std::env::var("JOBTOKEN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("jt_proc_{}", std::process::id());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replacen(
+        "\n[[modules]]",
+        &format!(
+            "\n[store]\nkind = \"postgres\"\nurl = \"{url}\"\nschema = \"{schema}\"\n\n[[modules]]"
+        ),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let key = Command::new(BIN).arg("gen-master-key").output().unwrap();
+    std::fs::write(dir.path().join("master.key"), key.stdout).unwrap();
+    let config = config.to_str().unwrap();
+    let a = Proc::start(dir.path(), &["serve", "--config", config]);
+    let b = Proc::start(dir.path(), &["serve", "--config", config]);
+
+    let mut leases = Vec::new();
+    for i in 0..HOLDERS {
+        leases.push(issue(&a.grpc, dir.path(), &format!("job-{i}")).await);
+    }
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut holders = Vec::new();
+    for (lease, token) in leases {
+        let (ea, eb, killed) = (a.grpc.clone(), b.grpc.clone(), Arc::clone(&killed));
+        holders.push(tokio::spawn(async move {
+            let mut replicas = [
+                token_sdk::connect(&ea, MODULE_KEY).await.unwrap(),
+                token_sdk::connect(&eb, MODULE_KEY).await.unwrap(),
+            ];
+            let (mut token, mut renewals_after_kill, mut a_alive) = (token, 0u32, true);
+            for n in 0..u64::MAX {
+                // Round-robin across live replicas, as behind a load balancer.
+                let which = if a_alive { (n % 2) as usize } else { 1 };
+                let request = RefreshJobTokenRequest {
+                    lease_id: lease.clone(),
+                    refresh_token: token.clone(),
+                };
+                let after_kill = killed.load(std::sync::atomic::Ordering::SeqCst);
+                match replicas[which].refresh_job_token(request).await {
+                    Ok(r) => {
+                        token = r.into_inner().tokens.unwrap().refresh_token;
+                        if after_kill {
+                            renewals_after_kill += 1;
+                            if renewals_after_kill >= 20 {
+                                return (lease, token, renewals_after_kill);
+                            }
+                        }
+                    }
+                    // Replica A died under us: retry the same token on B.
+                    Err(status) => {
+                        assert_eq!(which, 0, "B failed: {status:?}");
+                        a_alive = false;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            unreachable!()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    a.kill_9();
+    let mut client = token_sdk::connect(&b.grpc, MODULE_KEY).await.unwrap();
+    for holder in holders {
+        let (lease, token, renewals) = tokio::time::timeout(Duration::from_secs(60), holder)
+            .await
+            .expect("every holder keeps renewing")
+            .unwrap();
+        assert!(renewals >= 20);
+        client
+            .refresh_job_token(RefreshJobTokenRequest {
+                lease_id: lease,
+                refresh_token: token,
+            })
+            .await
+            .unwrap();
+    }
+}
