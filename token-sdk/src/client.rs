@@ -11,8 +11,11 @@ use tonic::transport::{ClientTlsConfig, Endpoint};
 use crate::api::Grpc;
 use crate::lease::{Lease, LeaseInfo, Renewal};
 use crate::schedule::RenewalConfig;
-use crate::watcher::Watcher;
+use crate::watcher::LeaseWatch;
 use crate::{Error, JobTokenClient, KeyInterceptor, proto};
+
+/// How long a grant waits for the revocation stream to open.
+const WATCH_READY_WAIT: Duration = Duration::from_secs(2);
 
 /// Configures a [`Client`].
 #[derive(Clone)]
@@ -104,7 +107,7 @@ struct Inner {
     renewal: RenewalConfig,
     release_on_drop: bool,
     watch_revocations: bool,
-    watcher: Mutex<Weak<Watcher>>,
+    watcher: Mutex<Weak<LeaseWatch>>,
 }
 
 /// Holds leases for a module. Cheap to clone; clones share one connection.
@@ -160,6 +163,7 @@ impl Client {
     /// Re-attaches to this module's lease for `job_id` after a restart. The refresh token
     /// the previous instance held stops working.
     pub async fn resume(&self, job_id: impl Into<String>) -> Result<Lease, Error> {
+        let watcher = self.watcher().await;
         let response = self
             .grpc()
             .resume_job_token(proto::ResumeJobTokenRequest {
@@ -168,19 +172,27 @@ impl Client {
             .await
             .map_err(Error::Rejected)?
             .into_inner();
-        self.hold(response.lease, response.tokens)
+        self.hold(response.lease, response.tokens, watcher)
     }
 
-    fn watcher(&self) -> Option<Arc<Watcher>> {
+    /// The shared revocation stream, started if no lease holds it; open (or given up on
+    /// after a short wait) before it returns, so an end right after a grant is not missed.
+    async fn watcher(&self) -> Option<Arc<LeaseWatch>> {
         if !self.inner.watch_revocations {
             return None;
         }
-        let mut slot = self.inner.watcher.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(watcher) = slot.upgrade() {
-            return Some(watcher);
-        }
-        let watcher = Watcher::spawn(self.grpc());
-        *slot = Arc::downgrade(&watcher);
+        let watcher = {
+            let mut slot = self.inner.watcher.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.upgrade() {
+                Some(watcher) => watcher,
+                None => {
+                    let watcher = LeaseWatch::start(self.grpc());
+                    *slot = Arc::downgrade(&watcher);
+                    watcher
+                }
+            }
+        };
+        watcher.wait_ready(WATCH_READY_WAIT).await;
         Some(watcher)
     }
 
@@ -188,12 +200,31 @@ impl Client {
         &self,
         lease: Option<proto::Lease>,
         tokens: Option<proto::TokenPair>,
+        watcher: Option<Arc<LeaseWatch>>,
     ) -> Result<Lease, Error> {
         let (Some(lease), Some(tokens)) = (lease, tokens) else {
             return Err(Error::Rejected(Status::internal(
                 "the service answered without a lease or tokens",
             )));
         };
+        let expires_at = lease
+            .expires_at
+            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+        // The service's "now", from its own answer: token expiry minus token life. Time
+        // left on the lease is then a difference of two service timestamps, immune to
+        // this machine's clock being wrong.
+        let service_now = tokens
+            .access_token_expires_at
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .zip(
+                tokens
+                    .access_token_expires_in
+                    .and_then(|d| Duration::try_from(d).ok()),
+            )
+            .and_then(|(at, life)| at.checked_sub(life));
+        let remaining = expires_at
+            .zip(service_now)
+            .map(|(end, now)| end.duration_since(now).unwrap_or_default());
         let info = LeaseInfo {
             lease_id: lease.lease_id,
             job_id: lease.job_id,
@@ -201,15 +232,15 @@ impl Client {
             subject: lease.subject,
             actor: lease.actor,
             permissions: lease.granted_permissions,
-            expires_at: lease
-                .expires_at
-                .and_then(|t| std::time::SystemTime::try_from(t).ok()),
+            expires_at,
+            idle_timeout: lease.idle_timeout.and_then(|d| Duration::try_from(d).ok()),
+            remaining,
         };
         let renewal = Renewal {
             api: Arc::new(Grpc(self.grpc())),
             config: self.inner.renewal.clone(),
             release_on_drop: self.inner.release_on_drop,
-            watcher: self.watcher(),
+            watcher,
         };
         Ok(Lease::start(info, tokens, renewal))
     }
@@ -256,6 +287,7 @@ impl LeaseRequest {
 
     /// Grants the lease and starts renewing it in the background.
     pub async fn start(self) -> Result<Lease, Error> {
+        let watcher = self.client.watcher().await;
         let response = self
             .client
             .grpc()
@@ -263,6 +295,6 @@ impl LeaseRequest {
             .await
             .map_err(Error::Rejected)?
             .into_inner();
-        self.client.hold(response.lease, response.tokens)
+        self.client.hold(response.lease, response.tokens, watcher)
     }
 }

@@ -38,14 +38,16 @@ impl BearerInterceptor {
         }
     }
 
-    /// `<header>: <token>` (no `Bearer` prefix). `header` must be a lower-case ASCII
-    /// metadata key, such as `x-okapi-token`.
-    pub fn with_header(lease: Lease, header: &'static str) -> Self {
-        Self {
+    /// `<header>: <token>` (no `Bearer` prefix), such as `x-okapi-token`. Fails with
+    /// [`crate::Error::InvalidKey`] if `header` is not a valid metadata key.
+    pub fn with_header(lease: Lease, header: &str) -> Result<Self, crate::Error> {
+        let header = MetadataKey::from_bytes(header.to_ascii_lowercase().as_bytes())
+            .map_err(|_| crate::Error::InvalidKey)?;
+        Ok(Self {
             lease,
-            header: MetadataKey::from_static(header),
+            header,
             bearer: false,
-        }
+        })
     }
 }
 
@@ -99,9 +101,11 @@ impl Lease {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
+        let sent = self.access_token().generation();
         match call().await {
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                if let Err(end) = self.refresh_now().await {
+                // Renew only if nobody has since the call read its token.
+                if let Err(end) = self.refresh_if_stale(sent).await {
                     return Err(Status::unauthenticated(format!(
                         "the job's lease has ended ({:?})",
                         end.reason

@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 use crate::api::Api;
 use crate::proto;
 use crate::schedule::{RenewalConfig, backoff, refresh_in};
-use crate::watcher::Watcher;
+use crate::watcher::LeaseWatch;
 
 /// Why a lease ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,8 +161,13 @@ pub struct LeaseInfo {
     pub actor: String,
     /// Granted permissions.
     pub permissions: Vec<String>,
-    /// Hard expiry.
+    /// Hard expiry (the service's clock).
     pub expires_at: Option<SystemTime>,
+    /// The lease ends if not renewed for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Time left until the hard expiry when the lease was granted or resumed, computed
+    /// from the service's own timestamps (so local clock skew does not matter).
+    pub remaining: Option<Duration>,
 }
 
 /// State shared by the handles, the renewal task and the revocation watcher.
@@ -206,7 +211,7 @@ impl Shared {
 struct Handle {
     shared: Arc<Shared>,
     _alive: watch::Sender<()>,
-    _watcher: Option<Arc<Watcher>>,
+    _watcher: Option<Arc<LeaseWatch>>,
 }
 
 /// A lease held by this module for one job. Cheap to clone: hand it to every worker of
@@ -232,15 +237,20 @@ pub(crate) struct Renewal {
     pub(crate) api: Arc<dyn Api>,
     pub(crate) config: RenewalConfig,
     pub(crate) release_on_drop: bool,
-    pub(crate) watcher: Option<Arc<Watcher>>,
+    pub(crate) watcher: Option<Arc<LeaseWatch>>,
 }
+
+/// Longest token life believed; a larger answer is clamped (and cannot overflow
+/// `Instant` arithmetic).
+const MAX_LIFE: Duration = Duration::from_secs(24 * 3600);
 
 /// The service's answer to a grant, resume or renewal.
 pub(crate) fn token_from(pair: &proto::TokenPair, generation: u64) -> (AccessToken, Duration) {
     let life = pair
         .access_token_expires_in
         .and_then(|d| Duration::try_from(d).ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .min(MAX_LIFE);
     let token = AccessToken {
         secret: Arc::from(pair.access_token.as_str()),
         expires_at: crate::clock::now() + life,
@@ -327,8 +337,16 @@ impl Lease {
     /// Renews now (for a token found stale, say after a downstream UNAUTHENTICATED) and
     /// returns the new token. Concurrent callers share one renewal.
     pub async fn refresh_now(&self) -> Result<Arc<AccessToken>, LeaseEnd> {
+        let current = self.access_token().generation;
+        self.refresh_if_stale(current).await
+    }
+
+    /// Renews unless a token newer than `generation` already exists (someone else renewed
+    /// since this caller read its token), and returns the newest token. A burst of
+    /// callers that all found generation `g` stale shares one renewal.
+    pub async fn refresh_if_stale(&self, generation: u64) -> Result<Arc<AccessToken>, LeaseEnd> {
         let mut changes = self.changes();
-        let before = changes.borrow_and_update().generation;
+        let before = generation;
         self.shared()
             .wanted
             .send_modify(|w| *w = (*w).max(before + 1));
@@ -351,14 +369,16 @@ impl Lease {
     }
 
     /// Releases the lease at the end of the job: every token of it stops being valid.
-    pub async fn release(&self, outcome: Outcome) -> Result<(), Status> {
+    /// Idempotent.
+    pub async fn release(&self, outcome: Outcome) -> Result<(), crate::Error> {
         let shared = self.shared();
         if let LeaseState::Ended(_) = self.state() {
             return Ok(());
         }
         self.api
             .release(&shared.info.lease_id, outcome.to_proto(), "")
-            .await?;
+            .await
+            .map_err(crate::Error::Rejected)?;
         shared.finish(LeaseEnd {
             reason: EndReason::Released,
             detail: format!("released by this module ({outcome:?})"),
@@ -390,9 +410,14 @@ fn end_from(status: &Status) -> LeaseEnd {
     }
 }
 
+/// Longest wait for one renewal RPC; a black-holed connection then counts as a transient
+/// failure instead of stalling renewal.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The background renewal: sleep to the renewal point (or until asked), renew, publish;
-/// back off on transient failures; stop on a terminal one, on release, or when every
-/// handle is gone.
+/// back off on transient failures; stop on a terminal answer, on release, when every
+/// handle is gone, or locally once the service's own limits (hard expiry, idle timeout)
+/// have passed without a successful renewal.
 async fn run(
     shared: Arc<Shared>,
     renewal: Renewal,
@@ -409,43 +434,69 @@ async fn run(
     let lease_id = shared.info.lease_id.clone();
     let mut end = shared.end.subscribe();
     let mut wanted = shared.wanted.subscribe();
-    let mut due = crate::clock::now() + refresh_in(life, &config, fastrand::f64());
+    let started = crate::clock::now();
+    let hard_deadline = shared.info.remaining.map(|r| started + r);
+    let mut last_success = started;
+    let mut due = started + refresh_in(life, &config, fastrand::f64());
     let mut attempt = 0u32;
     loop {
+        let now = crate::clock::now();
+        let limit = [
+            hard_deadline.map(|d| (d, EndReason::Expired)),
+            shared
+                .info
+                .idle_timeout
+                .map(|idle| (last_success + idle, EndReason::IdleTimeout)),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|(at, _)| now >= *at);
+        if let Some((_, reason)) = limit {
+            shared.finish(LeaseEnd {
+                reason,
+                detail: "the lease ran out while the service could not be reached".into(),
+            });
+            return;
+        }
         let generation = shared.current.load().generation;
         let asked = *wanted.borrow_and_update() > generation;
-        if !asked {
-            tokio::select! {
-                biased;
-                _ = alive.changed() => {
-                    if release_on_drop && shared.end.borrow().is_none() {
-                        let released = api
-                            .release(&lease_id, proto::JobOutcome::Cancelled, "every handle was dropped")
-                            .await;
-                        if let Err(status) = released {
-                            tracing::warn!(lease_id = %lease_id, code = ?status.code(), "release on drop failed");
-                        }
+        // A caller's request renews at once, except during a backoff, which it must
+        // respect too (or an outage would turn into a tight loop).
+        let wake_at = if asked && attempt == 0 { now } else { due };
+        tokio::select! {
+            biased;
+            _ = alive.changed() => {
+                if release_on_drop && shared.end.borrow().is_none() {
+                    let released = api
+                        .release(&lease_id, proto::JobOutcome::Cancelled, "every handle was dropped")
+                        .await;
+                    if let Err(status) = released {
+                        tracing::warn!(lease_id = %lease_id, code = ?status.code(), "release on drop failed");
                     }
-                    shared.finish(LeaseEnd {
-                        reason: EndReason::Released,
-                        detail: "every handle was dropped".into(),
-                    });
-                    return;
                 }
-                _ = async { let _ = end.wait_for(Option::is_some).await; } => return,
-                // A caller of `refresh_now`: re-check whether it still needs a renewal.
-                _ = wanted.changed() => continue,
-                _ = tokio::time::sleep_until(due) => {}
+                shared.finish(LeaseEnd {
+                    reason: EndReason::Released,
+                    detail: "every handle was dropped".into(),
+                });
+                return;
             }
+            _ = async { let _ = end.wait_for(Option::is_some).await; } => return,
+            // A caller of `refresh_now`: re-check whether it still needs a renewal.
+            _ = wanted.changed(), if !asked => continue,
+            _ = tokio::time::sleep_until(wake_at) => {}
         }
-        match api.refresh(&lease_id, &refresh_token).await {
+        let answer = tokio::time::timeout(RPC_TIMEOUT, api.refresh(&lease_id, &refresh_token))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("renewal timed out")));
+        match answer {
             Ok(pair) => {
                 let (token, life) = token_from(&pair, generation + 1);
                 refresh_token = pair.refresh_token;
                 shared.publish(token);
                 attempt = 0;
+                last_success = crate::clock::now();
                 let wait = refresh_in(life, &config, fastrand::f64());
-                due = crate::clock::now() + wait;
+                due = last_success + wait;
                 tracing::debug!(
                     lease_id = %lease_id,
                     generation = generation + 1,
@@ -490,6 +541,8 @@ mod tests {
     struct Fake {
         life: Duration,
         script: Mutex<VecDeque<Result<(), Status>>>,
+        /// Answers that never come (a black-holed connection), before the script.
+        hangs: AtomicUsize,
         presented: Mutex<Vec<(Instant, String)>>,
         releases: AtomicUsize,
         issued: AtomicUsize,
@@ -500,6 +553,7 @@ mod tests {
             Arc::new(Fake {
                 life,
                 script: Mutex::new(VecDeque::new()),
+                hangs: AtomicUsize::new(0),
                 presented: Mutex::new(Vec::new()),
                 releases: AtomicUsize::new(0),
                 issued: AtomicUsize::new(0),
@@ -537,6 +591,13 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((crate::clock::now(), refresh_token.to_owned()));
+            if self
+                .hangs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                std::future::pending::<()>().await;
+            }
             // A round trip takes a moment, so racing callers overlap.
             tokio::time::sleep(Duration::from_millis(5)).await;
             let next = self.script.lock().unwrap().pop_front();
@@ -553,6 +614,10 @@ mod tests {
     }
 
     fn info() -> LeaseInfo {
+        info_with(None, None)
+    }
+
+    fn info_with(remaining: Option<Duration>, idle_timeout: Option<Duration>) -> LeaseInfo {
         LeaseInfo {
             lease_id: "lease-1".into(),
             job_id: "job-1".into(),
@@ -561,6 +626,8 @@ mod tests {
             actor: "importer".into(),
             permissions: vec!["a.read".into()],
             expires_at: None,
+            idle_timeout,
+            remaining,
         }
     }
 
@@ -572,9 +639,13 @@ mod tests {
     }
 
     fn hold(fake: &Arc<Fake>, config: RenewalConfig) -> Lease {
+        hold_with(fake, config, info())
+    }
+
+    fn hold_with(fake: &Arc<Fake>, config: RenewalConfig, info: LeaseInfo) -> Lease {
         let first = fake.pair();
         Lease::start(
-            info(),
+            info,
             first,
             Renewal {
                 api: Arc::clone(fake) as Arc<dyn Api>,
@@ -680,6 +751,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn on_demand_refresh_is_single_flight() {
         let fake = Fake::new(Duration::from_secs(300));
+        let start = crate::clock::now();
         let lease = hold(&fake, no_jitter());
         let callers: Vec<_> = (0..200)
             .map(|_| {
@@ -692,9 +764,97 @@ mod tests {
             assert_eq!(token.generation(), 1);
         }
         assert_eq!(fake.calls().len(), 1, "200 callers, one renewal");
+        // At once, not at the scheduled renewal 210 s later.
+        assert!(fake.calls()[0].0 - start < Duration::from_millis(10));
         // Later callers get a renewal of their own.
         assert_eq!(lease.refresh_now().await.unwrap().generation(), 2);
         assert_eq!(fake.calls().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_demand_refresh_respects_backoff_during_an_outage() {
+        let fake = Fake::new(Duration::from_secs(300));
+        for _ in 0..5 {
+            fake.then(Err(unavailable()));
+        }
+        let lease = hold(&fake, no_jitter());
+        let token = lease.refresh_now().await.unwrap();
+        assert_eq!(token.generation(), 1);
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 6, "five failures, then success: no spinning");
+        let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        assert!(
+            gaps.windows(2).all(|g| g[0] <= g[1]),
+            "backoff grows: {gaps:?}"
+        );
+        assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_refresh_request_does_not_spin() {
+        let fake = Fake::new(Duration::from_secs(300));
+        for _ in 0..1000 {
+            fake.then(Err(unavailable()));
+        }
+        let lease = hold(&fake, no_jitter());
+        let asked = tokio::spawn({
+            let lease = lease.clone();
+            async move { lease.refresh_now().await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        asked.abort();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let calls = fake.calls().len();
+        assert!((5..=20).contains(&calls), "{calls} calls in 60 s of outage");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_renewal_times_out_and_is_retried() {
+        let fake = Fake::new(Duration::from_secs(60));
+        fake.hangs.store(1, Ordering::SeqCst);
+        let lease = hold(&fake, no_jitter());
+        let mut changes = lease.changes();
+        changes.changed().await.unwrap();
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 2);
+        let gap = calls[1].0 - calls[0].0;
+        // The timeout, then the first backoff (100-200 ms with jitter).
+        assert!(gap >= RPC_TIMEOUT + Duration::from_millis(100), "{gap:?}");
+        assert!(gap <= RPC_TIMEOUT + Duration::from_millis(200), "{gap:?}");
+        assert_eq!(calls[1].1, "rt-0", "the retry reuses the refresh token");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_service_ends_the_lease_locally_at_its_limits() {
+        // Hard expiry 30 s away, the service unreachable for good.
+        let fake = Fake::new(Duration::from_secs(10));
+        for _ in 0..10_000 {
+            fake.then(Err(unavailable()));
+        }
+        let start = crate::clock::now();
+        let lease = hold_with(
+            &fake,
+            no_jitter(),
+            info_with(Some(Duration::from_secs(30)), None),
+        );
+        let end = lease.ended().await;
+        assert_eq!(end.reason, EndReason::Expired);
+        let took = crate::clock::now() - start;
+        assert!(
+            took >= Duration::from_secs(30) && took < Duration::from_secs(41),
+            "{took:?}"
+        );
+        // Idle timeout: no successful renewal for 20 s.
+        let fake = Fake::new(Duration::from_secs(10));
+        for _ in 0..10_000 {
+            fake.then(Err(unavailable()));
+        }
+        let lease = hold_with(
+            &fake,
+            no_jitter(),
+            info_with(None, Some(Duration::from_secs(20))),
+        );
+        assert_eq!(lease.ended().await.reason, EndReason::IdleTimeout);
     }
 
     #[tokio::test(start_paused = true)]
@@ -789,7 +949,9 @@ mod tests {
             "Bearer access-0"
         );
         lease.refresh_now().await.unwrap();
-        let mut custom = crate::BearerInterceptor::with_header(lease.clone(), "x-okapi-token");
+        let mut custom =
+            crate::BearerInterceptor::with_header(lease.clone(), "X-Okapi-Token").unwrap();
+        assert!(crate::BearerInterceptor::with_header(lease.clone(), "bad header").is_err());
         let request = custom.call(Request::new(())).unwrap();
         assert_eq!(request.metadata().get("x-okapi-token").unwrap(), "access-1");
         assert_eq!(lease.authorization_header(), "Bearer access-1");

@@ -71,8 +71,9 @@ pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
 /// Errors of building a client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The key is not valid as a gRPC metadata value (printable ASCII).
-    #[error("the key is not printable ASCII")]
+    /// A key or header name is not valid gRPC metadata (printable ASCII; header names
+    /// lower-case letters, digits, `-` and `_`).
+    #[error("a key or header name is not valid gRPC metadata")]
     InvalidKey,
     /// The endpoint URI is malformed or the connection failed.
     #[error("cannot connect: {0}")]

@@ -10,7 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::watcher::{EndSink, stream};
+use crate::watcher::{EndSink, Subscription};
 use crate::{Client, JobTokenClient, proto};
 
 /// Least time between two JWKS fetches triggered by unknown key ids, so garbage tokens
@@ -80,18 +80,23 @@ pub enum VerifyError {
     Unavailable,
 }
 
-/// Ended leases whose tokens may still be inside their `exp`.
+/// Ended leases whose tokens may still be accepted (inside `exp` plus leeway).
 #[derive(Default)]
-struct Revoked(Mutex<HashMap<String, SystemTime>>);
+struct Revoked {
+    leases: Mutex<HashMap<String, SystemTime>>,
+    leeway: Duration,
+}
 
 impl EndSink for Revoked {
     fn on_end(&self, event: &proto::WatchRevocationsResponse) {
+        // Tokens pass until `exp` plus the leeway, so remember the lease that long.
         let until = event
             .tokens_valid_until
             .and_then(|t| SystemTime::try_from(t).ok())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+            + self.leeway;
         let now = crate::clock::wall_now();
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         // Forget leases none of whose tokens can be valid any more.
         set.retain(|_, valid_until| *valid_until > now);
         if until > now {
@@ -102,7 +107,7 @@ impl EndSink for Revoked {
 
 impl Revoked {
     fn contains(&self, lease_id: &str) -> bool {
-        self.0
+        self.leases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(lease_id)
@@ -117,6 +122,8 @@ struct Inner {
     refetch_interval: Duration,
     revoked: Arc<Revoked>,
     online: bool,
+    /// Keeps the revocation stream running for as long as the verifier lives.
+    _revocations: Option<Subscription>,
 }
 
 /// Verifies job tokens: offline against the service's published keys (cached, refetched
@@ -198,7 +205,18 @@ impl VerifierBuilder {
         }
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         let grpc = self.client.grpc();
-        let revoked = Arc::new(Revoked::default());
+        let revoked = Arc::new(Revoked {
+            leeway: self.leeway,
+            ..Revoked::default()
+        });
+        let revocations = self.watch_revocations.then(|| {
+            // Replay ends whose tokens may still be valid: a verifier that starts after a
+            // revoke must still refuse that lease's tokens.
+            Subscription::start(grpc.clone(), revoked.clone(), true)
+        });
+        if let Some(subscription) = &revocations {
+            subscription.wait_ready(Duration::from_secs(2)).await;
+        }
         let verifier = Verifier {
             inner: Arc::new(Inner {
                 keys: ArcSwap::from_pointee(fetch_keys(&grpc).await?),
@@ -206,15 +224,11 @@ impl VerifierBuilder {
                 validation,
                 last_fetch: tokio::sync::Mutex::new(Some(crate::clock::now())),
                 refetch_interval: self.refetch_interval,
-                revoked: Arc::clone(&revoked),
+                revoked,
                 online: self.online,
+                _revocations: revocations,
             }),
         };
-        if self.watch_revocations {
-            // The stream lives as long as the verifier holds the set.
-            let sink: Arc<dyn EndSink> = revoked;
-            tokio::spawn(stream(Arc::downgrade(&sink), grpc));
-        }
         Ok(verifier)
     }
 }

@@ -773,6 +773,14 @@ impl LeaseService {
         Ok(self.store.end_events_after(cursor, limit).await?)
     }
 
+    /// Where a watcher that wants every end whose tokens may still be valid begins.
+    pub async fn live_ends_cursor(&self) -> Result<u64> {
+        match self.store.earliest_live_end(self.clock.now()).await? {
+            Some(seq) => Ok(seq.saturating_sub(1)),
+            None => self.last_sequence().await,
+        }
+    }
+
     /// The newest event sequence, where a watcher starting "from now" begins.
     pub async fn last_sequence(&self) -> Result<u64> {
         Ok(self.store.last_event_sequence().await?)

@@ -94,7 +94,10 @@ async fn a_revoke_on_one_replica_reaches_watchers_of_another_within_a_second() {
     let mut stream = b
         .client()
         .await
-        .watch_revocations(WatchRevocationsRequest { after_cursor: None })
+        .watch_revocations(WatchRevocationsRequest {
+            after_cursor: None,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -120,6 +123,7 @@ async fn a_revoke_on_one_replica_reaches_watchers_of_another_within_a_second() {
         .await
         .watch_revocations(WatchRevocationsRequest {
             after_cursor: Some(event.cursor),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -239,6 +239,9 @@ impl Store for FlakyStore {
     ) -> Result<Vec<LeaseEvent>, StoreError> {
         self.inner.end_events_after(cursor, limit).await
     }
+    async fn earliest_live_end(&self, now: SystemTime) -> Result<Option<u64>, StoreError> {
+        self.inner.earliest_live_end(now).await
+    }
     async fn last_event_sequence(&self) -> Result<u64, StoreError> {
         self.inner.last_event_sequence().await
     }

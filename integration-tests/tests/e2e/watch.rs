@@ -66,7 +66,10 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
     // "From now": the stream opens with a heartbeat carrying its starting cursor, and
     // does not replay the end that happened before.
     let mut stream = client
-        .watch_revocations(WatchRevocationsRequest { after_cursor: None })
+        .watch_revocations(WatchRevocationsRequest {
+            after_cursor: None,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -109,6 +112,7 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
     let mut resumed = client
         .watch_revocations(WatchRevocationsRequest {
             after_cursor: Some(first.cursor),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -130,6 +134,7 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
     let mut all = client
         .watch_revocations(WatchRevocationsRequest {
             after_cursor: Some(0),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -141,7 +146,10 @@ async fn revocations_reach_watchers_within_a_second_and_resume_from_a_cursor() {
     let err = token_sdk::connect(&server.endpoint(), "mk_unknown")
         .await
         .unwrap()
-        .watch_revocations(WatchRevocationsRequest { after_cursor: None })
+        .watch_revocations(WatchRevocationsRequest {
+            after_cursor: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);

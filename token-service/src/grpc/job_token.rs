@@ -210,8 +210,10 @@ impl JobTokenService for JobTokenApi {
         let poll = self.watch_poll;
         let start = observe(&self.metrics, "WatchRevocations", async {
             authenticate(&self.modules, &request)?;
-            match request.into_inner().after_cursor {
+            let request = request.into_inner();
+            match request.after_cursor {
                 Some(cursor) => Ok(cursor),
+                None if request.replay_live => service.live_ends_cursor().await,
                 None => service.last_sequence().await,
             }
         })

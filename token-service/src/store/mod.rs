@@ -124,6 +124,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<LeaseEvent>, StoreError>;
 
+    /// The lowest sequence of an `Ended` event whose `tokens_valid_until` is after `now`.
+    async fn earliest_live_end(&self, now: SystemTime) -> Result<Option<u64>, StoreError>;
+
     /// The highest event sequence so far (0 if none).
     async fn last_event_sequence(&self) -> Result<u64, StoreError>;
 

@@ -662,6 +662,19 @@ impl Store for PostgresStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    async fn earliest_live_end(&self, now: SystemTime) -> Result<Option<u64>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT MIN(seq) FROM lease_events WHERE kind = 'ended' \
+                 AND tokens_valid_until > $1",
+                &[&to_millis(now)],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.get::<_, Option<i64>>(0).map(i64_to_u64))
+    }
+
     async fn last_event_sequence(&self) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let row = client

@@ -531,6 +531,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn earliest_live_end(&self, now: SystemTime) -> Result<Option<u64>, StoreError> {
+        self.with(move |conn| {
+            let seq: Option<i64> = conn
+                .query_row(
+                    "SELECT MIN(seq) FROM lease_events WHERE kind = 'ended' \
+                     AND tokens_valid_until > ?1",
+                    [to_millis(now)],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            Ok(seq.map(|s| s.max(0).unsigned_abs()))
+        })
+        .await
+    }
+
     async fn last_event_sequence(&self) -> Result<u64, StoreError> {
         self.with(|conn| {
             let seq: Option<i64> = conn
