@@ -122,3 +122,18 @@ impl Lease {
         format!("Bearer {}", self.access_token().secret())
     }
 }
+
+#[cfg(feature = "reqwest")]
+impl Lease {
+    /// Adds `Authorization: Bearer <current token>` to a reqwest request (feature
+    /// `reqwest`). The header is marked sensitive.
+    pub fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match http::HeaderValue::from_str(&self.authorization_header()) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                request.header(http::header::AUTHORIZATION, value)
+            }
+            Err(_) => request,
+        }
+    }
+}

@@ -938,6 +938,20 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
+    #[cfg(feature = "reqwest")]
+    #[tokio::test(start_paused = true)]
+    async fn reqwest_requests_carry_the_current_token() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let request = lease
+            .authorize(reqwest::Client::new().get("http://127.0.0.1:9/records"))
+            .build()
+            .unwrap();
+        let value = request.headers().get("authorization").unwrap();
+        assert_eq!(value, "Bearer access-0");
+        assert!(value.is_sensitive());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_interceptor_sends_the_current_token() {
         let fake = Fake::new(Duration::from_secs(10));

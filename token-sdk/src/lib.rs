@@ -35,6 +35,7 @@
 //! Revocations reach the lease within a second through the service's revocation stream.
 
 mod api;
+mod auth_layer;
 mod client;
 mod clock;
 mod interceptor;
@@ -44,6 +45,7 @@ mod schedule;
 mod verifier;
 mod watcher;
 
+pub use auth_layer::{AuthLayer, AuthService};
 pub use client::{Client, ClientBuilder, LeaseRequest};
 pub use interceptor::BearerInterceptor;
 pub use layer::{VerifyLayer, VerifyService};

@@ -294,3 +294,102 @@ async fn renewals_ride_out_a_restart_and_transient_failures() {
     assert!(verifier.verify(lease.access_token().secret()).await.is_ok());
     server.stop().await;
 }
+
+/// A resource server layer that refuses the first token it sees, as if it had expired in
+/// flight, and records every token.
+#[derive(Clone, Default)]
+struct RefuseFirst {
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl<S> tower::Layer<S> for RefuseFirst {
+    type Service = RefuseFirstService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RefuseFirstService {
+            inner,
+            seen: Arc::clone(&self.seen),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct RefuseFirstService<S> {
+    inner: S,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for RefuseFirstService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let token = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let first = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(token);
+            seen.len() == 1
+        };
+        if first {
+            let refused = tonic::Status::unauthenticated("token expired").into_http();
+            return Box::pin(async move { Ok(refused) });
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+#[tokio::test]
+async fn the_auth_layer_renews_and_retries_once_when_a_token_expires_in_flight() {
+    let server = TestServer::start().await;
+    let client = client(&server).await;
+    let lease = client
+        .lease("retrying", server.user_token(&["inventory.read"]))
+        .start()
+        .await
+        .unwrap();
+    let refuse = RefuseFirst::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(refuse.clone())
+            .add_service(health)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let channel = tower::ServiceBuilder::new()
+        .layer(token_sdk::AuthLayer::new(lease.clone()))
+        .service(channel(addr).await);
+    let mut api = HealthClient::new(channel);
+    api.check(check())
+        .await
+        .expect("retried with a renewed token");
+    let seen = refuse.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one refusal, one retry");
+    assert_ne!(seen[0], seen[1], "the retry carried the renewed token");
+    assert_eq!(seen[1], format!("Bearer {}", lease.access_token().secret()));
+    assert_eq!(lease.access_token().generation(), 1);
+    // Later calls go straight through with the current token.
+    api.check(check()).await.unwrap();
+    assert_eq!(refuse.seen.lock().unwrap().len(), 3);
+    server.stop().await;
+}
