@@ -55,10 +55,12 @@ async fn client(server: &TestServer) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_outlives_thirty_access_tokens_without_a_rejected_request() {
+    // 2-second tokens: 31 lifetimes in about a minute, with the strictest verifier (no
+    // leeway), on a CI machine busy with the other tests.
     let server = TestServer::start_with(|c| {
-        c.access_token_ttl = Duration::from_secs(1);
-        c.idle_timeout = Duration::from_secs(5);
-        c.refresh_grace = Duration::from_secs(2);
+        c.access_token_ttl = Duration::from_secs(2);
+        c.idle_timeout = Duration::from_secs(10);
+        c.refresh_grace = Duration::from_secs(4);
     })
     .await;
     let client = client(&server).await;
@@ -85,7 +87,7 @@ async fn a_job_outlives_thirty_access_tokens_without_a_rejected_request() {
         .unwrap();
     assert_eq!(lease.info().permissions, vec!["inventory.write"]);
 
-    // Four workers call the resource server every few milliseconds for 31 s: 31 access
+    // Four workers call the resource server every few milliseconds for 62 s: 31 access
     // token lifetimes.
     let (sent, rejected) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let workers: Vec<_> = (0..4)
@@ -105,7 +107,7 @@ async fn a_job_outlives_thirty_access_tokens_without_a_rejected_request() {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(31), work).await;
+                let _ = tokio::time::timeout(Duration::from_secs(62), work).await;
             })
         })
         .collect();
@@ -113,7 +115,7 @@ async fn a_job_outlives_thirty_access_tokens_without_a_rejected_request() {
         w.await.unwrap();
     }
     let generation = lease.access_token().generation();
-    assert!(generation >= 30, "renewed {generation} times in 31 s");
+    assert!(generation >= 30, "renewed {generation} times in 62 s");
     assert!(sent.load(Ordering::Relaxed) > 2000, "{sent:?}");
     assert_eq!(
         rejected.load(Ordering::Relaxed),
@@ -237,7 +239,7 @@ async fn a_restarted_instance_resumes_and_the_old_one_learns_it_lost_the_lease()
 async fn renewals_ride_out_a_restart_and_transient_failures() {
     let server = TestServer::start_flaky(
         |c| {
-            c.access_token_ttl = Duration::from_secs(1);
+            c.access_token_ttl = Duration::from_secs(2);
             c.idle_timeout = Duration::from_secs(10);
             c.refresh_grace = Duration::from_secs(5);
         },
@@ -258,7 +260,7 @@ async fn renewals_ride_out_a_restart_and_transient_failures() {
         .unwrap();
     let checks = async {
         let mut rejected = 0;
-        for _ in 0..300 {
+        for _ in 0..600 {
             if verifier
                 .verify(lease.access_token().secret())
                 .await
@@ -273,7 +275,7 @@ async fn renewals_ride_out_a_restart_and_transient_failures() {
     assert_eq!(
         checks.await,
         0,
-        "no token was refused over 6 s of flaky renewals"
+        "no token was refused over 12 s of flaky renewals"
     );
     let before_restart = lease.access_token().generation();
     assert!(before_restart >= 5, "{before_restart} renewals");
@@ -284,7 +286,7 @@ async fn renewals_ride_out_a_restart_and_transient_failures() {
     );
 
     let server = server.restart(Duration::from_millis(500)).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(lease.state(), LeaseState::Active);
     let after = lease.access_token().generation();
     assert!(

@@ -177,6 +177,8 @@ async fn launch(config: Config, failure_rate: f64) -> RunningServer {
             Arc::new(FlakyStore {
                 inner: store,
                 failure_rate,
+                updates: std::sync::atomic::AtomicUsize::new(0),
+                failures: std::sync::atomic::AtomicUsize::new(0),
             })
         } else {
             store
@@ -186,10 +188,13 @@ async fn launch(config: Config, failure_rate: f64) -> RunningServer {
     .unwrap()
 }
 
-/// A store that loses some lease updates, before or after writing them.
+/// A store that loses some lease updates, before or after writing them. The pattern is
+/// fixed (not random), so every run sees both kinds of failure.
 struct FlakyStore {
     inner: Arc<dyn Store>,
     failure_rate: f64,
+    updates: std::sync::atomic::AtomicUsize,
+    failures: std::sync::atomic::AtomicUsize,
 }
 
 fn lost() -> StoreError {
@@ -212,15 +217,23 @@ impl Store for FlakyStore {
         lease: &Lease,
         event: Option<&LeaseEvent>,
     ) -> Result<bool, StoreError> {
-        let dice = fastrand::f64();
-        if dice < self.failure_rate / 2.0 {
+        // Of every ten updates, `failure_rate` fail, evenly spread; failures alternate
+        // between before writing (a lost request) and after (a lost answer).
+        let n = self
+            .updates
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let per_ten = ((self.failure_rate * 10.0).round() as usize).clamp(1, 10);
+        if (n % 10 * per_ten) % 10 >= per_ten {
+            return self.inner.update_lease(lease, event).await;
+        }
+        let failure = self
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if failure.is_multiple_of(2) {
             return Err(lost());
         }
-        let written = self.inner.update_lease(lease, event).await?;
-        if dice < self.failure_rate {
-            return Err(lost());
-        }
-        Ok(written)
+        self.inner.update_lease(lease, event).await?;
+        Err(lost())
     }
     async fn list_leases(
         &self,
