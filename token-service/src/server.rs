@@ -10,7 +10,6 @@ use jobtoken_proto::jobtoken::v1::job_token_service_server::JobTokenServiceServe
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::auth::{AdminAuth, Modules};
@@ -239,8 +238,12 @@ impl Server {
         let mut tasks = JoinSet::new();
         let grpc_stop = stopped(shutdown.subscribe());
         tasks.spawn(async move {
+            // Without TCP_NODELAY, a response written in two parts waits for the client's
+            // delayed ACK (~40 ms) between them.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             if let Err(e) = router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_stop)
+                .serve_with_incoming_shutdown(incoming, grpc_stop)
                 .await
             {
                 tracing::error!(error = %e, "gRPC server failed");

@@ -3,6 +3,7 @@
 
 mod flow;
 mod jwks;
+mod load;
 mod malformed;
 mod postgres;
 mod reflection;

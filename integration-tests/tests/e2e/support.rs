@@ -316,3 +316,10 @@ pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String,
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     (head.lines().next().unwrap().to_owned(), body.to_owned())
 }
+
+impl TestServer {
+    /// The data directory (its dev issuer signs the load generator's subject tokens).
+    pub(crate) fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}

@@ -1,0 +1,89 @@
+//! `token-load`: drive a running token-service and report throughput and latency.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use token_load::{Load, Scenario};
+
+/// Drives a running token-service over gRPC with one scenario and reports requests/s,
+/// latency percentiles (p50/p90/p99/max) and errors by reason, as text or JSON. Needs the
+/// service's dev-mode data directory (its dev issuer signs the subject tokens).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// What each client does.
+    #[arg(long, value_enum, default_value = "refresh")]
+    scenario: Scenario,
+    /// The service.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// The service's dev-mode data directory.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Module key file (default: <data-dir>/dev-module.key).
+    #[arg(long)]
+    module_key_file: Option<PathBuf>,
+    /// Concurrent virtual clients.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the clients share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Measured duration.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unmeasured warm-up before it.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let key_file = args
+        .module_key_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("dev-module.key"));
+    let module_key = match std::fs::read_to_string(&key_file) {
+        Ok(k) => k.trim().to_owned(),
+        Err(e) => {
+            eprintln!("token-load: {}: {e}", key_file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let load = Load {
+        endpoint: args.endpoint,
+        module_key,
+        data_dir: args.data_dir,
+        scenario: args.scenario,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        duration: args.duration,
+        warmup: args.warmup,
+    };
+    match load.run().await {
+        Ok(report) if args.json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("token-load: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("token-load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
