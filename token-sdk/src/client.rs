@@ -82,7 +82,12 @@ impl ClientBuilder {
             Some(key) => KeyInterceptor::module_key(key)?,
             None => KeyInterceptor::none(),
         };
-        let mut endpoint = Endpoint::from_shared(self.endpoint)?;
+        // Notice dead connections (a replica gone, a half-open socket) within seconds.
+        let mut endpoint = Endpoint::from_shared(self.endpoint)?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
         if let Some(tls) = self.tls {
             endpoint = endpoint.tls_config(tls)?;
         }

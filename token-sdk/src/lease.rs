@@ -413,6 +413,8 @@ fn end_from(status: &Status) -> LeaseEnd {
 /// Longest wait for one renewal RPC; a black-holed connection then counts as a transient
 /// failure instead of stalling renewal.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest such wait, for tokens about to expire.
+const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The background renewal: sleep to the renewal point (or until asked), renew, publish;
 /// back off on transient failures; stop on a terminal answer, on release, when every
@@ -485,7 +487,14 @@ async fn run(
             _ = wanted.changed(), if !asked => continue,
             _ = tokio::time::sleep_until(wake_at) => {}
         }
-        let answer = tokio::time::timeout(RPC_TIMEOUT, api.refresh(&lease_id, &refresh_token))
+        // Never wait on one RPC past half the token's remaining life (but at least 1 s).
+        let until_expiry = shared
+            .current
+            .load()
+            .expires_at
+            .saturating_duration_since(crate::clock::now());
+        let rpc_timeout = (until_expiry / 2).clamp(MIN_RPC_TIMEOUT, RPC_TIMEOUT);
+        let answer = tokio::time::timeout(rpc_timeout, api.refresh(&lease_id, &refresh_token))
             .await
             .unwrap_or_else(|_| Err(Status::deadline_exceeded("renewal timed out")));
         match answer {
@@ -818,9 +827,11 @@ mod tests {
         let calls = fake.calls();
         assert_eq!(calls.len(), 2);
         let gap = calls[1].0 - calls[0].0;
-        // The timeout, then the first backoff (100-200 ms with jitter).
-        assert!(gap >= RPC_TIMEOUT + Duration::from_millis(100), "{gap:?}");
-        assert!(gap <= RPC_TIMEOUT + Duration::from_millis(200), "{gap:?}");
+        // The timeout (half the 18 s of token life left at the 70% point), then the first
+        // backoff (100-200 ms with jitter).
+        let timeout = Duration::from_secs(9);
+        assert!(gap >= timeout + Duration::from_millis(100), "{gap:?}");
+        assert!(gap <= timeout + Duration::from_millis(200), "{gap:?}");
         assert_eq!(calls[1].1, "rt-0", "the retry reuses the refresh token");
     }
 

@@ -43,7 +43,8 @@ impl Subscription {
         Subscription { _stop: stop, ready }
     }
 
-    /// Waits (at most `limit`) until the stream is open, so ends from now on are seen.
+    /// Waits (at most `limit`) until the stream is open and caught up (its first
+    /// heartbeat follows the backlog), so every end it replays has been seen.
     pub(crate) async fn wait_ready(&self, limit: Duration) {
         let mut ready = self.ready.clone();
         let _ = tokio::time::timeout(limit, async {
@@ -76,8 +77,9 @@ async fn follow(
                 {
                     attempt = 0;
                     cursor = Some(event.cursor);
-                    ready.send_replace(true);
-                    if !event.heartbeat {
+                    if event.heartbeat {
+                        ready.send_replace(true);
+                    } else {
                         sink.on_end(&event);
                     }
                 }

@@ -228,10 +228,9 @@ impl JobTokenService for JobTokenApi {
             let mut wake = service.subscribe_ends();
             let mut cursor = start;
             let mut beat = tokio::time::interval(WATCH_HEARTBEAT);
-            beat.tick().await; // the first tick is immediate; the opening heartbeat is below
-            if tx.send(Ok(heartbeat(cursor))).await.is_err() {
-                return;
-            }
+            beat.tick().await; // the first tick is immediate
+            // The first heartbeat says "caught up": it follows the backlog after the cursor.
+            let mut caught_up = false;
             loop {
                 match service.ends_after(cursor, WATCH_BATCH).await {
                     Ok(events) if !events.is_empty() => {
@@ -243,6 +242,12 @@ impl JobTokenService for JobTokenApi {
                             }
                         }
                         continue;
+                    }
+                    Ok(_) if !caught_up => {
+                        caught_up = true;
+                        if tx.send(Ok(heartbeat(cursor))).await.is_err() {
+                            return;
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
