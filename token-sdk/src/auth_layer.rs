@@ -16,7 +16,8 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt as _};
 
-use crate::lease::{Lease, LeaseState};
+use crate::interceptor::TokenHeader;
+use crate::lease::Lease;
 
 /// Largest request body kept for a retry.
 const MAX_REPLAY_BYTES: usize = 64 * 1024;
@@ -35,8 +36,7 @@ const MAX_REPLAY_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     lease: Lease,
-    header: HeaderName,
-    bearer: bool,
+    header: TokenHeader,
 }
 
 impl AuthLayer {
@@ -44,40 +44,21 @@ impl AuthLayer {
     pub fn new(lease: Lease) -> Self {
         Self {
             lease,
-            header: http::header::AUTHORIZATION,
-            bearer: true,
+            header: TokenHeader::authorization(),
         }
     }
 
     /// The raw token under `header` instead (e.g. `x-okapi-token`).
     pub fn with_header(lease: Lease, header: &str) -> Result<Self, crate::Error> {
-        let header = HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
-            .map_err(|_| crate::Error::InvalidKey)?;
         Ok(Self {
             lease,
-            header,
-            bearer: false,
+            header: TokenHeader::raw(header)?,
         })
     }
 
     /// The header value for the current token, and its generation.
     fn value(&self) -> Result<(HeaderValue, u64), Status> {
-        if let LeaseState::Ended(end) = self.lease.state() {
-            return Err(Status::unauthenticated(format!(
-                "the job's lease has ended ({:?})",
-                end.reason
-            )));
-        }
-        let token = self.lease.access_token();
-        let text = if self.bearer {
-            format!("Bearer {}", token.secret())
-        } else {
-            token.secret().to_owned()
-        };
-        let mut value = HeaderValue::from_str(&text)
-            .map_err(|_| Status::internal("the access token is not valid header text"))?;
-        value.set_sensitive(true);
-        Ok((value, token.generation()))
+        self.header.value(&self.lease)
     }
 }
 
@@ -219,7 +200,7 @@ where
             } else {
                 VecDeque::new()
             };
-            let first = rebuild(&parts, &layer.header, value, frames.into(), rest);
+            let first = rebuild(&parts, &layer.header.name, value, frames.into(), rest);
             let response = inner.call(first).await?;
             if !(replayable && refused_unauthenticated(&response)) {
                 return Ok(response);
@@ -233,7 +214,7 @@ where
                 Ok(v) => v,
                 Err(status) => return Ok(status.into_http()),
             };
-            let retry = rebuild(&parts, &layer.header, value, kept, None);
+            let retry = rebuild(&parts, &layer.header.name, value, kept, None);
             inner.ready().await?.call(retry).await
         })
     }

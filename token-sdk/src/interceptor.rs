@@ -2,11 +2,61 @@
 
 use std::fmt;
 
-use tonic::metadata::{Ascii, MetadataKey, MetadataValue};
+use http::{HeaderName, HeaderValue};
+use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::lease::{Lease, LeaseState};
+
+/// Which header carries the token, and in which form. Shared by [`BearerInterceptor`] and
+/// [`crate::AuthLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct TokenHeader {
+    pub(crate) name: HeaderName,
+    bearer: bool,
+}
+
+impl TokenHeader {
+    /// `authorization: Bearer <token>`.
+    pub(crate) fn authorization() -> Self {
+        Self {
+            name: http::header::AUTHORIZATION,
+            bearer: true,
+        }
+    }
+
+    /// `<name>: <token>`; fails if `name` is not a valid header name.
+    pub(crate) fn raw(name: &str) -> Result<Self, crate::Error> {
+        let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| crate::Error::InvalidKey)?;
+        Ok(Self {
+            name,
+            bearer: false,
+        })
+    }
+
+    /// The (sensitive) header value for the lease's current token, and that token's
+    /// generation. Refuses locally, as UNAUTHENTICATED, once the lease has ended.
+    pub(crate) fn value(&self, lease: &Lease) -> Result<(HeaderValue, u64), Status> {
+        if let LeaseState::Ended(end) = lease.state() {
+            return Err(Status::unauthenticated(format!(
+                "the job's lease has ended ({:?})",
+                end.reason
+            )));
+        }
+        let token = lease.access_token();
+        let text = if self.bearer {
+            format!("Bearer {}", token.secret())
+        } else {
+            token.secret().to_owned()
+        };
+        let mut value = HeaderValue::from_str(&text)
+            .map_err(|_| Status::internal("the access token is not valid header text"))?;
+        value.set_sensitive(true);
+        Ok((value, token.generation()))
+    }
+}
 
 /// Adds the lease's current access token to every request: `authorization: Bearer …` by
 /// default, or the raw token under a header of your choice (for platforms that expect
@@ -15,15 +65,14 @@ use crate::lease::{Lease, LeaseState};
 #[derive(Clone)]
 pub struct BearerInterceptor {
     lease: Lease,
-    header: MetadataKey<Ascii>,
-    bearer: bool,
+    header: TokenHeader,
 }
 
 impl fmt::Debug for BearerInterceptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BearerInterceptor")
             .field("lease_id", &self.lease.info().lease_id)
-            .field("header", &self.header)
+            .field("header", &self.header.name)
             .finish_non_exhaustive()
     }
 }
@@ -33,43 +82,26 @@ impl BearerInterceptor {
     pub fn new(lease: Lease) -> Self {
         Self {
             lease,
-            header: MetadataKey::from_static("authorization"),
-            bearer: true,
+            header: TokenHeader::authorization(),
         }
     }
 
     /// `<header>: <token>` (no `Bearer` prefix), such as `x-okapi-token`. Fails with
     /// [`crate::Error::InvalidKey`] if `header` is not a valid metadata key.
     pub fn with_header(lease: Lease, header: &str) -> Result<Self, crate::Error> {
-        let header = MetadataKey::from_bytes(header.to_ascii_lowercase().as_bytes())
-            .map_err(|_| crate::Error::InvalidKey)?;
         Ok(Self {
             lease,
-            header,
-            bearer: false,
+            header: TokenHeader::raw(header)?,
         })
     }
 }
 
 impl Interceptor for BearerInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let LeaseState::Ended(end) = self.lease.state() {
-            return Err(Status::unauthenticated(format!(
-                "the job's lease has ended ({:?})",
-                end.reason
-            )));
-        }
-        let token = self.lease.access_token();
-        let text = if self.bearer {
-            format!("Bearer {}", token.secret())
-        } else {
-            token.secret().to_owned()
-        };
-        let mut value: MetadataValue<Ascii> = text
-            .parse()
-            .map_err(|_| Status::internal("the access token is not valid header text"))?;
-        value.set_sensitive(true);
-        request.metadata_mut().insert(self.header.clone(), value);
+        let (value, _) = self.header.value(&self.lease)?;
+        let mut headers = std::mem::take(request.metadata_mut()).into_headers();
+        headers.insert(self.header.name.clone(), value);
+        *request.metadata_mut() = MetadataMap::from_headers(headers);
         Ok(request)
     }
 }
