@@ -161,6 +161,21 @@ impl fmt::Debug for LeaseService {
     }
 }
 
+/// One audit event about a lease that stays active (renewed, retried, resumed).
+fn audit_lease(event: &'static str, lease: &Lease) {
+    tracing::info!(
+        target: "audit",
+        event,
+        lease_id = %lease.id,
+        job_id = %lease.job_id,
+        tenant = %lease.tenant,
+        actor = %lease.actor,
+        generation = lease.generation,
+        refresh_count = lease.refresh_count,
+        resume_count = lease.resume_count,
+    );
+}
+
 fn check_id(field: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
@@ -447,15 +462,7 @@ impl LeaseService {
                 if !self.store.update_lease(&lease, None).await? {
                     continue;
                 }
-                tracing::info!(
-                    target: "audit",
-                    event = "lease.refreshed",
-                    lease_id = %lease.id,
-                    job_id = %lease.job_id,
-                    tenant = %lease.tenant,
-                    actor = %lease.actor,
-                    generation = lease.generation,
-                );
+                audit_lease("lease.refreshed", &lease);
                 lease.version += 1;
                 let tokens = self.mint(&lease, now)?;
                 return Ok((lease, tokens));
@@ -464,15 +471,7 @@ impl LeaseService {
             if presented.generation + 1 == current && in_grace {
                 // A retry of the previous token (lost response, racing callers): answer
                 // with the same successor so both converge.
-                tracing::info!(
-                    target: "audit",
-                    event = "lease.refresh_retry",
-                    lease_id = %lease.id,
-                    job_id = %lease.job_id,
-                    tenant = %lease.tenant,
-                    actor = %lease.actor,
-                    generation = current,
-                );
+                audit_lease("lease.refresh_retry", &lease);
                 let tokens = self.mint(&lease, now)?;
                 return Ok((lease, tokens));
             }
@@ -533,15 +532,7 @@ impl LeaseService {
             if !self.store.update_lease(&lease, Some(&event)).await? {
                 continue;
             }
-            tracing::info!(
-                target: "audit",
-                event = "lease.resumed",
-                lease_id = %lease.id,
-                job_id = %lease.job_id,
-                tenant = %lease.tenant,
-                actor = %lease.actor,
-                resume_count = lease.resume_count,
-            );
+            audit_lease("lease.resumed", &lease);
             lease.version += 1;
             let tokens = self.mint(&lease, now)?;
             return Ok((lease, tokens));
