@@ -48,7 +48,7 @@ fn benches(c: &mut Criterion) {
     let now = SystemTime::now();
 
     // Signing, as the service does on every grant and renewal.
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::temporary().unwrap());
     let master = MasterKey::from_bytes(&[7u8; 32]);
     let keys = rt
         .block_on(KeyRing::load(

@@ -13,6 +13,12 @@ use token_service::dev::{self, DEV_ADMIN_KEY_FILE, DEV_MODULE_KEY_FILE, DevToken
 use token_service::secrets::{generate_key_text, key_hash};
 use token_service::server::Server;
 
+// A renewal allocates a few dozen small buffers across two threads (the gRPC task and
+// the store's writer); mimalloc's per-thread free lists make that measurably cheaper
+// than glibc's malloc (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Job tokens for long-running work: leases that keep a job's credential alive for
 /// exactly as long as the job runs.
 #[derive(Debug, Parser)]

@@ -107,9 +107,11 @@ impl Server {
         }
         let master = load_or_create_master_key(&master_path)?;
         let store: Arc<dyn Store> = match config.store.kind {
-            StoreKind::Sqlite => {
-                Arc::new(SqliteStore::open(&config.store_path(), config.store.sync)?)
-            }
+            StoreKind::Sqlite => Arc::new(SqliteStore::open(
+                &config.store_path(),
+                config.store.sync,
+                config.store.lease_cache,
+            )?),
             StoreKind::Postgres => {
                 let options = PostgresOptions {
                     url: config

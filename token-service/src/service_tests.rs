@@ -56,7 +56,7 @@ pub(crate) fn test_postgres_url() -> String {
 
 async fn open_store(backend: Backend) -> Arc<dyn crate::store::Store> {
     match backend {
-        Backend::Sqlite => Arc::new(SqliteStore::in_memory().unwrap()),
+        Backend::Sqlite => Arc::new(SqliteStore::temporary().unwrap()),
         Backend::Postgres => {
             // A schema of its own, so test runs never collide.
             let options = crate::store::postgres::PostgresOptions {

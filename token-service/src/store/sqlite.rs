@@ -2,13 +2,28 @@
 //!
 //! With `synchronous = NORMAL` a commit is in the WAL (the OS page cache) before it is
 //! acknowledged, so it survives a killed process; `FULL` also survives power loss.
+//!
+//! Writes go to one writer thread that commits them in groups: every write that arrives
+//! while a commit is running joins the next transaction, each inside its own savepoint so
+//! one failure undoes only its own changes. A caller hears back only after the commit
+//! that holds its write, so an acknowledged renewal survives `kill -9` while a busy
+//! service pays for one commit per group instead of one per renewal. Reads run on a small
+//! pool of their own connections, which WAL lets proceed beside the writer.
+//!
+//! Active leases are also kept in memory (up to a set number), so a renewal reads its
+//! lease without leaving the async thread. The cache is coherent because this process is
+//! the file's only writer: the writer thread applies each committed change to it, in
+//! commit order, before any caller hears of the commit; it never loads rows read from
+//! the file, so it cannot hold anything older than the last commit.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params};
+use tokio::sync::{Semaphore, oneshot};
 
 use super::{LeaseFilter, Store, StoreError, StoredKey};
 use crate::clock::{from_millis, to_millis};
@@ -93,10 +108,36 @@ pub enum SyncMode {
     Full,
 }
 
+/// Most writes one transaction groups; bounds how long the first of them waits.
+const MAX_GROUP: usize = 512;
+
+/// Default number of active leases kept in memory (about 0.5 KiB each).
+pub const DEFAULT_LEASE_CACHE: usize = 100_000;
+
 /// SQLite-backed [`Store`].
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Queue of the writer thread, which stops when the last store handle is dropped.
+    writer: mpsc::Sender<Box<dyn WriteJob>>,
+    /// Idle read connections; `read_slots` has one permit per connection.
+    readers: Mutex<Vec<Connection>>,
+    read_slots: Arc<Semaphore>,
+    /// Active leases as of the last commit that touched them.
+    cache: Arc<Mutex<LeaseCache>>,
+    /// A directory to delete on drop (a [`SqliteStore::temporary`] store).
+    temporary: Option<PathBuf>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.temporary {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -106,27 +147,33 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file and applies migrations.
-    pub fn open(path: &Path, sync: SyncMode) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) the database file and applies migrations. Up to
+    /// `lease_cache` active leases are kept in memory (0: none).
+    pub fn open(path: &Path, sync: SyncMode, lease_cache: usize) -> Result<Self, StoreError> {
+        Self::open_inner(path, sync, lease_cache, None)
+    }
+
+    /// A store in a fresh file under the system's temporary directory, deleted when the
+    /// last handle is dropped: for tests and benchmarks, which should exercise the same
+    /// file, WAL and connections as a real deployment.
+    pub fn temporary() -> Result<Self, StoreError> {
+        let dir = std::env::temp_dir().join(format!("jobtoken-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("jobtoken.db");
+        Self::open_inner(&path, SyncMode::Normal, DEFAULT_LEASE_CACHE, Some(dir))
+    }
+
+    fn open_inner(
+        path: &Path,
+        sync: SyncMode,
+        lease_cache: usize,
+        temporary: Option<PathBuf>,
+    ) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Database(Box::new(e)))?;
         }
-        let conn = Connection::open(path).map_err(map_err)?;
-        Self::configure(conn, sync)
-    }
-
-    /// A private in-memory database, for tests.
-    pub fn in_memory() -> Result<Self, StoreError> {
-        Self::configure(
-            Connection::open_in_memory().map_err(map_err)?,
-            SyncMode::Normal,
-        )
-    }
-
-    fn configure(mut conn: Connection, sync: SyncMode) -> Result<Self, StoreError> {
-        conn.busy_timeout(Duration::from_secs(5)).map_err(map_err)?;
+        let mut conn = open_connection(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(map_err)?;
         let sync = match sync {
@@ -136,25 +183,223 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", sync)
             .map_err(map_err)?;
         migrate(&mut conn)?;
+        // Reads are point lookups and short scans; two per core keeps both cores busy
+        // while one waits on the disk.
+        let pool = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        let readers = (0..pool)
+            .map(|_| open_connection(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(conn, rx))
+            .map_err(|e| StoreError::Database(Box::new(e)))?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            inner: Arc::new(Inner {
+                writer: tx,
+                readers: Mutex::new(readers),
+                read_slots: Arc::new(Semaphore::new(pool)),
+                cache: Arc::new(Mutex::new(LeaseCache::new(lease_cache))),
+                temporary,
+            }),
         })
     }
 
-    /// Runs `f` on the connection in the blocking pool.
-    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` on an idle read connection in the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
+        let permit = Arc::clone(&self.inner.read_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("store closed".into()))?;
+        let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut conn)
+            let conn = lock(&inner.readers).pop();
+            // The permit guarantees an idle connection; be safe anyway.
+            let conn = conn.ok_or_else(|| StoreError::Unavailable("no read connection".into()))?;
+            let result = f(&conn);
+            lock(&inner.readers).push(conn);
+            drop(permit);
+            result
         })
         .await
         .map_err(|e| StoreError::Database(Box::new(e)))?
     }
+
+    /// Runs `f` in the writer's next group transaction, inside a savepoint of its own, and
+    /// answers once that transaction has committed (or failed).
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write_then(f, |_| {}).await
+    }
+
+    /// [`Self::write`], running `on_commit` on the writer thread after the commit and
+    /// before the caller hears of it, in commit order.
+    async fn write_then<T, F, C>(&self, f: F, on_commit: C) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        C: FnOnce(&T) + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Job {
+            work: Some(f),
+            outcome: None,
+            on_commit: Some(on_commit),
+            reply,
+        });
+        self.inner
+            .writer
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+}
+
+/// Active leases by id, as of the last commit that touched each (see the module docs).
+struct LeaseCache {
+    leases: HashMap<String, Lease>,
+    capacity: usize,
+}
+
+impl LeaseCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            leases: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Records the committed state of a lease: kept while active (room permitting),
+    /// dropped once it ends.
+    fn committed(&mut self, lease: Lease) {
+        if !lease.is_active() {
+            self.leases.remove(&lease.id);
+        } else if let Some(slot) = self.leases.get_mut(&lease.id) {
+            *slot = lease;
+        } else if self.leases.len() < self.capacity {
+            self.leases.insert(lease.id.clone(), lease);
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<Lease> {
+        self.leases.get(id).cloned()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(map_err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(map_err)?;
+    Ok(conn)
+}
+
+/// One write waiting for the writer thread.
+trait WriteJob: Send {
+    /// Applies the write inside the open group transaction.
+    fn run(&mut self, conn: &Connection);
+    /// Answers the caller once the group's fate is known: `Err` if it did not commit.
+    fn finish(self: Box<Self>, committed: Result<(), &str>);
+}
+
+struct Job<T, F, C> {
+    work: Option<F>,
+    outcome: Option<Result<T, StoreError>>,
+    on_commit: Option<C>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F, C> WriteJob for Job<T, F, C>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+    C: FnOnce(&T) + Send,
+{
+    fn run(&mut self, conn: &Connection) {
+        let Some(work) = self.work.take() else { return };
+        self.outcome = Some(in_savepoint(conn, work));
+    }
+
+    fn finish(self: Box<Self>, committed: Result<(), &str>) {
+        let answer = match (committed, self.outcome) {
+            (Ok(()), Some(outcome)) => {
+                if let (Ok(value), Some(on_commit)) = (&outcome, self.on_commit) {
+                    on_commit(value);
+                }
+                outcome
+            }
+            (Ok(()), None) => Err(StoreError::Unavailable("write was not applied".into())),
+            (Err(why), _) => Err(StoreError::Unavailable(format!("commit failed: {why}"))),
+        };
+        // The caller may have given up (cancelled request); the write stands regardless.
+        let _ = self.reply.send(answer);
+    }
+}
+
+fn in_savepoint<T>(
+    conn: &Connection,
+    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let exec = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(map_err)
+    };
+    exec("SAVEPOINT job")?;
+    let outcome = work(conn);
+    if outcome.is_err() {
+        exec("ROLLBACK TO job")?;
+    }
+    exec("RELEASE job")?;
+    outcome
+}
+
+/// The writer thread: takes every write queued so far, applies them in one transaction,
+/// commits once and answers them all.
+fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let committed = run_group(&conn, &mut group);
+        let committed = committed.as_ref().map(|_| ()).map_err(String::as_str);
+        for job in group {
+            job.finish(committed);
+        }
+    }
+}
+
+fn run_group(conn: &Connection, group: &mut [Box<dyn WriteJob>]) -> Result<(), String> {
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| e.to_string())?;
+    for job in group.iter_mut() {
+        job.run(conn);
+        // Some errors (disk full, I/O) make SQLite roll the whole transaction back; the
+        // writes before this one are gone, and those after must not run outside it.
+        if conn.is_autocommit() {
+            return Err("the transaction was rolled back".into());
+        }
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(e.to_string());
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -323,55 +568,61 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<StoredKey> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
+        let cache = Arc::clone(&self.inner.cache);
+        let committed = lease.clone();
         let lease = lease.clone();
         let event = event.clone();
-        self.with(move |conn| {
-            let permissions = serde_json::to_string(&lease.permissions)
-                .map_err(|e| StoreError::Database(Box::new(e)))?;
-            let tx = conn.transaction().map_err(map_err)?;
-            tx.prepare_cached(&format!(
-                "INSERT INTO leases ({LEASE_COLUMNS}, deadline) VALUES \
+        self.write_then(
+            move |conn| {
+                let permissions = serde_json::to_string(&lease.permissions)
+                    .map_err(|e| StoreError::Database(Box::new(e)))?;
+                conn.prepare_cached(&format!(
+                    "INSERT INTO leases ({LEASE_COLUMNS}, deadline) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
                  ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
-            ))
-            .and_then(|mut s| {
-                s.execute(params![
-                    lease.id,
-                    lease.tenant,
-                    lease.subject,
-                    lease.actor,
-                    lease.job_id,
-                    permissions,
-                    lease.audience,
-                    to_millis(lease.created_at),
-                    to_millis(lease.expires_at),
-                    i64::try_from(lease.idle_timeout.as_millis()).unwrap_or(i64::MAX),
-                    to_millis(lease.last_active_at),
-                    lease.is_active(),
-                    lease.end.as_ref().map(|e| e.reason.as_str()),
-                    opt_millis(lease.end.as_ref().map(|e| e.at)),
-                    lease.end.as_ref().map(|e| e.by.as_str()),
-                    lease.end.as_ref().map(|e| e.detail.as_str()),
-                    u64_to_i64(lease.generation),
-                    lease.seed,
-                    to_millis(lease.rotated_at),
-                    u64_to_i64(lease.refresh_count),
-                    opt_millis(lease.last_refreshed_at),
-                    u64_to_i64(lease.resume_count),
-                    lease.version,
-                    to_millis(lease.deadline()),
-                ])
-            })
-            .map_err(map_err)?;
-            insert_event(&tx, &event)?;
-            tx.commit().map_err(map_err)
-        })
+                ))
+                .and_then(|mut s| {
+                    s.execute(params![
+                        lease.id,
+                        lease.tenant,
+                        lease.subject,
+                        lease.actor,
+                        lease.job_id,
+                        permissions,
+                        lease.audience,
+                        to_millis(lease.created_at),
+                        to_millis(lease.expires_at),
+                        i64::try_from(lease.idle_timeout.as_millis()).unwrap_or(i64::MAX),
+                        to_millis(lease.last_active_at),
+                        lease.is_active(),
+                        lease.end.as_ref().map(|e| e.reason.as_str()),
+                        opt_millis(lease.end.as_ref().map(|e| e.at)),
+                        lease.end.as_ref().map(|e| e.by.as_str()),
+                        lease.end.as_ref().map(|e| e.detail.as_str()),
+                        u64_to_i64(lease.generation),
+                        lease.seed,
+                        to_millis(lease.rotated_at),
+                        u64_to_i64(lease.refresh_count),
+                        opt_millis(lease.last_refreshed_at),
+                        u64_to_i64(lease.resume_count),
+                        lease.version,
+                        to_millis(lease.deadline()),
+                    ])
+                })
+                .map_err(map_err)?;
+                insert_event(conn, &event)
+            },
+            move |()| lock(&cache).committed(committed),
+        )
         .await
     }
 
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        if let Some(lease) = lock(&self.inner.cache).get(id) {
+            return Ok(Some(lease));
+        }
         let id = id.to_owned();
-        self.with(move |conn| {
+        self.read(move |conn| {
             conn.prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1"))
                 .and_then(|mut s| s.query_row([id], lease_from_row).optional())
                 .map_err(map_err)?
@@ -386,7 +637,7 @@ impl Store for SqliteStore {
         job_id: &str,
     ) -> Result<Option<Lease>, StoreError> {
         let (actor, job_id) = (actor.to_owned(), job_id.to_owned());
-        self.with(move |conn| {
+        self.read(move |conn| {
             conn.prepare_cached(&format!(
                 "SELECT {LEASE_COLUMNS} FROM leases WHERE actor = ?1 AND job_id = ?2 AND active = 1"
             ))
@@ -402,47 +653,56 @@ impl Store for SqliteStore {
         lease: &Lease,
         event: Option<&LeaseEvent>,
     ) -> Result<bool, StoreError> {
+        let cache = Arc::clone(&self.inner.cache);
+        let mut committed = lease.clone();
+        committed.version += 1;
         let lease = lease.clone();
         let event = event.cloned();
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(map_err)?;
-            let changed = tx
-                .prepare_cached(
-                    "UPDATE leases SET last_active_at = ?1, deadline = ?2, active = ?3, \
+        let on_commit = move |written: &bool| {
+            if *written {
+                lock(&cache).committed(committed);
+            }
+        };
+        self.write_then(
+            move |conn| {
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE leases SET last_active_at = ?1, deadline = ?2, active = ?3, \
                      end_reason = ?4, ended_at = ?5, ended_by = ?6, end_detail = ?7, \
                      generation = ?8, seed = ?9, rotated_at = ?10, refresh_count = ?11, \
                      last_refreshed_at = ?12, resume_count = ?13, version = version + 1 \
                      WHERE id = ?14 AND version = ?15",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        to_millis(lease.last_active_at),
-                        to_millis(lease.deadline()),
-                        lease.is_active(),
-                        lease.end.as_ref().map(|e| e.reason.as_str()),
-                        opt_millis(lease.end.as_ref().map(|e| e.at)),
-                        lease.end.as_ref().map(|e| e.by.as_str()),
-                        lease.end.as_ref().map(|e| e.detail.as_str()),
-                        u64_to_i64(lease.generation),
-                        lease.seed,
-                        to_millis(lease.rotated_at),
-                        u64_to_i64(lease.refresh_count),
-                        opt_millis(lease.last_refreshed_at),
-                        u64_to_i64(lease.resume_count),
-                        lease.id,
-                        lease.version,
-                    ])
-                })
-                .map_err(map_err)?;
-            if changed == 0 {
-                return Ok(false);
-            }
-            if let Some(event) = &event {
-                insert_event(&tx, event)?;
-            }
-            tx.commit().map_err(map_err)?;
-            Ok(true)
-        })
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            to_millis(lease.last_active_at),
+                            to_millis(lease.deadline()),
+                            lease.is_active(),
+                            lease.end.as_ref().map(|e| e.reason.as_str()),
+                            opt_millis(lease.end.as_ref().map(|e| e.at)),
+                            lease.end.as_ref().map(|e| e.by.as_str()),
+                            lease.end.as_ref().map(|e| e.detail.as_str()),
+                            u64_to_i64(lease.generation),
+                            lease.seed,
+                            to_millis(lease.rotated_at),
+                            u64_to_i64(lease.refresh_count),
+                            opt_millis(lease.last_refreshed_at),
+                            u64_to_i64(lease.resume_count),
+                            lease.id,
+                            lease.version,
+                        ])
+                    })
+                    .map_err(map_err)?;
+                if changed == 0 {
+                    return Ok(false);
+                }
+                if let Some(event) = &event {
+                    insert_event(conn, event)?;
+                }
+                Ok(true)
+            },
+            on_commit,
+        )
         .await
     }
 
@@ -452,7 +712,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
         let filter = filter.clone();
-        self.with(move |conn| {
+        self.read(move |conn| {
             let mut sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE 1 = 1");
             let mut args: Vec<rusqlite::types::Value> = Vec::new();
             let mut eq = |column: &str, value: &Option<String>| {
@@ -494,7 +754,7 @@ impl Store for SqliteStore {
 
     async fn lease_events(&self, lease_id: &str) -> Result<Vec<LeaseEvent>, StoreError> {
         let lease_id = lease_id.to_owned();
-        self.with(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {EVENT_COLUMNS} FROM lease_events WHERE lease_id = ?1 ORDER BY seq"
@@ -513,7 +773,7 @@ impl Store for SqliteStore {
         cursor: u64,
         limit: usize,
     ) -> Result<Vec<LeaseEvent>, StoreError> {
-        self.with(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {EVENT_COLUMNS} FROM lease_events WHERE kind = 'ended' AND seq > ?1 \
@@ -532,7 +792,7 @@ impl Store for SqliteStore {
     }
 
     async fn earliest_live_end(&self, now: SystemTime) -> Result<Option<u64>, StoreError> {
-        self.with(move |conn| {
+        self.read(move |conn| {
             let seq: Option<i64> = conn
                 .query_row(
                     "SELECT MIN(seq) FROM lease_events WHERE kind = 'ended' \
@@ -547,7 +807,7 @@ impl Store for SqliteStore {
     }
 
     async fn last_event_sequence(&self) -> Result<u64, StoreError> {
-        self.with(|conn| {
+        self.read(|conn| {
             let seq: Option<i64> = conn
                 .query_row("SELECT MAX(seq) FROM lease_events", [], |r| r.get(0))
                 .map_err(map_err)?;
@@ -557,7 +817,7 @@ impl Store for SqliteStore {
     }
 
     async fn leases_due(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
-        self.with(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {LEASE_COLUMNS} FROM leases WHERE active = 1 AND deadline <= ?1 \
@@ -576,7 +836,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_active_leases(&self) -> Result<u64, StoreError> {
-        self.with(|conn| {
+        self.read(|conn| {
             let n: i64 = conn
                 .query_row("SELECT COUNT(*) FROM leases WHERE active = 1", [], |r| {
                     r.get(0)
@@ -588,7 +848,7 @@ impl Store for SqliteStore {
     }
 
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
-        self.with(|conn| {
+        self.read(|conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT kid, algorithm, public_key, sealed_private_key, created_at, \
@@ -609,11 +869,8 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         let new = new.clone();
         let expected = expected_current.map(str::to_owned);
-        self.with(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(map_err)?;
-            let current: Option<String> = tx
+        self.write(move |conn| {
+            let current: Option<String> = conn
                 .query_row(
                     "SELECT kid FROM signing_keys WHERE retired_at IS NULL",
                     [],
@@ -624,12 +881,12 @@ impl Store for SqliteStore {
             if current != expected {
                 return Ok(false);
             }
-            tx.execute(
+            conn.execute(
                 "UPDATE signing_keys SET retired_at = ?1 WHERE retired_at IS NULL",
                 [to_millis(new.activates_at)],
             )
             .map_err(map_err)?;
-            tx.execute(
+            conn.execute(
                 "INSERT INTO signing_keys (kid, algorithm, public_key, sealed_private_key, \
                  created_at, activates_at, retired_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
                 params![
@@ -642,17 +899,15 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(map_err)?;
-            tx.commit().map_err(map_err)?;
             Ok(true)
         })
         .await
     }
 
     async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(map_err)?;
+        self.write(move |conn| {
             let ids: Vec<String> = {
-                let mut stmt = tx
+                let mut stmt = conn
                     .prepare_cached(
                         "SELECT id FROM leases WHERE active = 0 AND ended_at < ?1 LIMIT ?2",
                     )
@@ -666,14 +921,205 @@ impl Store for SqliteStore {
                 rows.collect::<Result<_, _>>().map_err(map_err)?
             };
             for id in &ids {
-                tx.execute("DELETE FROM lease_events WHERE lease_id = ?1", [id])
+                conn.prepare_cached("DELETE FROM lease_events WHERE lease_id = ?1")
+                    .and_then(|mut s| s.execute([id]))
                     .map_err(map_err)?;
-                tx.execute("DELETE FROM leases WHERE id = ?1", [id])
+                conn.prepare_cached("DELETE FROM leases WHERE id = ?1")
+                    .and_then(|mut s| s.execute([id]))
                     .map_err(map_err)?;
             }
-            tx.commit().map_err(map_err)?;
             Ok(ids.len())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::EventKind;
+
+    fn lease(job: &str) -> Lease {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        Lease {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: "t".into(),
+            subject: "alice".into(),
+            actor: "importer".into(),
+            job_id: job.into(),
+            permissions: vec!["records:write".into()],
+            audience: "api".into(),
+            created_at: now,
+            expires_at: now + Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(600),
+            last_active_at: now,
+            end: None,
+            generation: 0,
+            seed: vec![7; 32],
+            rotated_at: now,
+            refresh_count: 0,
+            last_refreshed_at: None,
+            resume_count: 0,
+            version: 0,
+        }
+    }
+
+    fn issued(l: &Lease) -> LeaseEvent {
+        LeaseEvent::new(l, EventKind::Issued, l.created_at, "module:importer", "")
+    }
+
+    #[test]
+    fn a_failed_write_in_a_group_undoes_only_itself() {
+        let store = SqliteStore::temporary().unwrap();
+        let path = store.inner.temporary.clone().unwrap().join("jobtoken.db");
+        let conn = open_connection(&path).unwrap();
+        let (reply_ok, mut ok) = oneshot::channel();
+        let (reply_bad, mut bad) = oneshot::channel();
+        let (reply_late, mut late) = oneshot::channel();
+        fn insert(id: &'static str) -> impl Fn(&Connection) -> Result<usize, StoreError> {
+            move |conn: &Connection| {
+                conn.execute(
+                    "INSERT INTO signing_keys VALUES (?1, 'EdDSA', x'00', x'00', 0, 0, NULL)",
+                    [id],
+                )
+                .map_err(map_err)
+            }
+        }
+        let mut group: Vec<Box<dyn WriteJob>> = vec![
+            Box::new(Job {
+                work: Some(insert("a")),
+                outcome: None,
+                on_commit: None::<fn(&usize)>,
+                reply: reply_ok,
+            }),
+            // Writes a row, then fails: the row must not survive the group's commit.
+            Box::new(Job {
+                work: Some(|conn: &Connection| {
+                    insert("b")(conn)?;
+                    Err::<usize, _>(StoreError::Conflict)
+                }),
+                outcome: None,
+                on_commit: None::<fn(&usize)>,
+                reply: reply_bad,
+            }),
+            Box::new(Job {
+                work: Some(insert("c")),
+                outcome: None,
+                on_commit: None::<fn(&usize)>,
+                reply: reply_late,
+            }),
+        ];
+        let committed = run_group(&conn, &mut group);
+        assert_eq!(committed, Ok(()));
+        for job in group {
+            job.finish(Ok(()));
+        }
+        assert_eq!(ok.try_recv().unwrap().unwrap(), 1);
+        assert!(matches!(bad.try_recv().unwrap(), Err(StoreError::Conflict)));
+        assert_eq!(late.try_recv().unwrap().unwrap(), 1);
+        let mut kids: Vec<String> = conn
+            .prepare("SELECT kid FROM signing_keys")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        kids.sort();
+        assert_eq!(kids, ["a", "c"]);
+    }
+
+    #[test]
+    fn a_group_that_does_not_commit_fails_every_write_in_it() {
+        let (reply, mut answer) = oneshot::channel::<Result<usize, StoreError>>();
+        let job: Box<dyn WriteJob> = Box::new(Job {
+            work: Some(|_: &Connection| Ok(1)),
+            outcome: Some(Ok(1)),
+            on_commit: None::<fn(&usize)>,
+            reply,
+        });
+        job.finish(Err("disk I/O error"));
+        assert!(matches!(
+            answer.try_recv().unwrap(),
+            Err(StoreError::Unavailable(why)) if why.contains("disk I/O error")
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_grouped_and_every_acknowledged_one_is_on_disk() {
+        let store = SqliteStore::temporary().unwrap();
+        let path = store.inner.temporary.clone().unwrap().join("jobtoken.db");
+        // Two holders race for each job: the unique index lets exactly one win, and the
+        // loser's failure must not disturb the winners grouped with it.
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut l = lease(&format!("job-{}", i / 2));
+                l.id = format!("lease-{i}");
+                let written = store.insert_lease(&l, &issued(&l)).await;
+                let mut renewed = false;
+                if written.is_ok() {
+                    l.generation = 1;
+                    renewed = store.update_lease(&l, None).await.unwrap();
+                }
+                (l.id, written, renewed)
+            }));
+        }
+        let mut won = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (id, Ok(()), true) => won.push(id),
+                (_, Err(StoreError::Conflict), false) => {}
+                (id, other, renewed) => panic!("{id}: {other:?} renewed={renewed}"),
+            }
+        }
+        assert_eq!(won.len(), 100);
+        // A fresh connection sees exactly the acknowledged writes, renewals included.
+        let conn = open_connection(&path).unwrap();
+        let rows: Vec<(String, i64)> = conn
+            .prepare("SELECT id, generation FROM leases ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        won.sort();
+        assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), won);
+        assert!(rows.iter().all(|r| r.1 == 1));
+        let events: i64 = conn
+            .query_row("SELECT COUNT(*) FROM lease_events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(events, 100);
+    }
+
+    #[tokio::test]
+    async fn the_lease_cache_follows_every_commit_and_only_commits() {
+        for capacity in [0, 1, DEFAULT_LEASE_CACHE] {
+            let store = SqliteStore::temporary().unwrap();
+            lock(&store.inner.cache).capacity = capacity;
+            let a = lease("job-a");
+            let b = lease("job-b");
+            for l in [&a, &b] {
+                store.insert_lease(l, &issued(l)).await.unwrap();
+            }
+            assert_eq!(lock(&store.inner.cache).leases.len(), capacity.min(2));
+            assert_eq!(store.get_lease(&a.id).await.unwrap().unwrap(), a);
+
+            let mut renewed = a.clone();
+            renewed.generation = 1;
+            assert!(store.update_lease(&renewed, None).await.unwrap());
+            // A stale compare-and-set loses and leaves the cached state alone.
+            assert!(!store.update_lease(&a, None).await.unwrap());
+            let got = store.get_lease(&a.id).await.unwrap().unwrap();
+            assert_eq!((got.generation, got.version), (1, 1));
+
+            let mut ended = got.clone();
+            ended.finish(EndReason::Released, ended.created_at, "module:importer", "");
+            assert!(store.update_lease(&ended, None).await.unwrap());
+            assert!(!lock(&store.inner.cache).leases.contains_key(&a.id));
+            let got = store.get_lease(&a.id).await.unwrap().unwrap();
+            assert_eq!(got.end.map(|e| e.reason), Some(EndReason::Released));
+            assert_eq!(got.version, 2);
+        }
     }
 }
