@@ -3,7 +3,7 @@
 //! master key, so every replica sharing the store signs with the same key.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::{digest, rand::SystemRandom, signature::Ed25519KeyPair, signature::KeyPair};
@@ -17,6 +17,9 @@ use crate::secrets::MasterKey;
 use crate::store::{Store, StoreError, StoredKey};
 
 const ALGORITHM: &str = "EdDSA";
+
+/// Most verified tokens remembered; when full, expired ones go, then all of them.
+const VERIFIED_CAPACITY: usize = 65_536;
 
 /// The claims of a job access token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +137,11 @@ pub struct KeyRing {
     retain: Duration,
     activation_delay: Duration,
     loaded: RwLock<Arc<Loaded>>,
+    /// Claims of tokens whose signature already checked out, by SHA-256 of the whole
+    /// token: a resource server introspects the same token on every call, and an
+    /// Ed25519 verification costs far more than the rest of an introspection. Keyed by a
+    /// digest so no token is kept in memory.
+    verified: Mutex<HashMap<[u8; 32], (String, Arc<AccessClaims>)>>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -142,6 +150,26 @@ impl std::fmt::Debug for KeyRing {
             .field("newest_kid", &self.current().newest_kid)
             .finish_non_exhaustive()
     }
+}
+
+/// Checks a token's header and EdDSA signature against the published keys (not its
+/// time or issuer): its key id and claims.
+fn verify_signature(loaded: &Loaded, token: &str) -> Option<(String, AccessClaims)> {
+    let header = jsonwebtoken::decode_header(token).ok()?;
+    if header.alg != Algorithm::EdDSA {
+        return None;
+    }
+    let kid = header.kid?;
+    let (_, key) = loaded.published.get(&kid)?;
+    let mut validation = Validation::new(Algorithm::EdDSA);
+    // Time and issuer are checked by the caller, against the injected clock.
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
+        .ok()?
+        .claims;
+    Some((kid, claims))
 }
 
 fn new_key(master: &MasterKey, now: SystemTime, activates_at: SystemTime) -> StoredKey {
@@ -187,6 +215,7 @@ impl KeyRing {
             retain,
             activation_delay,
             loaded: RwLock::new(Arc::new(loaded)),
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -243,25 +272,44 @@ impl KeyRing {
         now: SystemTime,
         leeway: Duration,
     ) -> Option<AccessClaims> {
-        let header = jsonwebtoken::decode_header(token).ok()?;
-        if header.alg != Algorithm::EdDSA {
-            return None;
-        }
+        let digest = digest::digest(&digest::SHA256, token.as_bytes());
+        let id: [u8; 32] = digest.as_ref().try_into().ok()?;
         let loaded = self.current();
-        let (_, key) = loaded.published.get(header.kid.as_deref()?)?;
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        // Time is checked below against the injected clock, not jsonwebtoken's.
-        validation.validate_exp = false;
-        validation.validate_aud = false;
-        validation.required_spec_claims.clear();
-        validation.set_issuer(&[issuer]);
-        let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
-            .ok()?
-            .claims;
+        let remembered = self.remembered().get(&id).cloned();
+        let claims = match remembered {
+            // Still only while its key is published: a withdrawn key withdraws its tokens.
+            Some((kid, claims)) if loaded.published.contains_key(&kid) => claims,
+            _ => {
+                let (kid, claims) = verify_signature(&loaded, token)?;
+                let claims = Arc::new(claims);
+                self.remember(id, kid, Arc::clone(&claims), now);
+                claims
+            }
+        };
         let now = to_unix_secs(now);
         let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
-        (now < claims.exp.saturating_add(leeway) && now >= claims.nbf.saturating_sub(leeway))
-            .then_some(claims)
+        (claims.iss == issuer
+            && now < claims.exp.saturating_add(leeway)
+            && now >= claims.nbf.saturating_sub(leeway))
+        .then(|| AccessClaims::clone(&claims))
+    }
+
+    fn remembered(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (String, Arc<AccessClaims>)>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, id: [u8; 32], kid: String, claims: Arc<AccessClaims>, now: SystemTime) {
+        let mut verified = self.remembered();
+        if verified.len() >= VERIFIED_CAPACITY {
+            let now = to_unix_secs(now);
+            verified.retain(|_, (_, c)| c.exp > now);
+            if verified.len() >= VERIFIED_CAPACITY {
+                verified.clear();
+            }
+        }
+        verified.insert(id, (kid, claims));
     }
 
     /// The published public keys: the newest (possibly not signing yet), the signing one

@@ -182,6 +182,9 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", sync)
             .map_err(map_err)?;
+        // Each grouped write runs in a savepoint; keep its undo journal off the disk.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(map_err)?;
         migrate(&mut conn)?;
         // Reads are point lookups and short scans; two per core keeps both cores busy
         // while one waits on the disk.
