@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use aws_lc_rs::{digest, rand::SystemRandom, signature::Ed25519KeyPair, signature::KeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::to_unix_secs;
@@ -96,14 +96,18 @@ pub enum KeyError {
     },
     /// Signing failed (a bug).
     #[error("signing failed")]
-    Sign(#[source] jsonwebtoken::errors::Error),
+    Sign(#[source] serde_json::Error),
 }
 
 /// A key that can sign, from its activation on.
 struct Signer {
     kid: String,
     activates_at: SystemTime,
-    encoding: EncodingKey,
+    /// Parsed once: parsing a PKCS#8 Ed25519 key derives its public half, a scalar
+    /// multiplication as costly as the signature itself.
+    pair: Ed25519KeyPair,
+    /// The token's first segment, base64url of `{"alg":"EdDSA","typ":"JWT","kid":…}`.
+    header: String,
 }
 
 struct Loaded {
@@ -258,9 +262,15 @@ impl KeyRing {
     pub fn sign(&self, claims: &AccessClaims, now: SystemTime) -> Result<String, KeyError> {
         let loaded = self.current();
         let signer = loaded.signer(now);
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(signer.kid.clone());
-        jsonwebtoken::encode(&header, claims, &signer.encoding).map_err(KeyError::Sign)
+        let payload = serde_json::to_vec(claims).map_err(KeyError::Sign)?;
+        let mut token = String::with_capacity(signer.header.len() + payload.len() * 4 / 3 + 92);
+        token.push_str(&signer.header);
+        token.push('.');
+        B64.encode_string(&payload, &mut token);
+        let signature = signer.pair.sign(token.as_bytes());
+        token.push('.');
+        B64.encode_string(signature.as_ref(), &mut token);
+        Ok(token)
     }
 
     /// Verifies an access token's signature and issuer, and that it is within its validity
@@ -358,10 +368,17 @@ fn build(
                 .map_err(|_| KeyError::Unseal {
                     kid: key.kid.clone(),
                 })?;
+            let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| KeyError::Malformed {
+                kid: key.kid.clone(),
+            })?;
+            let mut header = Header::new(Algorithm::EdDSA);
+            header.kid = Some(key.kid.clone());
+            let header = serde_json::to_vec(&header).map_err(KeyError::Sign)?;
             signers.push(Signer {
                 kid: key.kid.clone(),
                 activates_at: key.activates_at,
-                encoding: EncodingKey::from_ed_der(&pkcs8),
+                pair,
+                header: B64.encode(header),
             });
         }
         let x = B64.encode(&key.public_key);
