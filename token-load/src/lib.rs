@@ -15,10 +15,15 @@
 //!     connections: 4,
 //!     duration: Duration::from_secs(10),
 //!     warmup: Duration::from_secs(2),
+//!     lease_lifetime: Duration::from_secs(3600),
 //! };
 //! println!("{}", load.run().await?);
 //! # Ok(()) }
 //! ```
+
+pub mod scale;
+
+pub use scale::{Scale, ScaleReport};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -49,6 +54,9 @@ pub enum Scenario {
     Introspect,
     /// 80% refresh, 15% introspect, 5% issue.
     Mixed,
+    /// `--leases` leases held at once by simulated jobs renewing on the SDK's schedule
+    /// for `--duration` (see [`Scale`]).
+    Scale,
 }
 
 /// A load run's settings.
@@ -70,6 +78,8 @@ pub struct Load {
     pub duration: Duration,
     /// Unmeasured time before it.
     pub warmup: Duration,
+    /// Lifetime requested for each granted lease.
+    pub lease_lifetime: Duration,
 }
 
 /// What a run measured.
@@ -120,6 +130,66 @@ impl fmt::Display for Report {
     }
 }
 
+/// A subject token from the service's dev issuer, living `ttl`.
+pub(crate) fn subject_token(
+    data_dir: &std::path::Path,
+    ttl: Duration,
+) -> Result<Arc<str>, LoadError> {
+    let request = DevTokenRequest {
+        user: "load".into(),
+        tenant: "load".into(),
+        permissions: ["load.run".to_owned()].into(),
+        ttl,
+    };
+    Ok(mint_dev_token(data_dir, &request, SystemClock.now())
+        .map_err(setup("minting a subject token from the dev issuer"))?
+        .into())
+}
+
+/// `connections` HTTP/2 connections to the service.
+pub(crate) async fn channels(
+    endpoint: &str,
+    connections: usize,
+) -> Result<Vec<tonic::transport::Channel>, LoadError> {
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+            .map_err(setup("endpoint"))?
+            .connect()
+            .await
+            .map_err(setup("connecting"))?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+/// A job-token client per connection, authenticated with the module key.
+pub(crate) async fn connect(
+    endpoint: &str,
+    module_key: &str,
+    connections: usize,
+) -> Result<Vec<JobTokenClient>, LoadError> {
+    let interceptor =
+        token_sdk::KeyInterceptor::module_key(module_key).map_err(setup("module key"))?;
+    Ok(channels(endpoint, connections)
+        .await?
+        .into_iter()
+        .map(|channel| {
+            token_sdk::proto::job_token_service_client::JobTokenServiceClient::with_interceptor(
+                channel,
+                interceptor.clone(),
+            )
+        })
+        .collect())
+}
+
+pub(crate) fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
+
 /// Failures of a run's set-up (not of the measured requests, which are counted).
 #[derive(Debug)]
 pub struct LoadError(pub String);
@@ -132,7 +202,7 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-fn setup<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> LoadError + '_ {
+pub(crate) fn setup<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> LoadError + '_ {
     move |e| LoadError(format!("{what}: {e}"))
 }
 
@@ -150,6 +220,7 @@ struct Worker {
     client: JobTokenClient,
     health: HealthClient<tonic::transport::Channel>,
     subject_token: Arc<str>,
+    lease_lifetime: Duration,
     holder: Option<Holder>,
     issued: u64,
 }
@@ -163,10 +234,7 @@ impl Worker {
                 subject_token: self.subject_token.to_string(),
                 job_id: format!("load-{:x}-{}-{}", self.run, self.id, self.issued),
                 permissions: vec!["load.run".into()],
-                max_lifetime: Some(prost_types::Duration {
-                    seconds: 3600,
-                    nanos: 0,
-                }),
+                max_lifetime: Some(proto_duration(self.lease_lifetime)),
                 audience: String::new(),
             })
             .await?
@@ -226,7 +294,9 @@ impl Worker {
                     return Err(tonic::Status::failed_precondition("token inactive"));
                 }
             }
-            Scenario::Mixed => unreachable!("mixed picks a concrete operation"),
+            Scenario::Mixed | Scenario::Scale => {
+                return Err(tonic::Status::internal("not a per-request scenario"));
+            }
         }
         Ok(())
     }
@@ -246,24 +316,11 @@ fn pick(scenario: Scenario, n: u64) -> Scenario {
 impl Load {
     /// Runs the scenario and reports.
     pub async fn run(&self) -> Result<Report, LoadError> {
-        let request = DevTokenRequest {
-            user: "load".into(),
-            tenant: "load".into(),
-            permissions: ["load.run".to_owned()].into(),
-            ttl: Duration::from_secs(3600) + self.warmup + self.duration,
-        };
-        let subject_token: Arc<str> = mint_dev_token(&self.data_dir, &request, SystemClock.now())
-            .map_err(setup("minting a subject token from the dev issuer"))?
-            .into();
-        let mut channels = Vec::new();
-        for _ in 0..self.connections.max(1) {
-            let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-                .map_err(setup("endpoint"))?
-                .connect()
-                .await
-                .map_err(setup("connecting"))?;
-            channels.push(channel);
-        }
+        let subject_token = subject_token(
+            &self.data_dir,
+            self.lease_lifetime + self.warmup + self.duration,
+        )?;
+        let channels = channels(&self.endpoint, self.connections).await?;
         let interceptor =
             token_sdk::KeyInterceptor::module_key(&self.module_key).map_err(setup("module key"))?;
         let concurrency = self.concurrency.max(1);
@@ -287,6 +344,7 @@ impl Load {
                 ),
                 health: HealthClient::new(channel),
                 subject_token: Arc::clone(&subject_token),
+                lease_lifetime: self.lease_lifetime,
                 holder: None,
                 issued: 0,
             };
@@ -305,7 +363,7 @@ impl Load {
                 let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                     .map_err(setup("histogram"))?;
                 let mut errors = BTreeMap::<String, u64>::new();
-                let t0 = token_service_clock_now();
+                let t0 = monotonic_now();
                 let mut n = 0u64;
                 loop {
                     let elapsed = t0.elapsed();
@@ -315,7 +373,7 @@ impl Load {
                     let measuring = elapsed >= warmup;
                     let op = pick(scenario, n);
                     n += 1;
-                    let began = token_service_clock_now();
+                    let began = monotonic_now();
                     let result = worker.step(op).await;
                     let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
                     if !measuring {
@@ -365,6 +423,6 @@ impl Load {
 
 /// Latency is measured on the monotonic clock; it feeds no decision.
 #[allow(clippy::disallowed_methods)]
-fn token_service_clock_now() -> std::time::Instant {
+pub(crate) fn monotonic_now() -> std::time::Instant {
     std::time::Instant::now()
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use token_load::{Load, Scenario};
+use token_load::{Load, Scale, Scenario};
 
 /// Drives a running token-service over gRPC with one scenario and reports requests/s,
 /// latency percentiles (p50/p90/p99/max) and errors by reason, as text or JSON. Needs the
@@ -37,6 +37,16 @@ struct Args {
     /// Unmeasured warm-up before it.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Lifetime requested for each lease granted (the access-token TTL is the
+    /// service's `access_token_ttl`).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    lease_lifetime: Duration,
+    /// scale: leases held at once, each renewing on the SDK's schedule.
+    #[arg(long, default_value_t = 100_000)]
+    leases: usize,
+    /// scale: the service's process id, to report its resident memory.
+    #[arg(long)]
+    service_pid: Option<u32>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -56,6 +66,20 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.scenario == Scenario::Scale {
+        let scale = Scale {
+            endpoint: args.endpoint,
+            module_key,
+            data_dir: args.data_dir,
+            leases: args.leases,
+            connections: args.connections,
+            grant_concurrency: args.concurrency,
+            duration: args.duration,
+            lease_lifetime: args.lease_lifetime,
+            service_pid: args.service_pid,
+        };
+        return print(scale.run().await, args.json);
+    }
     let load = Load {
         endpoint: args.endpoint,
         module_key,
@@ -65,20 +89,23 @@ async fn main() -> ExitCode {
         connections: args.connections,
         duration: args.duration,
         warmup: args.warmup,
+        lease_lifetime: args.lease_lifetime,
     };
-    match load.run().await {
-        Ok(report) if args.json => match serde_json::to_string_pretty(&report) {
-            Ok(json) => {
-                println!("{json}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("token-load: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Ok(report) => {
-            println!("{report}");
+    print(load.run().await, args.json)
+}
+
+fn print<R: std::fmt::Display + serde::Serialize>(
+    result: Result<R, token_load::LoadError>,
+    json: bool,
+) -> ExitCode {
+    let text = match result {
+        Ok(report) if json => serde_json::to_string_pretty(&report).map_err(|e| e.to_string()),
+        Ok(report) => Ok(report.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match text {
+        Ok(text) => {
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -9,11 +9,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 #[cfg(test)]
 use tonic::Request;
+use tonic::Status;
 #[cfg(test)]
 use tonic::service::Interceptor;
-use tonic::{Code, Status};
 
 use crate::api::Api;
+use crate::is_transient;
 use crate::proto;
 use crate::schedule::{RenewalConfig, backoff, refresh_in};
 use crate::watcher::LeaseWatch;
@@ -387,21 +388,6 @@ impl Lease {
     }
 }
 
-/// Failures worth retrying with the same refresh token (the service's grace window makes
-/// a retry of a renewal whose answer was lost converge).
-fn is_transient(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::ResourceExhausted
-            | Code::Aborted
-            | Code::Unknown
-            | Code::Internal
-            | Code::Cancelled
-    )
-}
-
 fn end_from(status: &Status) -> LeaseEnd {
     let reason = crate::error_reason(status).unwrap_or_default();
     LeaseEnd {
@@ -753,7 +739,7 @@ mod tests {
             assert_eq!(fake.calls().len(), 1, "{reason}");
             // The interceptor refuses locally once the lease has ended.
             let err = lease.interceptor().call(Request::new(())).unwrap_err();
-            assert_eq!(err.code(), Code::Unauthenticated);
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
         }
     }
 
@@ -936,7 +922,7 @@ mod tests {
             })
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated);
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // Other errors are not retried.
         let calls = AtomicUsize::new(0);

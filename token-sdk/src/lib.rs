@@ -182,6 +182,23 @@ pub fn error_reason(status: &Status) -> Option<String> {
         .map(|info| info.reason.clone())
 }
 
+/// Whether a failed call is worth retrying: the service was unreachable, overloaded or
+/// interrupted, so the same request (with the same refresh token: the service's grace
+/// window makes a retried renewal converge) may well succeed. Anything else is an
+/// answer, such as a revoked lease, that no retry changes.
+pub fn is_transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,6 +99,9 @@ pub enum KeyError {
     Sign(#[source] serde_json::Error),
 }
 
+/// Verified tokens by SHA-256: the key id that signed each, and its claims.
+type Verified = HashMap<[u8; 32], (String, Arc<AccessClaims>)>;
+
 /// A key that can sign, from its activation on.
 struct Signer {
     kid: String,
@@ -145,7 +148,7 @@ pub struct KeyRing {
     /// token: a resource server introspects the same token on every call, and an
     /// Ed25519 verification costs far more than the rest of an introspection. Keyed by a
     /// digest so no token is kept in memory.
-    verified: Mutex<HashMap<[u8; 32], (String, Arc<AccessClaims>)>>,
+    verified: Mutex<Verified>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -304,9 +307,7 @@ impl KeyRing {
         .then(|| AccessClaims::clone(&claims))
     }
 
-    fn remembered(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (String, Arc<AccessClaims>)>> {
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Verified> {
         self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 

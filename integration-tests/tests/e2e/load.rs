@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use token_load::{Load, Scenario};
+use token_load::{Load, Scale, Scenario};
 
 use crate::support::{OTHER_KEY, TestServer};
 
@@ -26,6 +26,7 @@ async fn every_scenario_runs_and_reports() {
             connections: 2,
             duration: Duration::from_millis(300),
             warmup: Duration::from_millis(100),
+            lease_lifetime: Duration::from_secs(600),
         };
         let report = load.run().await.unwrap();
         assert!(report.ok > 0, "{report}");
@@ -34,5 +35,36 @@ async fn every_scenario_runs_and_reports() {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["ok"], report.ok);
     }
+    server.stop().await;
+}
+
+/// The scale scenario, small: 200 jobs with 2 s tokens renew on the SDK's schedule for
+/// 6 s; every job keeps a live token, and the report adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scale_scenario_holds_every_lease_and_reports() {
+    let server = TestServer::start_with(|c| c.access_token_ttl = Duration::from_secs(2)).await;
+    let scale = Scale {
+        endpoint: server.endpoint(),
+        module_key: OTHER_KEY.into(),
+        data_dir: server.data_dir().to_owned(),
+        leases: 200,
+        connections: 2,
+        grant_concurrency: 8,
+        duration: Duration::from_secs(6),
+        lease_lifetime: Duration::from_secs(600),
+        // The service runs in this process.
+        service_pid: Some(std::process::id()),
+    };
+    let report = scale.run().await.unwrap();
+    // `exp` is in whole seconds, rounded up: a 2 s token lives 2 to 3 s.
+    assert!((2.0..=3.0).contains(&report.token_life_seconds), "{report}");
+    assert_eq!(report.lapses, 0, "{report}");
+    assert!(report.lost.is_empty(), "{report}");
+    // Each job renews at most 2.4 s after its last token: at least twice in 6 s.
+    assert!(report.renewals >= 400, "{report}");
+    assert!(report.per_second_max >= report.per_second_min, "{report}");
+    assert!(report.rss_mib_peak.is_some_and(|m| m > 0.0), "{report}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["renewals"], report.renewals);
     server.stop().await;
 }
