@@ -44,6 +44,9 @@ struct Args {
     /// scale: leases held at once, each renewing on the SDK's schedule.
     #[arg(long, default_value_t = 100_000)]
     leases: usize,
+    /// scale: spread the grants evenly over this long (0: as fast as possible).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    grant_over: Duration,
     /// scale: the service's process id, to report its resident memory.
     #[arg(long)]
     service_pid: Option<u32>,
@@ -74,6 +77,7 @@ async fn main() -> ExitCode {
             leases: args.leases,
             connections: args.connections,
             grant_concurrency: args.concurrency,
+            grant_over: args.grant_over,
             duration: args.duration,
             lease_lifetime: args.lease_lifetime,
             service_pid: args.service_pid,

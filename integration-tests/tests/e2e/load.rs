@@ -50,6 +50,7 @@ async fn the_scale_scenario_holds_every_lease_and_reports() {
         leases: 200,
         connections: 2,
         grant_concurrency: 8,
+        grant_over: Duration::from_secs(1),
         duration: Duration::from_secs(6),
         lease_lifetime: Duration::from_secs(600),
         // The service runs in this process.

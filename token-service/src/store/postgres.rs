@@ -288,17 +288,31 @@ fn key_from_row(row: &Row) -> Result<StoredKey, StoreError> {
     })
 }
 
+const UPDATE_LEASE: &str = "UPDATE leases SET last_active_at = $1, deadline = $2, active = $3, \
+    end_reason = $4, ended_at = $5, ended_by = $6, end_detail = $7, generation = $8, seed = $9, \
+    rotated_at = $10, refresh_count = $11, last_refreshed_at = $12, resume_count = $13, \
+    version = version + 1 WHERE id = $14 AND version = $15";
+
 async fn insert_event(
     tx: &deadpool_postgres::Transaction<'_>,
     e: &LeaseEvent,
 ) -> Result<(), StoreError> {
     // Serialise event writers until commit: sequence order is then commit order.
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_LOCK])
+    let lock = tx
+        .prepare_cached("SELECT pg_advisory_xact_lock($1)")
+        .await
+        .map_err(db_err)?;
+    tx.execute(&lock, &[&EVENT_LOCK]).await.map_err(db_err)?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO lease_events (lease_id, tenant, subject, actor, job_id, kind, reason, \
+             at, by_whom, detail, tokens_valid_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
         .await
         .map_err(db_err)?;
     tx.execute(
-        "INSERT INTO lease_events (lease_id, tenant, subject, actor, job_id, kind, reason, at, \
-         by_whom, detail, tokens_valid_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        &insert,
         &[
             &e.lease_id,
             &e.tenant,
@@ -467,12 +481,16 @@ impl Store for PostgresStore {
             .map_err(|e| StoreError::Database(Box::new(e)))?;
         let tx = client.transaction().await.map_err(db_err)?;
         let end = lease.end.as_ref();
-        tx.execute(
-            &format!(
+        let insert = tx
+            .prepare_cached(&format!(
                 "INSERT INTO leases ({LEASE_COLUMNS}, deadline) VALUES ($1, $2, $3, $4, $5, $6, \
                  $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
                  $23, $24)"
-            ),
+            ))
+            .await
+            .map_err(db_err)?;
+        tx.execute(
+            &insert,
             &[
                 &lease.id,
                 &lease.tenant,
@@ -508,13 +526,11 @@ impl Store for PostgresStore {
 
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"),
-                &[&id],
-            )
+        let select = client
+            .prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"))
             .await
             .map_err(db_err)?;
+        let row = client.query_opt(&select, &[&id]).await.map_err(db_err)?;
         row.as_ref().map(lease_from_row).transpose()
     }
 
@@ -542,41 +558,37 @@ impl Store for PostgresStore {
         event: Option<&LeaseEvent>,
     ) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_err)?;
         let end = lease.end.as_ref();
-        let changed = tx
-            .execute(
-                "UPDATE leases SET last_active_at = $1, deadline = $2, active = $3, \
-                 end_reason = $4, ended_at = $5, ended_by = $6, end_detail = $7, \
-                 generation = $8, seed = $9, rotated_at = $10, refresh_count = $11, \
-                 last_refreshed_at = $12, resume_count = $13, version = version + 1 \
-                 WHERE id = $14 AND version = $15",
-                &[
-                    &to_millis(lease.last_active_at),
-                    &to_millis(lease.deadline()),
-                    &lease.is_active(),
-                    &end.map(|e| e.reason.as_str()),
-                    &end.map(|e| to_millis(e.at)),
-                    &end.map(|e| e.by.as_str()),
-                    &end.map(|e| e.detail.as_str()),
-                    &u64_to_i64(lease.generation),
-                    &lease.seed,
-                    &to_millis(lease.rotated_at),
-                    &u64_to_i64(lease.refresh_count),
-                    &lease.last_refreshed_at.map(to_millis),
-                    &u64_to_i64(lease.resume_count),
-                    &lease.id,
-                    &lease.version,
-                ],
-            )
-            .await
-            .map_err(db_err)?;
-        if changed == 0 {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+            &to_millis(lease.last_active_at),
+            &to_millis(lease.deadline()),
+            &lease.is_active(),
+            &end.map(|e| e.reason.as_str()),
+            &end.map(|e| to_millis(e.at)),
+            &end.map(|e| e.by.as_str()),
+            &end.map(|e| e.detail.as_str()),
+            &u64_to_i64(lease.generation),
+            &lease.seed,
+            &to_millis(lease.rotated_at),
+            &u64_to_i64(lease.refresh_count),
+            &lease.last_refreshed_at.map(to_millis),
+            &u64_to_i64(lease.resume_count),
+            &lease.id,
+            &lease.version,
+        ];
+        let Some(event) = event else {
+            // A renewal writes no event: one statement, committed on its own, in one round
+            // trip with the statement prepared once per connection.
+            let update = client.prepare_cached(UPDATE_LEASE).await.map_err(db_err)?;
+            let changed = client.execute(&update, &params).await.map_err(db_err)?;
+            return Ok(changed > 0);
+        };
+        let tx = client.transaction().await.map_err(db_err)?;
+        let update = tx.prepare_cached(UPDATE_LEASE).await.map_err(db_err)?;
+        if tx.execute(&update, &params).await.map_err(db_err)? == 0 {
             return Ok(false);
         }
-        if let Some(event) = event {
-            insert_event(&tx, event).await?;
-        }
+        insert_event(&tx, event).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }
