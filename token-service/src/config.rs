@@ -403,6 +403,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "JOBTOKEN_STORE_URL",
         "store.url (and store.kind = postgres)",
     ),
+    ("JOBTOKEN_STORE_MAX_CONNECTIONS", "store.max_connections"),
     ("JOBTOKEN_MASTER_KEY_FILE", "master_key_file"),
     ("JOBTOKEN_ACCESS_TOKEN_TTL", "access_token_ttl"),
     ("JOBTOKEN_IDLE_TIMEOUT", "idle_timeout"),
@@ -447,6 +448,11 @@ impl Config {
                 "JOBTOKEN_STORE_URL" => {
                     self.store.kind = StoreKind::Postgres;
                     self.store.url = Some(SecretString::new(v));
+                }
+                "JOBTOKEN_STORE_MAX_CONNECTIONS" => {
+                    self.store.max_connections = v
+                        .parse()
+                        .map_err(|e| StartupError::Invalid(format!("{name}={v:?}: {e}")))?;
                 }
                 "JOBTOKEN_MASTER_KEY_FILE" => self.master_key_file = Some(v.into()),
                 "JOBTOKEN_ACCESS_TOKEN_TTL" => self.access_token_ttl = duration(name, &v)?,
@@ -678,11 +684,20 @@ mod tests {
         c.apply_env(|k| match k {
             "JOBTOKEN_GRPC_LISTEN" => Some("127.0.0.1:7000".into()),
             "JOBTOKEN_ACCESS_TOKEN_TTL" => Some("90s".into()),
+            "JOBTOKEN_STORE_MAX_CONNECTIONS" => Some("48".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(c.listen.grpc.port(), 7000);
         assert_eq!(c.access_token_ttl, Duration::from_secs(90));
+        assert_eq!(c.store.max_connections, 48);
+        let e = c
+            .apply_env(|k| (k == "JOBTOKEN_STORE_MAX_CONNECTIONS").then(|| "many".into()))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("JOBTOKEN_STORE_MAX_CONNECTIONS"),
+            "{e}"
+        );
         let e = c
             .apply_env(|k| (k == "JOBTOKEN_IDLE_TIMEOUT").then(|| "soon".into()))
             .unwrap_err();
