@@ -24,6 +24,7 @@ const KEY_ACTIVATION: Duration = Duration::from_secs(90);
 
 struct Harness {
     svc: Arc<LeaseService>,
+    store: Arc<dyn crate::store::Store>,
     clock: ManualClock,
     dir: tempfile::TempDir,
     importer: Module,
@@ -104,7 +105,7 @@ async fn harness_with(backend: Backend, over_cap: OverCap) -> Harness {
         over_cap,
     };
     let svc = Arc::new(LeaseService::new(
-        store,
+        Arc::clone(&store),
         keys,
         master,
         subjects,
@@ -114,6 +115,7 @@ async fn harness_with(backend: Backend, over_cap: OverCap) -> Harness {
     ));
     Harness {
         svc,
+        store,
         clock,
         dir,
         importer: module("importer", &["inventory.*", "users.read"]),
@@ -1027,7 +1029,47 @@ macro_rules! on_both_stores {
     };
 }
 
+/// Compare-and-set under contention, as the stores batch it (one SQLite transaction,
+/// one PostgreSQL `UPDATE … FROM unnest`): of writers racing from one version exactly
+/// one wins, and writes to different leases in the same batch all land.
+async fn racing_writes_from_one_version_have_exactly_one_winner(backend: Backend) {
+    let h = harness(backend).await;
+    let mut leases = Vec::new();
+    for job in ["a", "b", "c"] {
+        let issued = h.issue(job).await;
+        leases.push(h.store.get_lease(&issued.lease.id).await.unwrap().unwrap());
+    }
+    let mut writes = Vec::new();
+    for (n, lease) in leases.iter().enumerate() {
+        for attempt in 0..8u64 {
+            let store = Arc::clone(&h.store);
+            let mut lease = lease.clone();
+            lease.generation = attempt + 1;
+            lease.refresh_count = attempt + 1;
+            writes.push(tokio::spawn(async move {
+                (n, attempt, store.update_lease(&lease, None).await.unwrap())
+            }));
+        }
+    }
+    let mut winners = vec![Vec::new(); leases.len()];
+    for write in writes {
+        let (n, attempt, won) = write.await.unwrap();
+        if won {
+            winners[n].push(attempt);
+        }
+    }
+    for (lease, won) in leases.iter().zip(&winners) {
+        assert_eq!(won.len(), 1, "{won:?}");
+        let stored = h.store.get_lease(&lease.id).await.unwrap().unwrap();
+        // The stored row is the winner's, whole.
+        assert_eq!(stored.generation, won[0] + 1);
+        assert_eq!(stored.refresh_count, won[0] + 1);
+        assert_eq!(stored.version, lease.version + 1);
+    }
+}
+
 on_both_stores!(
+    racing_writes_from_one_version_have_exactly_one_winner,
     purge_removes_only_leases_past_their_retention,
     concurrent_ends_stream_in_order_without_gaps,
     replicas_starting_together_make_one_signing_key,

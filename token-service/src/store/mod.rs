@@ -4,6 +4,7 @@
 //! updated with compare-and-set on [`Lease::version`], so concurrent renewals (threads or
 //! replicas) never lose a rotation: the loser re-reads and decides again.
 
+mod batch;
 pub mod postgres;
 pub mod sqlite;
 

@@ -6,7 +6,11 @@
 //!   event that commits late.
 //! - Every lease end is announced with `NOTIFY`; each replica `LISTEN`s and wakes its
 //!   revocation streams at once.
+//! - The renewal path is batched: concurrent lease reads become one `= ANY($1)` query,
+//!   and concurrent event-less updates one `UPDATE … FROM unnest(…)` statement (one
+//!   commit), each row still guarded by its own version.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +21,7 @@ use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
+use super::batch::Batcher;
 use super::{LeaseFilter, Store, StoreError, StoredKey};
 use crate::clock::{from_millis, to_millis};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent};
@@ -125,6 +130,113 @@ impl fmt::Debug for PostgresOptions {
 pub struct PostgresStore {
     pool: Pool,
     ends: watch::Receiver<u64>,
+    reads: Batcher<String, Option<Lease>>,
+    renewals: Batcher<Lease, bool>,
+}
+
+/// Most rows one batched statement carries.
+const MAX_BATCH: usize = 256;
+/// Batched statements of one kind in flight at once.
+const PARALLEL_BATCHES: usize = 4;
+
+/// Reads many leases in one query; one answer per id, in order.
+async fn read_leases(pool: Pool, ids: Vec<String>) -> Result<Vec<Option<Lease>>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let select = client
+        .prepare_cached(&format!(
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE id = ANY($1)"
+        ))
+        .await
+        .map_err(db_err)?;
+    let rows = client.query(&select, &[&ids]).await.map_err(db_err)?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let lease = lease_from_row(row)?;
+        found.insert(lease.id.clone(), lease);
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+}
+
+/// Compare-and-set of many leases in one statement (one commit): each row is written
+/// only if its stored version is still the one given. Two updates of one lease in a
+/// batch: at most one matches, and `RETURNING u.ord` says which.
+async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<bool>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let update = client
+        .prepare_cached(
+            "UPDATE leases AS l SET last_active_at = u.last_active_at, deadline = u.deadline, \
+             active = u.active, end_reason = u.end_reason, ended_at = u.ended_at, \
+             ended_by = u.ended_by, end_detail = u.end_detail, generation = u.generation, \
+             seed = u.seed, rotated_at = u.rotated_at, refresh_count = u.refresh_count, \
+             last_refreshed_at = u.last_refreshed_at, resume_count = u.resume_count, \
+             version = l.version + 1 \
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
+             $6::boolean[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
+             $12::bytea[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[]) \
+             AS u(ord, id, version, last_active_at, deadline, active, end_reason, ended_at, \
+             ended_by, end_detail, generation, seed, rotated_at, refresh_count, \
+             last_refreshed_at, resume_count) \
+             WHERE l.id = u.id AND l.version = u.version RETURNING u.ord",
+        )
+        .await
+        .map_err(db_err)?;
+    let ord: Vec<i64> = (0..leases.len())
+        .map(|i| i64::try_from(i).unwrap_or(i64::MAX))
+        .collect();
+    let column = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(f).collect::<Vec<i64>>();
+    let ends = |f: &dyn Fn(&LeaseEnd) -> String| {
+        leases
+            .iter()
+            .map(|l| l.end.as_ref().map(f))
+            .collect::<Vec<Option<String>>>()
+    };
+    let ids: Vec<&str> = leases.iter().map(|l| l.id.as_str()).collect();
+    let versions = column(&|l| l.version);
+    let last_active = column(&|l| to_millis(l.last_active_at));
+    let deadlines = column(&|l| to_millis(l.deadline()));
+    let active: Vec<bool> = leases.iter().map(Lease::is_active).collect();
+    let end_reasons = ends(&|e| e.reason.as_str().to_owned());
+    let ended_at: Vec<Option<i64>> = leases
+        .iter()
+        .map(|l| l.end.as_ref().map(|e| to_millis(e.at)))
+        .collect();
+    let ended_by = ends(&|e| e.by.clone());
+    let end_details = ends(&|e| e.detail.clone());
+    let generations = column(&|l| u64_to_i64(l.generation));
+    let seeds: Vec<&[u8]> = leases.iter().map(|l| l.seed.as_slice()).collect();
+    let rotated = column(&|l| to_millis(l.rotated_at));
+    let refreshes = column(&|l| u64_to_i64(l.refresh_count));
+    let last_refreshed: Vec<Option<i64>> = leases
+        .iter()
+        .map(|l| l.last_refreshed_at.map(to_millis))
+        .collect();
+    let resumes = column(&|l| u64_to_i64(l.resume_count));
+    let rows = client
+        .query(
+            &update,
+            &[
+                &ord,
+                &ids,
+                &versions,
+                &last_active,
+                &deadlines,
+                &active,
+                &end_reasons,
+                &ended_at,
+                &ended_by,
+                &end_details,
+                &generations,
+                &seeds,
+                &rotated,
+                &refreshes,
+                &last_refreshed,
+                &resumes,
+            ],
+        )
+        .await
+        .map_err(db_err)?;
+    let written: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(ord.iter().map(|i| written.contains(i)).collect())
 }
 
 impl fmt::Debug for PostgresStore {
@@ -381,7 +493,24 @@ impl PostgresStore {
         migrate(&pool).await?;
         let (tx, ends) = watch::channel(0);
         tokio::spawn(listen(config, tx));
-        Ok(Self { pool, ends })
+        let reads = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, move |ids| {
+                read_leases(pool.clone(), ids)
+            })
+        };
+        let renewals = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, move |leases| {
+                write_leases(pool.clone(), leases)
+            })
+        };
+        Ok(Self {
+            pool,
+            ends,
+            reads,
+            renewals,
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -525,13 +654,7 @@ impl Store for PostgresStore {
     }
 
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
-        let client = self.client().await?;
-        let select = client
-            .prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"))
-            .await
-            .map_err(db_err)?;
-        let row = client.query_opt(&select, &[&id]).await.map_err(db_err)?;
-        row.as_ref().map(lease_from_row).transpose()
+        self.reads.call(id.to_owned()).await
     }
 
     async fn find_active_lease(
@@ -557,6 +680,10 @@ impl Store for PostgresStore {
         lease: &Lease,
         event: Option<&LeaseEvent>,
     ) -> Result<bool, StoreError> {
+        let Some(event) = event else {
+            // A renewal writes no event: it joins the next batched compare-and-set.
+            return self.renewals.call(lease.clone()).await;
+        };
         let mut client = self.client().await?;
         let end = lease.end.as_ref();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
@@ -576,13 +703,6 @@ impl Store for PostgresStore {
             &lease.id,
             &lease.version,
         ];
-        let Some(event) = event else {
-            // A renewal writes no event: one statement, committed on its own, in one round
-            // trip with the statement prepared once per connection.
-            let update = client.prepare_cached(UPDATE_LEASE).await.map_err(db_err)?;
-            let changed = client.execute(&update, &params).await.map_err(db_err)?;
-            return Ok(changed > 0);
-        };
         let tx = client.transaction().await.map_err(db_err)?;
         let update = tx.prepare_cached(UPDATE_LEASE).await.map_err(db_err)?;
         if tx.execute(&update, &params).await.map_err(db_err)? == 0 {

@@ -1,0 +1,146 @@
+//! Batching of concurrent requests into one database statement.
+//!
+//! Under load, a networked database spends most of its time per statement (parse, plan,
+//! round trip, commit), not per row. A [`Batcher`] queues requests and hands whatever
+//! has gathered to one call of its `run` function, with a few such calls in flight, so
+//! a busy service sends a few large statements instead of many small ones while a quiet
+//! one still answers each request at once (a batch of one).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::StoreError;
+
+type Waiting<Q, A> = (Q, oneshot::Sender<Result<A, StoreError>>);
+
+/// Queues requests of type `Q` and answers each with an `A`, by batches.
+pub(crate) struct Batcher<Q, A> {
+    queue: mpsc::UnboundedSender<Waiting<Q, A>>,
+}
+
+impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
+    /// Starts the batching task. `run` gets up to `max` requests and must return one
+    /// answer per request, in order. At most `parallel` batches run at once; requests
+    /// arriving meanwhile form the next batch. The task ends when the batcher is dropped.
+    pub(crate) fn spawn<F, Fut>(max: usize, parallel: usize, run: F) -> Self
+    where
+        F: Fn(Vec<Q>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<A>, StoreError>> + Send + 'static,
+    {
+        let (queue, mut incoming) = mpsc::unbounded_channel::<Waiting<Q, A>>();
+        let slots = Arc::new(Semaphore::new(parallel.max(1)));
+        tokio::spawn(async move {
+            let run = Arc::new(run);
+            while let Some(first) = incoming.recv().await {
+                // Wait for a free slot first: what queues up meanwhile joins this batch.
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < max {
+                    match incoming.try_recv() {
+                        Ok(waiting) => batch.push(waiting),
+                        Err(_) => break,
+                    }
+                }
+                let run = Arc::clone(&run);
+                tokio::spawn(async move {
+                    let (requests, replies): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
+                    let n = requests.len();
+                    match run(requests).await {
+                        Ok(answers) if answers.len() == n => {
+                            for (reply, answer) in replies.into_iter().zip(answers) {
+                                let _ = reply.send(Ok(answer));
+                            }
+                        }
+                        Ok(answers) => {
+                            let why = format!("batch of {n} got {} answers", answers.len());
+                            for reply in replies {
+                                let _ = reply.send(Err(StoreError::Corrupt(why.clone())));
+                            }
+                        }
+                        Err(e) => {
+                            for reply in replies {
+                                let _ = reply.send(Err(copy(&e)));
+                            }
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        Self { queue }
+    }
+
+    /// Queues one request and waits for its answer.
+    pub(crate) async fn call(&self, request: Q) -> Result<A, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send((request, reply))
+            .map_err(|_| StoreError::Unavailable("store closed".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("store batch was dropped".into()))?
+    }
+}
+
+/// The same failure, for each request of a failed batch.
+fn copy(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+        StoreError::Conflict => StoreError::Conflict,
+        StoreError::Corrupt(why) => StoreError::Corrupt(why.clone()),
+        StoreError::Database(source) => {
+            StoreError::Database(Box::new(std::io::Error::other(source.to_string())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn concurrent_requests_share_batches_and_each_gets_its_own_answer() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&sizes);
+        let batcher = Arc::new(Batcher::spawn(16, 1, move |xs: Vec<u32>| {
+            seen.lock().unwrap().push(xs.len());
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(xs.into_iter().map(|x| x * 10).collect())
+            }
+        }));
+        let calls: Vec<_> = (0..40)
+            .map(|i| {
+                let b = Arc::clone(&batcher);
+                tokio::spawn(async move { b.call(i).await })
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), u32::try_from(i).unwrap() * 10);
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 40);
+        assert!(sizes.iter().all(|&n| n <= 16), "{sizes:?}");
+        assert!(sizes.len() < 40, "requests were batched: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_fails_each_request_with_the_same_kind_of_error() {
+        let batcher = Batcher::spawn(8, 2, |_: Vec<u32>| async {
+            Err::<Vec<u32>, _>(StoreError::Unavailable("db down".into()))
+        });
+        assert!(matches!(
+            batcher.call(1).await,
+            Err(StoreError::Unavailable(why)) if why == "db down"
+        ));
+        let short = Batcher::spawn(8, 2, |_: Vec<u32>| async { Ok(Vec::<u32>::new()) });
+        assert!(matches!(short.call(1).await, Err(StoreError::Corrupt(_))));
+    }
+}
