@@ -34,7 +34,10 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use token_sdk::JobTokenClient;
-use token_sdk::proto::{IntrospectTokenRequest, IssueJobTokenRequest, RefreshJobTokenRequest};
+use token_sdk::proto::{
+    IntrospectTokenRequest, IssueJobTokenRequest, JobOutcome, RefreshJobTokenRequest,
+    RevokeJobTokenRequest,
+};
 use token_service::clock::{Clock, SystemClock};
 use token_service::dev::{DevTokenRequest, mint_dev_token};
 use tonic_health::pb::HealthCheckRequest;
@@ -54,6 +57,9 @@ pub enum Scenario {
     Introspect,
     /// 80% refresh, 15% introspect, 5% issue.
     Mixed,
+    /// A whole short job: grant a lease, then release it (two RPCs per request). Also
+    /// fills a store with ended leases for the memory and start-up measurements.
+    Churn,
     /// `--leases` leases held at once by simulated jobs renewing on the SDK's schedule
     /// for `--duration` (see [`Scale`]).
     Scale,
@@ -259,6 +265,16 @@ impl Worker {
             }
             Scenario::Issue => {
                 self.issue().await?;
+            }
+            Scenario::Churn => {
+                let holder = self.issue().await?;
+                self.client
+                    .revoke_job_token(RevokeJobTokenRequest {
+                        lease_id: holder.lease_id,
+                        outcome: JobOutcome::Succeeded.into(),
+                        detail: String::new(),
+                    })
+                    .await?;
             }
             Scenario::Refresh => {
                 let holder = self

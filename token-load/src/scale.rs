@@ -73,6 +73,8 @@ pub struct ScaleReport {
     pub per_second_max: u64,
     /// Busiest second over the mean.
     pub peak_to_mean: f64,
+    /// Renewals completed in each second of the hold, for plotting the spread.
+    pub per_second: Vec<u64>,
     /// Renewal latency, milliseconds.
     pub p50_ms: f64,
     /// 99th percentile.
@@ -86,8 +88,8 @@ pub struct ScaleReport {
     pub lapses: u64,
     /// Jobs that lost their lease, by reason. Must be empty.
     pub lost: BTreeMap<String, u64>,
-    /// Transient failures that the SDK schedule retried.
-    pub retried: u64,
+    /// Transient failures that the SDK schedule retried, by reason (or gRPC code).
+    pub retried: BTreeMap<String, u64>,
     /// Service resident memory (MiB) before granting, after granting, and the most seen
     /// while holding; `None` without `service_pid`.
     pub rss_mib_before: Option<f64>,
@@ -122,7 +124,7 @@ impl fmt::Display for ScaleReport {
         )?;
         writeln!(
             f,
-            "  lapses {}  lost {:?}  retried {}",
+            "  lapses {}  lost {:?}  retried {:?}",
             self.lapses, self.lost, self.retried
         )?;
         write!(
@@ -142,9 +144,12 @@ struct Tally {
     latency: Mutex<Histogram<u64>>,
     min_slack_ms: AtomicU64,
     lapses: AtomicU64,
-    retried: AtomicU64,
+    retried: Mutex<BTreeMap<String, u64>>,
     lost: Mutex<BTreeMap<String, u64>>,
 }
+
+/// The hold's `(start, end)`, known once every lease is granted.
+type Window = std::sync::OnceLock<(Instant, Instant)>;
 
 /// A granted lease as its job holds it.
 struct Held {
@@ -169,6 +174,12 @@ fn resident_mib(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kib / 1024.0)
+}
+
+/// The machine reason of a failure, else its gRPC code and message.
+fn reason(status: &tonic::Status) -> String {
+    token_sdk::error_reason(status)
+        .unwrap_or_else(|| format!("{:?}: {}", status.code(), status.message()))
 }
 
 fn life_of(tokens: &token_sdk::proto::TokenPair) -> Duration {
@@ -204,18 +215,12 @@ async fn grant(
 }
 
 /// One simulated job: renews on the SDK's schedule until `end`.
-async fn hold(
-    mut client: JobTokenClient,
-    mut held: Held,
-    start: Instant,
-    end: Instant,
-    tally: Arc<Tally>,
-) {
+async fn hold(mut client: JobTokenClient, mut held: Held, window: Arc<Window>, tally: Arc<Tally>) {
     let config = RenewalConfig::default();
     let mut attempt = 0;
     let mut due = held.received + token_sdk::refresh_in(held.life, &config, fastrand::f64());
     loop {
-        if due >= end {
+        if window.get().is_some_and(|&(_, end)| due >= end) {
             return;
         }
         tokio::time::sleep_until(due).await;
@@ -245,10 +250,13 @@ async fn hold(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .record(micros.max(1));
-                let second = usize::try_from(done.saturating_duration_since(start).as_secs())
-                    .unwrap_or(usize::MAX);
-                if let Some(bucket) = tally.per_second.get(second) {
-                    bucket.fetch_add(1, Ordering::Relaxed);
+                // Renewals while others are still being granted are checked, not counted.
+                if let Some(&(start, _)) = window.get().filter(|(start, _)| done >= *start) {
+                    let second =
+                        usize::try_from(done.duration_since(start).as_secs()).unwrap_or(usize::MAX);
+                    if let Some(bucket) = tally.per_second.get(second) {
+                        bucket.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 held.life = life_of(&tokens);
                 held.refresh_token = tokens.refresh_token;
@@ -256,19 +264,22 @@ async fn hold(
                 due = done + token_sdk::refresh_in(held.life, &config, fastrand::f64());
             }
             Err(status) if token_sdk::is_transient(&status) => {
-                tally.retried.fetch_add(1, Ordering::Relaxed);
+                *tally
+                    .retried
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(reason(&status))
+                    .or_default() += 1;
                 let left = expires.saturating_duration_since(done);
                 due = done + token_sdk::backoff(attempt, left, &config, fastrand::f64());
                 attempt += 1;
             }
             Err(status) => {
-                let reason = token_sdk::error_reason(&status)
-                    .unwrap_or_else(|| format!("{:?}", status.code()));
                 *tally
                     .lost
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .entry(reason)
+                    .entry(reason(&status))
                     .or_default() += 1;
                 return;
             }
@@ -284,43 +295,6 @@ impl Scale {
         let clients = connect(&self.endpoint, &self.module_key, self.connections).await?;
         let run = fastrand::u64(..);
 
-        // Grant every lease first, `grant_concurrency` at a time.
-        let granting = now();
-        let pace = self.grant_over / u32::try_from(self.leases.max(1)).unwrap_or(u32::MAX);
-        let next = Arc::new(AtomicU64::new(0));
-        let mut granters = Vec::new();
-        for g in 0..self.grant_concurrency.max(1) {
-            let mut client = clients[g % clients.len()].clone();
-            let (next, subject_token) = (Arc::clone(&next), Arc::clone(&subject_token));
-            let (leases, lifetime) = (self.leases as u64, self.lease_lifetime);
-            granters.push(tokio::spawn(async move {
-                let mut held = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= leases {
-                        return Ok::<_, LoadError>(held);
-                    }
-                    let at = granting + pace * u32::try_from(i).unwrap_or(u32::MAX);
-                    tokio::time::sleep_until(at).await;
-                    let job = format!("scale-{run:x}-{i}");
-                    let lease = grant(&mut client, &subject_token, job, lifetime)
-                        .await
-                        .map_err(setup("granting a lease"))?;
-                    held.push((i, lease));
-                }
-            }));
-        }
-        let mut held = Vec::with_capacity(self.leases);
-        for granter in granters {
-            held.extend(granter.await.map_err(setup("granter"))??);
-        }
-        let grant_seconds = granting.elapsed().as_secs_f64();
-        let rss_granted = self.service_pid.and_then(resident_mib);
-        let token_life = held.first().map(|(_, h)| h.life).unwrap_or_default();
-
-        // Hold them all, each renewing on the SDK's schedule.
-        let start = now();
-        let end = start + self.duration;
         let seconds = usize::try_from(self.duration.as_secs()).unwrap_or(0) + 1;
         let tally = Arc::new(Tally {
             per_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
@@ -329,16 +303,56 @@ impl Scale {
             ),
             min_slack_ms: AtomicU64::new(u64::MAX),
             lapses: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
+            retried: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(BTreeMap::new()),
         });
-        let jobs: Vec<_> = held
-            .into_iter()
-            .map(|(i, h)| {
-                let client = clients[usize::try_from(i).unwrap_or(0) % clients.len()].clone();
-                tokio::spawn(hold(client, h, start, end, Arc::clone(&tally)))
-            })
-            .collect();
+        let window = Arc::new(Window::new());
+
+        // Grant the leases, `grant_concurrency` at a time; each job starts renewing as
+        // soon as it holds its lease, as a real one would.
+        let granting = now();
+        let pace = self.grant_over / u32::try_from(self.leases.max(1)).unwrap_or(u32::MAX);
+        let next = Arc::new(AtomicU64::new(0));
+        let mut granters = Vec::new();
+        for g in 0..self.grant_concurrency.max(1) {
+            let mut client = clients[g % clients.len()].clone();
+            let (next, subject_token) = (Arc::clone(&next), Arc::clone(&subject_token));
+            let (window, tally) = (Arc::clone(&window), Arc::clone(&tally));
+            let (leases, lifetime) = (self.leases as u64, self.lease_lifetime);
+            granters.push(tokio::spawn(async move {
+                let mut jobs = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= leases {
+                        return Ok::<_, LoadError>(jobs);
+                    }
+                    let at = granting + pace * u32::try_from(i).unwrap_or(u32::MAX);
+                    tokio::time::sleep_until(at).await;
+                    let job = format!("scale-{run:x}-{i}");
+                    let lease = grant(&mut client, &subject_token, job, lifetime)
+                        .await
+                        .map_err(setup("granting a lease"))?;
+                    let life = lease.life;
+                    let (window, tally) = (Arc::clone(&window), Arc::clone(&tally));
+                    jobs.push((
+                        life,
+                        tokio::spawn(hold(client.clone(), lease, window, tally)),
+                    ));
+                }
+            }));
+        }
+        let mut jobs = Vec::with_capacity(self.leases);
+        for granter in granters {
+            jobs.extend(granter.await.map_err(setup("granter"))??);
+        }
+        let grant_seconds = granting.elapsed().as_secs_f64();
+        let rss_granted = self.service_pid.and_then(resident_mib);
+        let token_life = jobs.first().map(|(life, _)| *life).unwrap_or_default();
+
+        // Hold them all for the duration.
+        let start = now();
+        let end = start + self.duration;
+        let _ = window.set((start, end));
         let mut rss_peak = rss_granted;
         while now() < end {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -346,7 +360,7 @@ impl Scale {
                 rss_peak = Some(rss_peak.map_or(now, |p: f64| p.max(now)));
             }
         }
-        for job in jobs {
+        for (_, job) in jobs {
             job.await.map_err(setup("job"))?;
         }
 
@@ -387,6 +401,7 @@ impl Scale {
             } else {
                 0.0
             },
+            per_second: counts.clone(),
             p50_ms: ms(0.5),
             p99_ms: ms(0.99),
             max_ms: latency.max() as f64 / 1000.0,
@@ -397,7 +412,11 @@ impl Scale {
             },
             lapses: tally.lapses.load(Ordering::Relaxed),
             lost,
-            retried: tally.retried.load(Ordering::Relaxed),
+            retried: tally
+                .retried
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             rss_mib_before: rss_before,
             rss_mib_granted: rss_granted,
             rss_mib_peak: rss_peak,

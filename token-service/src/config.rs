@@ -194,7 +194,7 @@ pub struct StoreConfig {
     #[serde(default)]
     pub sync: SyncMode,
     /// SQLite: how many active leases to keep in memory, so renewals and introspection
-    /// read them without touching the file (about 0.5 KiB each). 0 turns it off.
+    /// read them without touching the file (about 1 KiB each). 0 turns it off.
     #[serde(default = "default_lease_cache")]
     pub lease_cache: usize,
     /// PostgreSQL connection URL (`postgres://user:password@host/db`). Secret: never
@@ -403,6 +403,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "JOBTOKEN_STORE_URL",
         "store.url (and store.kind = postgres)",
     ),
+    ("JOBTOKEN_STORE_SYNC", "store.sync"),
     ("JOBTOKEN_STORE_MAX_CONNECTIONS", "store.max_connections"),
     ("JOBTOKEN_MASTER_KEY_FILE", "master_key_file"),
     ("JOBTOKEN_ACCESS_TOKEN_TTL", "access_token_ttl"),
@@ -448,6 +449,17 @@ impl Config {
                 "JOBTOKEN_STORE_URL" => {
                     self.store.kind = StoreKind::Postgres;
                     self.store.url = Some(SecretString::new(v));
+                }
+                "JOBTOKEN_STORE_SYNC" => {
+                    self.store.sync = match v.as_str() {
+                        "normal" => SyncMode::Normal,
+                        "full" => SyncMode::Full,
+                        _ => {
+                            return Err(StartupError::Invalid(format!(
+                                "{name}={v:?}: expected \"normal\" or \"full\""
+                            )));
+                        }
+                    };
                 }
                 "JOBTOKEN_STORE_MAX_CONNECTIONS" => {
                     self.store.max_connections = v
@@ -685,12 +697,18 @@ mod tests {
             "JOBTOKEN_GRPC_LISTEN" => Some("127.0.0.1:7000".into()),
             "JOBTOKEN_ACCESS_TOKEN_TTL" => Some("90s".into()),
             "JOBTOKEN_STORE_MAX_CONNECTIONS" => Some("48".into()),
+            "JOBTOKEN_STORE_SYNC" => Some("full".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(c.listen.grpc.port(), 7000);
         assert_eq!(c.access_token_ttl, Duration::from_secs(90));
         assert_eq!(c.store.max_connections, 48);
+        assert_eq!(c.store.sync, SyncMode::Full);
+        let e = c
+            .apply_env(|k| (k == "JOBTOKEN_STORE_SYNC").then(|| "always".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("JOBTOKEN_STORE_SYNC"), "{e}");
         let e = c
             .apply_env(|k| (k == "JOBTOKEN_STORE_MAX_CONNECTIONS").then(|| "many".into()))
             .unwrap_err();

@@ -16,6 +16,7 @@ async fn every_scenario_runs_and_reports() {
         Scenario::Refresh,
         Scenario::Introspect,
         Scenario::Mixed,
+        Scenario::Churn,
     ] {
         let load = Load {
             endpoint: server.endpoint(),

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Every token-load scenario against a fresh release-mode service, printed as the
+# markdown table of BENCHMARKS.md, with each row's ratio to the no-op baseline of the
+# same run.
+#
+#   cargo build --release -p token-service -p token-load
+#   scripts/bench.sh [duration] [warm-up]          # defaults: 10s 2s
+#
+# The service runs in dev mode in a temporary directory on 127.0.0.1:50051/50052 (which
+# must be free): first on SQLite (`store.sync = normal`, then `full`), then on
+# PostgreSQL in a database of its own, `jobtoken_bench`, dropped and created here. Set
+# BENCH_PG_URL to the server (default postgres://postgres@127.0.0.1:5432, database
+# appended), or SKIP_PG=1 to skip those rows. Needs jq, and psql for PostgreSQL.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+svc=$repo/target/release/token-service
+load=$repo/target/release/token-load
+duration=${1:-10s}
+warmup=${2:-2s}
+pg_server=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
+work=$(mktemp -d)
+pid=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+start() { # env assignments for the service
+    (cd "$work" && exec env "$@" RUST_LOG=warn "$svc" serve >>"$work/service.log" 2>&1) &
+    pid=$!
+    for _ in $(seq 500); do
+        (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || { cat "$work/service.log" >&2; exit 1; }
+        sleep 0.01
+    done
+    echo "the service did not start" >&2
+    exit 1
+}
+
+stop() {
+    kill -TERM "$pid"
+    wait "$pid" || true
+    pid=
+}
+
+baseline=
+row() { # scenario store
+    local json
+    json=$(cd "$work" && "$load" --scenario "$1" --duration "$duration" --warmup "$warmup" --json)
+    local rps errors
+    rps=$(jq -r '.rps' <<<"$json")
+    errors=$(jq -r '.errors | to_entries | map("\(.key) \(.value)") | join(", ")' <<<"$json")
+    [ "$1" = noop ] && [ -z "$baseline" ] && baseline=$rps
+    jq -r --arg store "$2" --arg base "$baseline" --arg errors "${errors:-none}" \
+        '"| \(.scenario) | \($store) | \(.rps | floor) | \(.p50_ms) | \(.p90_ms) | \(.p99_ms) | \(.max_ms) | \(if $base == "" then "—" else ((.rps / ($base | tonumber) * 1000 | round) / 1000 | tostring) end) | \($errors) |"' \
+        <<<"$json"
+}
+
+echo "| scenario | store | req/s | p50 ms | p90 ms | p99 ms | max ms | vs no-op | errors |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---|"
+start
+for scenario in noop refresh introspect issue mixed churn; do
+    row "$scenario" "SQLite, sync = normal"
+done
+stop
+start JOBTOKEN_STORE_SYNC=full
+for scenario in refresh issue; do
+    row "$scenario" "SQLite, sync = full"
+done
+stop
+if [ "${SKIP_PG:-0}" != 1 ]; then
+    psql "$pg_server/postgres" -qc "DROP DATABASE IF EXISTS jobtoken_bench" >/dev/null
+    psql "$pg_server/postgres" -qc "CREATE DATABASE jobtoken_bench" >/dev/null
+    start "JOBTOKEN_STORE_URL=$pg_server/jobtoken_bench"
+    for scenario in refresh introspect issue; do
+        row "$scenario" "PostgreSQL"
+    done
+    stop
+    psql "$pg_server/postgres" -qc "DROP DATABASE jobtoken_bench" >/dev/null
+fi
