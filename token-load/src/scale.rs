@@ -81,7 +81,8 @@ pub struct ScaleReport {
     pub p99_ms: f64,
     /// Maximum.
     pub max_ms: f64,
-    /// Least life a token had left when its successor arrived, seconds.
+    /// Least life a token had left when its successor arrived, seconds (life counted
+    /// from when the request that brought it was sent).
     pub min_slack_seconds: f64,
     /// Renewals whose answer came after the token in hand had expired: a job would
     /// have held an expired token. Must be 0.
@@ -195,6 +196,7 @@ async fn grant(
     job_id: String,
     lifetime: Duration,
 ) -> Result<Held, tonic::Status> {
+    let sent = now();
     let response = client
         .issue_job_token(IssueJobTokenRequest {
             subject_token: subject_token.to_owned(),
@@ -210,7 +212,7 @@ async fn grant(
         lease_id: response.lease.unwrap_or_default().lease_id,
         life: life_of(&tokens),
         refresh_token: tokens.refresh_token,
-        received: now(),
+        received: sent,
     })
 }
 
@@ -260,8 +262,11 @@ async fn hold(mut client: JobTokenClient, mut held: Held, window: Arc<Window>, t
                 }
                 held.life = life_of(&tokens);
                 held.refresh_token = tokens.refresh_token;
-                held.received = done;
-                due = done + token_sdk::refresh_in(held.life, &config, fastrand::f64());
+                // The service measured the life at some moment during the call: count
+                // it from the request, so expiries (and lapses) are never flattered.
+                held.received = began;
+                // As the SDK does: the next renewal is timed from this request's start.
+                due = began + token_sdk::refresh_in(held.life, &config, fastrand::f64());
             }
             Err(status) if token_sdk::is_transient(&status) => {
                 *tally

@@ -109,7 +109,7 @@ struct Signer {
     /// Parsed once: parsing a PKCS#8 Ed25519 key derives its public half, a scalar
     /// multiplication as costly as the signature itself.
     pair: Ed25519KeyPair,
-    /// The token's first segment, base64url of `{"alg":"EdDSA","typ":"JWT","kid":…}`.
+    /// The token's first segment, base64url of `{"typ":"JWT","alg":"EdDSA","kid":…}`.
     header: String,
 }
 
@@ -314,9 +314,11 @@ impl KeyRing {
     fn remember(&self, id: [u8; 32], kid: String, claims: Arc<AccessClaims>, now: SystemTime) {
         let mut verified = self.remembered();
         if verified.len() >= VERIFIED_CAPACITY {
+            // Prune to at most half, so the scan runs once per many inserts even when
+            // more tokens are live than the cache holds.
             let now = to_unix_secs(now);
             verified.retain(|_, (_, c)| c.exp > now);
-            if verified.len() >= VERIFIED_CAPACITY {
+            if verified.len() >= VERIFIED_CAPACITY / 2 {
                 verified.clear();
             }
         }

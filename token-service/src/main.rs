@@ -42,8 +42,10 @@ enum Command {
     Serve {
         /// TOML config file (see README "Configuration"). Environment variables
         /// JOBTOKEN_GRPC_LISTEN, JOBTOKEN_HTTP_LISTEN, JOBTOKEN_DATA_DIR,
-        /// JOBTOKEN_STORE_PATH, JOBTOKEN_MASTER_KEY_FILE, JOBTOKEN_ACCESS_TOKEN_TTL,
-        /// JOBTOKEN_IDLE_TIMEOUT and JOBTOKEN_ADMIN_KEY_SHA256 override it.
+        /// JOBTOKEN_STORE_PATH, JOBTOKEN_STORE_URL, JOBTOKEN_STORE_SYNC,
+        /// JOBTOKEN_STORE_MAX_CONNECTIONS, JOBTOKEN_MASTER_KEY_FILE,
+        /// JOBTOKEN_ACCESS_TOKEN_TTL, JOBTOKEN_IDLE_TIMEOUT and JOBTOKEN_ADMIN_KEY_SHA256
+        /// override it.
         #[arg(long, env = "JOBTOKEN_CONFIG")]
         config: Option<PathBuf>,
         /// Data directory in dev mode (with a config, set `data_dir` there).

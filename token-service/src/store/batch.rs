@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -22,9 +23,10 @@ pub(crate) struct Batcher<Q, A> {
 
 impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     /// Starts the batching task. `run` gets up to `max` requests and must return one
-    /// answer per request, in order. At most `parallel` batches run at once; requests
-    /// arriving meanwhile form the next batch. The task ends when the batcher is dropped.
-    pub(crate) fn spawn<F, Fut>(max: usize, parallel: usize, run: F) -> Self
+    /// answer per request, in order, within `timeout` (else every request of the batch
+    /// fails as unavailable). At most `parallel` batches run at once; requests arriving
+    /// meanwhile form the next batch. The task ends when the batcher is dropped.
+    pub(crate) fn spawn<F, Fut>(max: usize, parallel: usize, timeout: Duration, run: F) -> Self
     where
         F: Fn(Vec<Q>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<A>, StoreError>> + Send + 'static,
@@ -49,7 +51,14 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
                 tokio::spawn(async move {
                     let (requests, replies): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
                     let n = requests.len();
-                    match run(requests).await {
+                    let outcome = tokio::time::timeout(timeout, run(requests))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(StoreError::Unavailable(format!(
+                                "no answer from the database within {timeout:?}"
+                            )))
+                        });
+                    match outcome {
                         Ok(answers) if answers.len() == n => {
                             for (reply, answer) in replies.into_iter().zip(answers) {
                                 let _ = reply.send(Ok(answer));
@@ -109,13 +118,18 @@ mod tests {
     async fn concurrent_requests_share_batches_and_each_gets_its_own_answer() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&sizes);
-        let batcher = Arc::new(Batcher::spawn(16, 1, move |xs: Vec<u32>| {
-            seen.lock().unwrap().push(xs.len());
-            async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                Ok(xs.into_iter().map(|x| x * 10).collect())
-            }
-        }));
+        let batcher = Arc::new(Batcher::spawn(
+            16,
+            1,
+            Duration::from_secs(5),
+            move |xs: Vec<u32>| {
+                seen.lock().unwrap().push(xs.len());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(xs.into_iter().map(|x| x * 10).collect())
+                }
+            },
+        ));
         let calls: Vec<_> = (0..40)
             .map(|i| {
                 let b = Arc::clone(&batcher);
@@ -133,14 +147,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_batch_fails_each_request_with_the_same_kind_of_error() {
-        let batcher = Batcher::spawn(8, 2, |_: Vec<u32>| async {
+        let batcher = Batcher::spawn(8, 2, Duration::from_secs(5), |_: Vec<u32>| async {
             Err::<Vec<u32>, _>(StoreError::Unavailable("db down".into()))
         });
         assert!(matches!(
             batcher.call(1).await,
             Err(StoreError::Unavailable(why)) if why == "db down"
         ));
-        let short = Batcher::spawn(8, 2, |_: Vec<u32>| async { Ok(Vec::<u32>::new()) });
+        let short = Batcher::spawn(8, 2, Duration::from_secs(5), |_: Vec<u32>| async {
+            Ok(Vec::<u32>::new())
+        });
         assert!(matches!(short.call(1).await, Err(StoreError::Corrupt(_))));
+        let hung = Batcher::spawn(8, 2, Duration::from_millis(50), |_: Vec<u32>| {
+            std::future::pending::<Result<Vec<u32>, StoreError>>()
+        });
+        assert!(matches!(
+            hung.call(1).await,
+            Err(StoreError::Unavailable(why)) if why.contains("no answer")
+        ));
     }
 }

@@ -493,15 +493,18 @@ impl PostgresStore {
         migrate(&pool).await?;
         let (tx, ends) = watch::channel(0);
         tokio::spawn(listen(config, tx));
+        // Waiting for a pooled connection, then the statement: each bounded by the
+        // statement timeout.
+        let batch_timeout = options.statement_timeout * 2;
         let reads = {
             let pool = pool.clone();
-            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, move |ids| {
+            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, batch_timeout, move |ids| {
                 read_leases(pool.clone(), ids)
             })
         };
         let renewals = {
             let pool = pool.clone();
-            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, move |leases| {
+            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, batch_timeout, move |leases| {
                 write_leases(pool.clone(), leases)
             })
         };

@@ -12,9 +12,10 @@
 //!
 //! Active leases are also kept in memory (up to a set number), so a renewal reads its
 //! lease without leaving the async thread. The cache is coherent because this process is
-//! the file's only writer: the writer thread applies each committed change to it, in
-//! commit order, before any caller hears of the commit; it never loads rows read from
-//! the file, so it cannot hold anything older than the last commit.
+//! the file's only writer (a lock file enforces it): the writer thread applies each
+//! group's committed changes to it, in commit order, before it answers any caller of
+//! that group; it never loads rows read from the file; and a compare-and-set that finds
+//! the file ahead of the cache evicts the lease instead of trusting it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -130,6 +131,9 @@ struct Inner {
     cache: Arc<Mutex<LeaseCache>>,
     /// A directory to delete on drop (a [`SqliteStore::temporary`] store).
     temporary: Option<PathBuf>,
+    /// Held (locked) while the store is open: the cache is only coherent if this
+    /// process is the file's one writer.
+    _exclusive: std::fs::File,
 }
 
 impl Drop for Inner {
@@ -173,6 +177,7 @@ impl SqliteStore {
         {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Database(Box::new(e)))?;
         }
+        let exclusive = lock_exclusively(path)?;
         let mut conn = open_connection(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(map_err)?;
@@ -204,6 +209,7 @@ impl SqliteStore {
                 read_slots: Arc::new(Semaphore::new(pool)),
                 cache: Arc::new(Mutex::new(LeaseCache::new(lease_cache))),
                 temporary,
+                _exclusive: exclusive,
             }),
         })
     }
@@ -282,8 +288,15 @@ impl LeaseCache {
     }
 
     /// Records the committed state of a lease: kept while active (room permitting),
-    /// dropped once it ends.
-    fn committed(&mut self, lease: Lease) {
+    /// dropped once it ends. Times are cut to the file's millisecond precision, so a
+    /// cached lease equals the one the file would return.
+    fn committed(&mut self, mut lease: Lease) {
+        let ms = |t: SystemTime| from_millis(to_millis(t));
+        lease.created_at = ms(lease.created_at);
+        lease.expires_at = ms(lease.expires_at);
+        lease.last_active_at = ms(lease.last_active_at);
+        lease.rotated_at = ms(lease.rotated_at);
+        lease.last_refreshed_at = lease.last_refreshed_at.map(ms);
         if !lease.is_active() {
             self.leases.remove(&lease.id);
         } else if let Some(slot) = self.leases.get_mut(&lease.id) {
@@ -302,6 +315,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Takes an exclusive lock on `<path>.lock` (released when the process ends, even by
+/// `kill -9`), so two services never share one database file.
+fn lock_exclusively(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            StoreError::Unavailable(format!("{}: {e}", PathBuf::from(&lock_path).display()))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another process (one service per SQLite file; several \
+             replicas need store.kind = \"postgres\")",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+            "{}: {e}",
+            PathBuf::from(&lock_path).display()
+        ))),
+    }
+}
+
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(map_err)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(map_err)?;
@@ -310,10 +350,14 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 
 /// One write waiting for the writer thread.
 trait WriteJob: Send {
-    /// Applies the write inside the open group transaction.
-    fn run(&mut self, conn: &Connection);
-    /// Answers the caller once the group's fate is known: `Err` if it did not commit.
-    fn finish(self: Box<Self>, committed: Result<(), &str>);
+    /// Applies the write inside the open group transaction. `false` if the connection
+    /// is left in a state the group cannot commit from (its savepoint could not be
+    /// undone or released).
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Runs the job's commit hook, once the group has committed.
+    fn committed(&mut self);
+    /// Answers the caller: `Err` if the group did not commit.
+    fn answer(self: Box<Self>, committed: Result<(), &str>);
 }
 
 struct Job<T, F, C> {
@@ -329,19 +373,29 @@ where
     F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
     C: FnOnce(&T) + Send,
 {
-    fn run(&mut self, conn: &Connection) {
-        let Some(work) = self.work.take() else { return };
-        self.outcome = Some(in_savepoint(conn, work));
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(work) = self.work.take() else {
+            return true;
+        };
+        match in_savepoint(conn, work) {
+            Ok(outcome) => {
+                self.outcome = Some(outcome);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
-    fn finish(self: Box<Self>, committed: Result<(), &str>) {
+    fn committed(&mut self) {
+        if let (Some(Ok(value)), Some(on_commit)) = (&self.outcome, self.on_commit.take()) {
+            // A panicking hook must not take the writer thread down with it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_commit(value)));
+        }
+    }
+
+    fn answer(self: Box<Self>, committed: Result<(), &str>) {
         let answer = match (committed, self.outcome) {
-            (Ok(()), Some(outcome)) => {
-                if let (Ok(value), Some(on_commit)) = (&outcome, self.on_commit) {
-                    on_commit(value);
-                }
-                outcome
-            }
+            (Ok(()), Some(outcome)) => outcome,
             (Ok(()), None) => Err(StoreError::Unavailable("write was not applied".into())),
             (Err(why), _) => Err(StoreError::Unavailable(format!("commit failed: {why}"))),
         };
@@ -350,26 +404,30 @@ where
     }
 }
 
+/// Runs `work` in a savepoint, undone if it fails (or panics). The outer `Err` means the
+/// savepoint itself could not be undone or released: the group must not commit.
 fn in_savepoint<T>(
     conn: &Connection,
     work: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
+) -> Result<Result<T, StoreError>, StoreError> {
     let exec = |sql: &str| {
         conn.prepare_cached(sql)
             .and_then(|mut s| s.execute([]))
             .map_err(map_err)
     };
     exec("SAVEPOINT job")?;
-    let outcome = work(conn);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn)))
+        .unwrap_or_else(|_| Err(StoreError::Corrupt("a store write panicked".into())));
     if outcome.is_err() {
         exec("ROLLBACK TO job")?;
     }
     exec("RELEASE job")?;
-    outcome
+    Ok(outcome)
 }
 
 /// The writer thread: takes every write queued so far, applies them in one transaction,
-/// commits once and answers them all.
+/// commits once, updates the lease cache for all of them, then answers them all (so no
+/// caller can observe one commit of the group while the cache still lacks another).
 fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>) {
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
@@ -380,9 +438,14 @@ fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>) {
             }
         }
         let committed = run_group(&conn, &mut group);
+        if committed.is_ok() {
+            for job in &mut group {
+                job.committed();
+            }
+        }
         let committed = committed.as_ref().map(|_| ()).map_err(String::as_str);
         for job in group {
-            job.finish(committed);
+            job.answer(committed);
         }
     }
 }
@@ -391,11 +454,17 @@ fn run_group(conn: &Connection, group: &mut [Box<dyn WriteJob>]) -> Result<(), S
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| e.to_string())?;
     for job in group.iter_mut() {
-        job.run(conn);
+        let clean = job.run(conn);
         // Some errors (disk full, I/O) make SQLite roll the whole transaction back; the
         // writes before this one are gone, and those after must not run outside it.
         if conn.is_autocommit() {
             return Err("the transaction was rolled back".into());
+        }
+        if !clean {
+            // A write whose savepoint could not be undone may be half-applied: commit
+            // none of the group rather than that.
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err("a write could not be undone".into());
         }
     }
     if let Err(e) = conn.execute_batch("COMMIT") {
@@ -664,6 +733,10 @@ impl Store for SqliteStore {
         let on_commit = move |written: &bool| {
             if *written {
                 lock(&cache).committed(committed);
+            } else {
+                // The stored version moved on without this cache seeing it: stop
+                // answering from the cache for this lease until it is written again.
+                lock(&cache).leases.remove(&committed.id);
             }
         };
         self.write_then(
@@ -1014,8 +1087,9 @@ mod tests {
         ];
         let committed = run_group(&conn, &mut group);
         assert_eq!(committed, Ok(()));
-        for job in group {
-            job.finish(Ok(()));
+        for mut job in group {
+            job.committed();
+            job.answer(Ok(()));
         }
         assert_eq!(ok.try_recv().unwrap().unwrap(), 1);
         assert!(matches!(bad.try_recv().unwrap(), Err(StoreError::Conflict)));
@@ -1040,7 +1114,7 @@ mod tests {
             on_commit: None::<fn(&usize)>,
             reply,
         });
-        job.finish(Err("disk I/O error"));
+        job.answer(Err("disk I/O error"));
         assert!(matches!(
             answer.try_recv().unwrap(),
             Err(StoreError::Unavailable(why)) if why.contains("disk I/O error")
@@ -1111,8 +1185,10 @@ mod tests {
             let mut renewed = a.clone();
             renewed.generation = 1;
             assert!(store.update_lease(&renewed, None).await.unwrap());
-            // A stale compare-and-set loses and leaves the cached state alone.
+            // A stale compare-and-set loses; the cache drops the lease rather than
+            // guess, and the next read comes from the file.
             assert!(!store.update_lease(&a, None).await.unwrap());
+            assert!(!lock(&store.inner.cache).leases.contains_key(&a.id));
             let got = store.get_lease(&a.id).await.unwrap().unwrap();
             assert_eq!((got.generation, got.version), (1, 1));
 
@@ -1124,5 +1200,23 @@ mod tests {
             assert_eq!(got.end.map(|e| e.reason), Some(EndReason::Released));
             assert_eq!(got.version, 2);
         }
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_file() {
+        let store = SqliteStore::temporary().unwrap();
+        let path = store.inner.temporary.clone().unwrap().join("jobtoken.db");
+        let second = SqliteStore::open(&path, SyncMode::Normal, 10);
+        assert!(
+            matches!(&second, Err(StoreError::Unavailable(why)) if why.contains("another process")),
+            "{second:?}"
+        );
+        drop(store);
+        // Once the first is closed, the file opens again.
+        let dir = path.parent().unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let reopened = SqliteStore::open(&path, SyncMode::Normal, 10).unwrap();
+        drop(reopened);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
