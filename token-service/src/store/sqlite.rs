@@ -451,6 +451,11 @@ fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>) {
 }
 
 fn run_group(conn: &Connection, group: &mut [Box<dyn WriteJob>]) -> Result<(), String> {
+    if !conn.is_autocommit() {
+        // A previous group's rollback failed and left a transaction open: never build
+        // on it.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| e.to_string())?;
     for job in group.iter_mut() {
