@@ -112,7 +112,7 @@ pub enum SyncMode {
 /// Most writes one transaction groups; bounds how long the first of them waits.
 const MAX_GROUP: usize = 512;
 
-/// Default number of active leases kept in memory (about 0.5 KiB each).
+/// Default number of active leases kept in memory (about 1 KiB each).
 pub const DEFAULT_LEASE_CACHE: usize = 100_000;
 
 /// SQLite-backed [`Store`].
