@@ -646,8 +646,10 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<StoredKey> {
 impl Store for SqliteStore {
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
         let cache = Arc::clone(&self.inner.cache);
-        let committed = lease.clone();
-        let lease = lease.clone();
+        // One copy, shared by the write and the cache: by the time the hook runs the
+        // write has dropped its handle, so the cache takes the lease without copying.
+        let lease = Arc::new(lease.clone());
+        let committed = Arc::clone(&lease);
         let event = event.clone();
         self.write_then(
             move |conn| {
@@ -689,7 +691,7 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
                 insert_event(conn, &event)
             },
-            move |()| lock(&cache).committed(committed),
+            move |()| lock(&cache).committed(Arc::unwrap_or_clone(committed)),
         )
         .await
     }
@@ -731,12 +733,14 @@ impl Store for SqliteStore {
         event: Option<&LeaseEvent>,
     ) -> Result<bool, StoreError> {
         let cache = Arc::clone(&self.inner.cache);
-        let mut committed = lease.clone();
-        committed.version += 1;
-        let lease = lease.clone();
+        // As in `insert_lease`: one copy, handed to the cache after the write.
+        let lease = Arc::new(lease.clone());
+        let committed = Arc::clone(&lease);
         let event = event.cloned();
         let on_commit = move |written: &bool| {
             if *written {
+                let mut committed = Arc::unwrap_or_clone(committed);
+                committed.version += 1;
                 lock(&cache).committed(committed);
             } else {
                 // The stored version moved on without this cache seeing it: stop
@@ -1190,6 +1194,11 @@ mod tests {
             let mut renewed = a.clone();
             renewed.generation = 1;
             assert!(store.update_lease(&renewed, None).await.unwrap());
+            if capacity > 0 {
+                // The cache holds the committed row: new generation, bumped version.
+                let cached = lock(&store.inner.cache).get(&a.id).unwrap();
+                assert_eq!((cached.generation, cached.version), (1, 1));
+            }
             // A stale compare-and-set loses; the cache drops the lease rather than
             // guess, and the next read comes from the file.
             assert!(!store.update_lease(&a, None).await.unwrap());
