@@ -23,6 +23,7 @@ pub mod dev;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod ident;
 pub mod keys;
 pub mod lease;
 pub mod metrics;

@@ -180,17 +180,11 @@ fn check_id(field: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
-    check_text(field, value, MAX_ID_LEN)
+    crate::ident::check(value, MAX_ID_LEN).map_err(|p| Error::invalid(field, p.to_string()))
 }
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<()> {
-    if value.len() > max {
-        return Err(Error::invalid(field, format!("is longer than {max} bytes")));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "contains control characters"));
-    }
-    Ok(())
+    crate::ident::check_text(value, max).map_err(|p| Error::invalid(field, p.to_string()))
 }
 
 /// A new lease id: a UUIDv7 stamped with the injected clock's `now`.
