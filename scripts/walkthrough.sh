@@ -200,7 +200,7 @@ ISSUE=$(jq -n --arg token "$TOKEN" '{subject_token: $token, job_id: "import-44"}
     grpcurl -plaintext -H "x-module-key: $MK" -d @ $GRPC jobtoken.v1.JobTokenService/IssueJobToken)
 LEASE=$(jq -r .lease.leaseId <<<"$ISSUE")
 R0=$(jq -r .tokens.refreshToken <<<"$ISSUE")
-RESUMED=$(jq -n '{job_id: "import-44"}' |
+RESUMED=$(jq -n '{tenant: "diku", job_id: "import-44"}' |
     grpcurl -plaintext -H "x-module-key: $MK" -d @ $GRPC jobtoken.v1.JobTokenService/ResumeJobToken)
 jq '{leaseId: .lease.leaseId, state: .lease.state, refreshToken: .tokens.refreshToken}' <<<"$RESUMED"
 [[ $(jq -r .lease.leaseId <<<"$RESUMED") == "$LEASE" ]] || fail "resume returned another lease"

@@ -70,12 +70,10 @@ fn benches(c: &mut Criterion) {
         token_service::dev::ensure_issuer_key(dir.path()).unwrap();
         let mut config = Config::for_test(dir.path());
         config.modules = vec![ModuleConfig {
-            id: "bench".into(),
-            key_sha256: Some(key_hash(KEY)),
-            mtls_subject: None,
             delegable: vec!["*".into()],
             max_lifetime: Duration::from_secs(3600),
             default_lifetime: Duration::from_secs(3600),
+            ..ModuleConfig::new("bench", Some(key_hash(KEY)))
         }];
         config.trusted_issuers = vec![token_service::dev::dev_issuer_config(dir.path())];
         let server = Server::start(config).await.unwrap();

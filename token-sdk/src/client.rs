@@ -165,14 +165,20 @@ impl Client {
         }
     }
 
-    /// Re-attaches to this module's lease for `job_id` after a restart. The refresh token
-    /// the previous instance held stops working.
-    pub async fn resume(&self, job_id: impl Into<String>) -> Result<Lease, Error> {
+    /// Re-attaches to this module's lease for `job_id` of `tenant` after a restart (a
+    /// lease is identified by tenant, module and job). The refresh token the previous
+    /// instance held stops working.
+    pub async fn resume(
+        &self,
+        tenant: impl Into<String>,
+        job_id: impl Into<String>,
+    ) -> Result<Lease, Error> {
         let watcher = self.watcher().await;
         let response = self
             .grpc()
             .resume_job_token(proto::ResumeJobTokenRequest {
                 job_id: job_id.into(),
+                tenant: tenant.into(),
             })
             .await
             .map_err(Error::Rejected)?

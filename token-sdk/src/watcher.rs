@@ -69,6 +69,7 @@ async fn follow(
             let request = proto::WatchRevocationsRequest {
                 after_cursor: cursor,
                 replay_live,
+                ..Default::default()
             };
             if let Ok(response) = client.clone().watch_revocations(request).await {
                 let mut events = response.into_inner();

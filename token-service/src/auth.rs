@@ -1,6 +1,6 @@
 //! Who is calling: modules (by module key or mTLS certificate name) and the administrator.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +20,36 @@ pub struct Module {
     pub max_lifetime: Duration,
     /// Lifetime when a request names none.
     pub default_lifetime: Duration,
+    /// Tenants it serves; `None`: every tenant.
+    pub tenants: Option<HashSet<String>>,
+    /// Audiences its tokens may name (the service's default audience when none are
+    /// configured).
+    pub audiences: Vec<String>,
 }
 
 impl Module {
     /// How the module is named in `ended_by` and audit events.
     pub fn principal(&self) -> String {
         format!("module:{}", self.id)
+    }
+
+    /// Whether it serves `tenant`.
+    pub fn serves(&self, tenant: &str) -> bool {
+        self.tenants.as_ref().is_none_or(|t| t.contains(tenant))
+    }
+
+    /// The tenant a request means when it names none: the module's only tenant, if it
+    /// serves exactly one.
+    pub fn only_tenant(&self) -> Option<&str> {
+        match &self.tenants {
+            Some(t) if t.len() == 1 => t.iter().next().map(String::as_str),
+            _ => None,
+        }
+    }
+
+    /// Whether its tokens may name `audience`.
+    pub fn may_address(&self, audience: &str) -> bool {
+        self.audiences.iter().any(|a| a == audience)
     }
 }
 
@@ -37,15 +61,23 @@ pub struct Modules {
 }
 
 impl Modules {
-    /// Builds the registry from config.
-    pub fn from_config(modules: &[ModuleConfig]) -> Self {
+    /// Builds the registry from config; `default_audience` is the audience of modules
+    /// that configure none.
+    pub fn from_config(modules: &[ModuleConfig], default_audience: &str) -> Self {
         let mut registry = Self::default();
         for m in modules {
+            let audiences = if m.audiences.is_empty() {
+                vec![default_audience.to_owned()]
+            } else {
+                m.audiences.clone()
+            };
             let module = Arc::new(Module {
                 id: m.id.clone(),
                 delegable: m.delegable.clone(),
                 max_lifetime: m.max_lifetime,
                 default_lifetime: m.default_lifetime.min(m.max_lifetime),
+                tenants: m.tenants.as_ref().map(|t| t.iter().cloned().collect()),
+                audiences,
             });
             if let Some(h) = &m.key_sha256 {
                 registry

@@ -142,6 +142,9 @@ pub struct Config {
     /// Issuers whose user tokens are accepted as subject tokens.
     #[serde(default)]
     pub trusted_issuers: Vec<IssuerConfig>,
+    /// Per-module streams and rates.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Set by dev mode only; labels logs and the health output.
     #[serde(skip)]
     pub dev_mode: bool,
@@ -300,6 +303,65 @@ pub struct ModuleConfig {
     /// Lifetime when the request names none. Default 8h (or the cap, if lower).
     #[serde(default = "default_lifetime", with = "humantime_serde")]
     pub default_lifetime: Duration,
+    /// Tenants it serves; absent means every tenant. Grants, renewals, introspection and
+    /// the revocation stream are limited to these.
+    #[serde(default)]
+    pub tenants: Option<Vec<String>>,
+    /// Audiences its access tokens may name; empty means only `default_audience`.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+}
+
+impl ModuleConfig {
+    /// A module with this id and credential hash, defaults for everything else.
+    pub fn new(id: impl Into<String>, key_sha256: Option<String>) -> Self {
+        Self {
+            id: id.into(),
+            key_sha256,
+            mtls_subject: None,
+            delegable: Vec::new(),
+            max_lifetime: DEFAULT_MAX_LEASE_LIFETIME,
+            default_lifetime: DEFAULT_LEASE_LIFETIME,
+            tenants: None,
+            audiences: Vec::new(),
+        }
+    }
+}
+
+/// What one caller may hold or spend: streams and request rates, per module. Reaching a
+/// limit is `RESOURCE_EXHAUSTED` with a reason (and, for rates, a retry delay).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open `WatchRevocations` streams per module. Default 64.
+    #[serde(default = "default_streams_per_module")]
+    pub streams_per_module: usize,
+    /// HTTP/2 streams (calls in flight) per connection. Default 1024.
+    #[serde(default = "default_concurrent_streams")]
+    pub concurrent_streams_per_connection: u32,
+    /// Grants (`IssueJobToken`, `ResumeJobToken`) per second per module; bursts of twice
+    /// that pass. Default 500.
+    #[serde(default = "default_grants_per_second")]
+    pub grants_per_second: u32,
+    /// Renewals (`RefreshJobToken`) per second per module, bursts of twice. Default 5000:
+    /// 1.5 million leases renewing every five minutes.
+    #[serde(default = "default_renewals_per_second")]
+    pub renewals_per_second: u32,
+    /// Introspections per second per module, bursts of twice. Default 10000.
+    #[serde(default = "default_introspections_per_second")]
+    pub introspections_per_second: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            streams_per_module: default_streams_per_module(),
+            concurrent_streams_per_connection: default_concurrent_streams(),
+            grants_per_second: default_grants_per_second(),
+            renewals_per_second: default_renewals_per_second(),
+            introspections_per_second: default_introspections_per_second(),
+        }
+    }
 }
 
 /// An issuer of user (subject) tokens.
@@ -374,6 +436,22 @@ fn default_lease_cache() -> usize {
     crate::store::sqlite::DEFAULT_LEASE_CACHE
 }
 
+fn default_streams_per_module() -> usize {
+    64
+}
+fn default_concurrent_streams() -> u32 {
+    1024
+}
+fn default_grants_per_second() -> u32 {
+    500
+}
+fn default_renewals_per_second() -> u32 {
+    5000
+}
+fn default_introspections_per_second() -> u32 {
+    10_000
+}
+
 fn default_pg_schema() -> String {
     "jobtoken".into()
 }
@@ -409,6 +487,12 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("JOBTOKEN_ACCESS_TOKEN_TTL", "access_token_ttl"),
     ("JOBTOKEN_IDLE_TIMEOUT", "idle_timeout"),
     ("JOBTOKEN_ADMIN_KEY_SHA256", "admin_key_sha256"),
+    ("JOBTOKEN_GRANTS_PER_SECOND", "limits.grants_per_second"),
+    ("JOBTOKEN_RENEWALS_PER_SECOND", "limits.renewals_per_second"),
+    (
+        "JOBTOKEN_INTROSPECTIONS_PER_SECOND",
+        "limits.introspections_per_second",
+    ),
 ];
 
 impl Config {
@@ -437,6 +521,10 @@ impl Config {
         };
         let addr = |name: &str, v: &str| {
             v.parse::<SocketAddr>()
+                .map_err(|e| StartupError::Invalid(format!("{name}={v:?}: {e}")))
+        };
+        let number = |name: &str, v: &str| {
+            v.parse::<u32>()
                 .map_err(|e| StartupError::Invalid(format!("{name}={v:?}: {e}")))
         };
         for (name, _) in ENV_OVERRIDES {
@@ -470,6 +558,13 @@ impl Config {
                 "JOBTOKEN_ACCESS_TOKEN_TTL" => self.access_token_ttl = duration(name, &v)?,
                 "JOBTOKEN_IDLE_TIMEOUT" => self.idle_timeout = duration(name, &v)?,
                 "JOBTOKEN_ADMIN_KEY_SHA256" => self.admin_key_sha256 = Some(v),
+                "JOBTOKEN_GRANTS_PER_SECOND" => self.limits.grants_per_second = number(name, &v)?,
+                "JOBTOKEN_RENEWALS_PER_SECOND" => {
+                    self.limits.renewals_per_second = number(name, &v)?;
+                }
+                "JOBTOKEN_INTROSPECTIONS_PER_SECOND" => {
+                    self.limits.introspections_per_second = number(name, &v)?;
+                }
                 _ => unreachable!("every ENV_OVERRIDES entry is handled"),
             }
         }
@@ -558,8 +653,54 @@ impl Config {
                     m.id
                 ));
             }
-            if m.max_lifetime.is_zero() {
-                return bad(format!("module {:?}: max_lifetime must be positive", m.id));
+            // A lease shorter than one access token would hand out tokens born expired.
+            if m.max_lifetime < self.access_token_ttl || m.default_lifetime < self.access_token_ttl
+            {
+                return bad(format!(
+                    "module {:?}: max_lifetime and default_lifetime must be at least \
+                     access_token_ttl",
+                    m.id
+                ));
+            }
+            if let Err(p) = crate::ident::check(&m.id, crate::service::MAX_ID_LEN) {
+                return bad(format!("module id {:?} {p}", m.id));
+            }
+            for t in m.tenants.iter().flatten() {
+                if let Err(p) = crate::ident::check(t, crate::service::MAX_ID_LEN) {
+                    return bad(format!("module {:?}: tenant {t:?} {p}", m.id));
+                }
+            }
+            if m.tenants.as_ref().is_some_and(Vec::is_empty) {
+                return bad(format!(
+                    "module {:?}: tenants = [] would serve no tenant; leave it out to serve all",
+                    m.id
+                ));
+            }
+            for a in &m.audiences {
+                if let Err(p) = crate::ident::check(a, crate::service::MAX_ID_LEN) {
+                    return bad(format!("module {:?}: audience {a:?} {p}", m.id));
+                }
+            }
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("limits.streams_per_module", l.streams_per_module as u64),
+            (
+                "limits.concurrent_streams_per_connection",
+                u64::from(l.concurrent_streams_per_connection),
+            ),
+            ("limits.grants_per_second", u64::from(l.grants_per_second)),
+            (
+                "limits.renewals_per_second",
+                u64::from(l.renewals_per_second),
+            ),
+            (
+                "limits.introspections_per_second",
+                u64::from(l.introspections_per_second),
+            ),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be at least 1"));
             }
         }
         if let Some(h) = &self.admin_key_sha256
@@ -626,6 +767,7 @@ impl Config {
             tls: None,
             modules: Vec::new(),
             trusted_issuers: Vec::new(),
+            limits: LimitsConfig::default(),
             dev_mode: false,
         }
     }
@@ -731,14 +873,7 @@ mod tests {
         c.access_token_ttl = Duration::from_millis(500);
         assert!(c.validate().is_err());
         let mut c = Config::for_test(Path::new("/tmp"));
-        c.modules.push(ModuleConfig {
-            id: "m".into(),
-            key_sha256: Some("short".into()),
-            mtls_subject: None,
-            delegable: vec![],
-            max_lifetime: DEFAULT_MAX_LEASE_LIFETIME,
-            default_lifetime: DEFAULT_LEASE_LIFETIME,
-        });
+        c.modules.push(ModuleConfig::new("m", Some("short".into())));
         assert!(c.validate().is_err());
     }
 
@@ -752,14 +887,7 @@ mod tests {
                 .to_string()
                 .contains("idle_timeout")
         );
-        let module = |id: &str| ModuleConfig {
-            id: id.into(),
-            key_sha256: Some("ab".repeat(32)),
-            mtls_subject: None,
-            delegable: vec![],
-            max_lifetime: DEFAULT_MAX_LEASE_LIFETIME,
-            default_lifetime: DEFAULT_LEASE_LIFETIME,
-        };
+        let module = |id: &str| ModuleConfig::new(id, Some("ab".repeat(32)));
         let mut c = Config::for_test(Path::new("/tmp"));
         c.modules = vec![module("a"), module("b")];
         assert!(c.validate().unwrap_err().to_string().contains("shares"));

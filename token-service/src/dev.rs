@@ -122,12 +122,11 @@ pub fn dev_config(data_dir: &Path) -> Result<Config, StartupError> {
     config.dev_mode = true;
     config.admin_key_sha256 = Some(key_hash(String::from_utf8_lossy(&admin_key).trim()));
     config.modules = vec![ModuleConfig {
-        id: DEV_MODULE.into(),
-        key_sha256: Some(key_hash(String::from_utf8_lossy(&module_key).trim())),
-        mtls_subject: None,
         delegable: vec!["*".into()],
-        max_lifetime: crate::config::DEFAULT_MAX_LEASE_LIFETIME,
-        default_lifetime: crate::config::DEFAULT_LEASE_LIFETIME,
+        ..ModuleConfig::new(
+            DEV_MODULE,
+            Some(key_hash(String::from_utf8_lossy(&module_key).trim())),
+        )
     }];
     config.trusted_issuers = vec![dev_issuer_config(data_dir)];
     Ok(config)

@@ -71,6 +71,26 @@ pub enum Error {
     /// An old refresh token was presented again; the lease has been revoked.
     #[error("refresh token was already used; the lease is revoked as a precaution")]
     RefreshTokenReused,
+    /// The module does not serve the tenant of the token, lease or request.
+    #[error("this module does not serve tenant {0:?}")]
+    TenantNotServed(String),
+    /// The module may not mint tokens for this audience.
+    #[error("this module may not request audience {0:?}")]
+    AudienceNotAllowed(String),
+    /// The module called too often; retry after the delay.
+    #[error("too many {what} from this module; retry in {} ms", .retry_after.as_millis())]
+    RateLimited {
+        /// Which kind of call (`grants`, `renewals`, `introspections`).
+        what: &'static str,
+        /// When a retry may pass.
+        retry_after: std::time::Duration,
+    },
+    /// The module already holds as many revocation streams as it may.
+    #[error("this module already holds {limit} revocation streams; close one first")]
+    TooManyStreams {
+        /// The limit.
+        limit: usize,
+    },
     /// The store is unreachable or busy; retrying may succeed.
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
@@ -101,6 +121,10 @@ impl Error {
             Error::LeaseEnded(reason) => reason.error_reason(),
             Error::RefreshTokenInvalid => "REFRESH_TOKEN_INVALID",
             Error::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
+            Error::TenantNotServed(_) => "TENANT_NOT_SERVED",
+            Error::AudienceNotAllowed(_) => "AUDIENCE_NOT_ALLOWED",
+            Error::RateLimited { .. } => "RATE_LIMITED",
+            Error::TooManyStreams { .. } => "TOO_MANY_STREAMS",
             Error::Unavailable(_) => "UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
         }

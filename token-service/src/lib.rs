@@ -26,6 +26,7 @@ pub mod http;
 pub mod ident;
 pub mod keys;
 pub mod lease;
+pub mod limits;
 pub mod metrics;
 pub mod permissions;
 pub mod secrets;

@@ -41,6 +41,7 @@ pub struct Metrics {
     renewals: Family<ResultLabel, Counter>,
     lease_ends: Family<ReasonLabel, Counter>,
     active_leases: Gauge,
+    auth_refusals: Family<RpcLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,8 +85,16 @@ impl Metrics {
             "Active leases in the store",
             active_leases.clone(),
         );
+        let auth_refusals = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "auth_refusals",
+            "Refused credentials (module key, certificate, admin key, subject or refresh \
+             token) by method and reason",
+            auth_refusals.clone(),
+        );
         Self {
             registry,
+            auth_refusals,
             requests,
             latency,
             grants,
@@ -114,6 +123,13 @@ impl Metrics {
                 .inc(),
             _ => 0,
         };
+    }
+
+    /// Records a refused credential.
+    pub fn auth_refused(&self, method: &'static str, reason: &'static str) {
+        self.auth_refusals
+            .get_or_create(&RpcLabels { method, reason })
+            .inc();
     }
 
     /// Records a lease end.

@@ -17,16 +17,15 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::StoreKind;
 use crate::config::{Config, StartupError};
 use crate::dev::load_or_create_master_key;
-use crate::grpc::{AdminApi, JobTokenApi};
+use crate::grpc::{AdminApi, JobTokenApi, Observer};
 use crate::keys::KeyRing;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::service::{LeaseService, Settings};
+use crate::service::{LeaseService, MAX_MESSAGE_BYTES, Settings};
 use crate::store::postgres::PostgresOptions;
 use crate::store::{PostgresStore, SqliteStore, Store};
 use crate::subject::SubjectVerifier;
 
-/// Largest request message accepted; field limits are far below it.
-const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// How often expired and idle leases are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often keys are re-read (another replica may rotate).
@@ -153,7 +152,10 @@ impl Server {
             Settings::from_config(&config),
             Arc::clone(&metrics),
         ));
-        let modules = Arc::new(Modules::from_config(&config.modules));
+        let modules = Arc::new(Modules::from_config(
+            &config.modules,
+            &config.default_audience,
+        ));
 
         let grpc_listener = bind(config.listen.grpc).await?;
         let http_listener = bind(config.listen.http).await?;
@@ -197,20 +199,24 @@ impl Server {
             .map_err(|e| StartupError::Invalid(format!("reflection: {e}")))?;
 
         let (shutdown, _) = watch::channel(false);
+        let observer = Arc::new(Observer::new(Arc::clone(&metrics)));
+        let limits = Arc::new(Limits::new(&config.modules, &config.limits));
         let job_api = JobTokenApi::new(
             Arc::clone(&service),
             Arc::clone(&modules),
-            Arc::clone(&metrics),
+            limits,
+            Arc::clone(&observer),
             WATCH_POLL,
             shutdown.subscribe(),
         );
         let admin_api = AdminApi::new(
             Arc::clone(&service),
             AdminAuth::new(config.admin_key_sha256.clone()),
-            Arc::clone(&metrics),
+            observer,
         );
 
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(config.limits.concurrent_streams_per_connection));
         if let Some(tls) = &config.tls {
             let identity = Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
             let mut tls_config = ServerTlsConfig::new().identity(identity);
@@ -224,6 +230,7 @@ impl Server {
                 .map_err(|e| StartupError::Tls(e.to_string()))?;
         }
         let router = builder
+            .layer(crate::grpc::status::too_large_layer())
             .add_service(
                 JobTokenServiceServer::new(job_api).max_decoding_message_size(MAX_MESSAGE_BYTES),
             )

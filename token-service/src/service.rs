@@ -21,6 +21,8 @@ use crate::secrets::{IssuedRefreshToken, MasterKey, RefreshToken, random_bytes};
 use crate::store::{LeaseFilter, Store, StoreError};
 use crate::subject::SubjectVerifier;
 
+/// Largest request message accepted; field limits are far below it.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Longest job id, lease id, audience.
 pub const MAX_ID_LEN: usize = 200;
 /// Longest free-text reason or detail.
@@ -174,6 +176,17 @@ fn audit_lease(event: &'static str, lease: &Lease) {
         refresh_count = lease.refresh_count,
         resume_count = lease.resume_count,
     );
+}
+
+/// The lease must be `module`'s, in a tenant it (still) serves.
+fn check_holder(module: &Module, lease: &Lease) -> Result<()> {
+    if lease.actor != module.id {
+        return Err(Error::ActorMismatch);
+    }
+    if !module.serves(&lease.tenant) {
+        return Err(Error::TenantNotServed(lease.tenant.clone()));
+    }
+    Ok(())
 }
 
 fn check_id(field: &'static str, value: &str) -> Result<()> {
@@ -341,17 +354,34 @@ impl LeaseService {
     /// Grants a lease to `module` from the user's token.
     pub async fn issue(&self, module: &Module, req: IssueRequest) -> Result<Issued> {
         check_id("job_id", &req.job_id)?;
-        if let Some(aud) = &req.audience {
-            check_id("audience", aud)?;
+        let audience = match req.audience {
+            Some(aud) => {
+                check_id("audience", &aud)?;
+                aud
+            }
+            None => self.settings.default_audience.clone(),
+        };
+        if !module.may_address(&audience) {
+            return Err(Error::AudienceNotAllowed(audience));
         }
         let now = self.clock.now();
         let subject = self.subjects.verify(&req.subject_token, now)?;
+        if !module.serves(&subject.tenant) {
+            return Err(Error::TenantNotServed(subject.tenant));
+        }
         let granted =
             permissions::grant(&req.permissions, &subject.permissions, &module.delegable)?;
         let (lifetime, clamped) = match req.max_lifetime {
             None => (module.default_lifetime, false),
-            Some(d) if d.is_zero() => {
-                return Err(Error::invalid("max_lifetime", "must be positive"));
+            // A lease shorter than one access token would mint tokens born expired.
+            Some(d) if d < self.settings.access_token_ttl => {
+                return Err(Error::invalid(
+                    "max_lifetime",
+                    format!(
+                        "must be at least the access-token lifetime, {}s",
+                        self.settings.access_token_ttl.as_secs_f64()
+                    ),
+                ));
             }
             Some(d) if d > ABSURD_LIFETIME => {
                 return Err(Error::invalid("max_lifetime", "must be at most 366 days"));
@@ -376,9 +406,7 @@ impl LeaseService {
             actor: module.id.clone(),
             job_id: req.job_id,
             permissions: granted,
-            audience: req
-                .audience
-                .unwrap_or_else(|| self.settings.default_audience.clone()),
+            audience,
             created_at: now,
             expires_at: now + lifetime,
             idle_timeout: self.settings.idle_timeout,
@@ -441,9 +469,7 @@ impl LeaseService {
                 .get_lease(lease_id)
                 .await?
                 .ok_or(Error::LeaseNotFound)?;
-            if lease.actor != module.id {
-                return Err(Error::ActorMismatch);
-            }
+            check_holder(module, &lease)?;
             match self.end_if_due(&lease, now).await? {
                 None => {}
                 Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
@@ -510,14 +536,35 @@ impl LeaseService {
         Err(Self::contention())
     }
 
-    /// Re-attaches `module` to its active lease for `job_id`; earlier refresh tokens die.
-    pub async fn resume(&self, module: &Module, job_id: &str) -> Result<(Lease, TokenPair)> {
+    /// Re-attaches `module` to its active lease for `job_id` in `tenant`; earlier refresh
+    /// tokens die. `tenant` may be left out only by a module that serves one tenant.
+    pub async fn resume(
+        &self,
+        module: &Module,
+        tenant: Option<&str>,
+        job_id: &str,
+    ) -> Result<(Lease, TokenPair)> {
         check_id("job_id", job_id)?;
+        let tenant = match tenant {
+            Some(t) => {
+                check_id("tenant", t)?;
+                t
+            }
+            None => module.only_tenant().ok_or_else(|| {
+                Error::invalid(
+                    "tenant",
+                    "is required: a lease is identified by tenant, module and job",
+                )
+            })?,
+        };
+        if !module.serves(tenant) {
+            return Err(Error::TenantNotServed(tenant.to_owned()));
+        }
         for _ in 0..CAS_ATTEMPTS {
             let now = self.clock.now();
             let mut lease = self
                 .store
-                .find_active_lease(&module.id, job_id)
+                .find_active_lease(tenant, &module.id, job_id)
                 .await?
                 .ok_or(Error::LeaseNotFound)?;
             match self.end_if_due(&lease, now).await? {
@@ -600,13 +647,7 @@ impl LeaseService {
                 EndReason::Released,
                 &module.principal(),
                 &text,
-                |l| {
-                    if l.actor == module.id {
-                        Ok(())
-                    } else {
-                        Err(Error::ActorMismatch)
-                    }
-                },
+                |l| check_holder(module, l),
             )
             .await?;
         Ok(lease)
@@ -656,8 +697,10 @@ impl LeaseService {
         Ok(count)
     }
 
-    /// RFC 7662 introspection: the claims if the token is valid now and its lease active.
-    pub async fn introspect(&self, token: &str) -> Result<Option<AccessClaims>> {
+    /// RFC 7662 introspection for `module`: the claims if the token is valid now, its
+    /// lease active and its tenant one the module serves (others look inactive, so a
+    /// module learns nothing about tenants it does not serve).
+    pub async fn introspect(&self, module: &Module, token: &str) -> Result<Option<AccessClaims>> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(Error::invalid(
                 "token",
@@ -671,8 +714,13 @@ impl LeaseService {
         else {
             return Ok(None);
         };
+        if !module.serves(&claims.tenant) {
+            return Ok(None);
+        }
         let lease = self.store.get_lease(&claims.lease_id).await?;
-        let active = lease.is_some_and(|l| l.is_active() && l.due_end(now).is_none());
+        let active = lease.is_some_and(|l| {
+            l.tenant == claims.tenant && l.is_active() && l.due_end(now).is_none()
+        });
         Ok(active.then_some(claims))
     }
 

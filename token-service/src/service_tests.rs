@@ -37,6 +37,8 @@ fn module(id: &str, delegable: &[&str]) -> Module {
         delegable: delegable.iter().map(|s| s.to_string()).collect(),
         max_lifetime: Duration::from_secs(6 * 3600),
         default_lifetime: Duration::from_secs(3600),
+        tenants: None,
+        audiences: vec!["platform".into()],
     }
 }
 
@@ -465,6 +467,203 @@ async fn one_active_lease_per_job_and_module(backend: Backend) {
     h.issue("job-1").await;
 }
 
+fn serving(module: &Module, tenants: &[&str]) -> Module {
+    Module {
+        tenants: Some(tenants.iter().map(|t| t.to_string()).collect()),
+        ..module.clone()
+    }
+}
+
+impl Harness {
+    fn request_in(&self, tenant: &str, job: &str) -> IssueRequest {
+        let mut claims = self.claims(&["inventory.read"]);
+        claims["tenant"] = json!(tenant);
+        IssueRequest {
+            subject_token: self.sign(&claims),
+            ..self.request(job, &["inventory.read"])
+        }
+    }
+}
+
+async fn a_lease_is_identified_by_tenant_module_and_job(backend: Backend) {
+    let h = harness(backend).await;
+    let in_acme = h.issue("job-1").await;
+    // The same job id in another tenant is another job, not a conflict.
+    let in_diku = h
+        .svc
+        .issue(&h.importer, h.request_in("diku", "job-1"))
+        .await
+        .unwrap();
+    assert_ne!(in_acme.lease.id, in_diku.lease.id);
+    assert_eq!(in_diku.lease.tenant, "diku");
+    let (resumed, _) = h
+        .svc
+        .resume(&h.importer, Some("diku"), "job-1")
+        .await
+        .unwrap();
+    assert_eq!(resumed.id, in_diku.lease.id);
+    let (resumed, _) = h
+        .svc
+        .resume(&h.importer, Some("acme"), "job-1")
+        .await
+        .unwrap();
+    assert_eq!(resumed.id, in_acme.lease.id);
+    // A module serving every tenant must name one; a tenant without the job has none.
+    let e = h.svc.resume(&h.importer, None, "job-1").await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                field: "tenant",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = h
+        .svc
+        .resume(&h.importer, Some("college"), "job-1")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::LeaseNotFound), "{e:?}");
+    // A tenant is an identifier: no invisible variant of one.
+    let e = h
+        .svc
+        .resume(&h.importer, Some("acme\u{200B}"), "job-1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                field: "tenant",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+async fn modules_act_only_for_the_tenants_they_serve(backend: Backend) {
+    let h = harness(backend).await;
+    let acme_only = serving(&h.importer, &["acme"]);
+    let diku_only = serving(&h.other, &["diku"]);
+    let issued = h
+        .svc
+        .issue(&acme_only, h.request("job", &["inventory.read"]))
+        .await
+        .unwrap();
+    let e = h
+        .svc
+        .issue(&diku_only, h.request("job", &["inventory.read"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::TenantNotServed(t) if t == "acme"),
+        "{e:?}"
+    );
+    // Introspection: another tenant's token looks inactive, its own active.
+    let token = &issued.tokens.access_token;
+    assert!(h.svc.introspect(&diku_only, token).await.unwrap().is_none());
+    assert!(h.svc.introspect(&acme_only, token).await.unwrap().is_some());
+    // A module with one tenant may leave it out when resuming.
+    let (resumed, pair) = h.svc.resume(&acme_only, None, "job").await.unwrap();
+    assert_eq!(resumed.id, issued.lease.id);
+    let e = h
+        .svc
+        .resume(&acme_only, Some("diku"), "job")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::TenantNotServed(t) if t == "diku"),
+        "{e:?}"
+    );
+    // Once the module no longer serves the tenant, its lease there stops renewing.
+    let narrowed = serving(&h.importer, &["diku"]);
+    let e = h
+        .svc
+        .refresh(&narrowed, &resumed.id, &rt(&pair))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::TenantNotServed(t) if t == "acme"),
+        "{e:?}"
+    );
+    let e = h
+        .svc
+        .release(&narrowed, &resumed.id, "succeeded", "")
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, Error::TenantNotServed(_)), "{e:?}");
+    h.svc
+        .refresh(&acme_only, &resumed.id, &rt(&pair))
+        .await
+        .unwrap();
+}
+
+async fn audiences_lifetimes_and_identifiers_are_bounded(backend: Backend) {
+    let h = harness(backend).await;
+    let mut req = h.request("job-a", &["inventory.read"]);
+    req.audience = Some("admin-console".into());
+    let e = h.svc.issue(&h.importer, req).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::AudienceNotAllowed(a) if a == "admin-console"),
+        "{e:?}"
+    );
+    let reporting = Module {
+        audiences: vec!["platform".into(), "reports".into()],
+        ..h.importer.clone()
+    };
+    let mut req = h.request("job-a", &["inventory.read"]);
+    req.audience = Some("reports".into());
+    let issued = h.svc.issue(&reporting, req).await.unwrap();
+    assert_eq!(issued.lease.audience, "reports");
+
+    // A lease shorter than one access token would mint tokens born expired.
+    for short in [Duration::from_nanos(1), TTL - Duration::from_millis(1)] {
+        let mut req = h.request("job-b", &["inventory.read"]);
+        req.max_lifetime = Some(short);
+        let e = h.svc.issue(&h.importer, req).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument {
+                    field: "max_lifetime",
+                    ..
+                }
+            ),
+            "{short:?}: {e:?}"
+        );
+    }
+    let mut req = h.request("job-b", &["inventory.read"]);
+    req.max_lifetime = Some(TTL);
+    h.svc.issue(&h.importer, req).await.unwrap();
+
+    for job in [
+        "import\u{202E}txt.exe",
+        "import\u{200B}",
+        "   ",
+        " import",
+        "a\u{2066}b",
+    ] {
+        let e = h
+            .svc
+            .issue(&h.importer, h.request(job, &["inventory.read"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument {
+                    field: "job_id",
+                    ..
+                }
+            ),
+            "{job:?}: {e:?}"
+        );
+    }
+}
+
 async fn refresh_rotates_and_reuse_of_an_old_token_revokes(backend: Backend) {
     let h = harness(backend).await;
     let issued = h.issue("job").await;
@@ -593,7 +792,7 @@ async fn access_tokens_never_outlive_the_lease_and_expiry_ends_it(backend: Backe
     ));
     assert!(
         h.svc
-            .introspect(&pair.access_token)
+            .introspect(&h.importer, &pair.access_token)
             .await
             .unwrap()
             .is_none()
@@ -637,7 +836,11 @@ async fn resume_reattaches_and_kills_the_previous_refresh_token(backend: Backend
     let h = harness(backend).await;
     let issued = h.issue("job").await;
     let old = rt(&issued.tokens);
-    let (lease, pair) = h.svc.resume(&h.importer, "job").await.unwrap();
+    let (lease, pair) = h
+        .svc
+        .resume(&h.importer, Some("acme"), "job")
+        .await
+        .unwrap();
     assert_eq!(lease.id, issued.lease.id);
     assert_eq!(lease.resume_count, 1);
     // The old instance's token no longer works, but does not kill the lease either.
@@ -648,7 +851,7 @@ async fn resume_reattaches_and_kills_the_previous_refresh_token(backend: Backend
     h.refresh(&lease.id, &rt(&pair)).await.unwrap();
     // Only the same module can resume.
     assert!(matches!(
-        h.svc.resume(&h.other, "job").await,
+        h.svc.resume(&h.other, Some("acme"), "job").await,
         Err(Error::LeaseNotFound)
     ));
     let (_, events) = h.svc.get_lease(&lease.id).await.unwrap();
@@ -687,7 +890,7 @@ async fn release_ends_the_lease_once_and_only_for_its_holder(backend: Backend) {
     ));
     assert!(
         h.svc
-            .introspect(&issued.tokens.access_token)
+            .introspect(&h.importer, &issued.tokens.access_token)
             .await
             .unwrap()
             .is_none()
@@ -756,7 +959,7 @@ async fn introspection_is_active_only_for_live_tokens_of_live_leases(backend: Ba
     let issued = h.issue("job").await;
     let claims = h
         .svc
-        .introspect(&issued.tokens.access_token)
+        .introspect(&h.importer, &issued.tokens.access_token)
         .await
         .unwrap()
         .unwrap();
@@ -766,14 +969,26 @@ async fn introspection_is_active_only_for_live_tokens_of_live_leases(backend: Ba
     assert_eq!(claims.aud, "platform");
     assert_eq!(claims.exp - claims.iat, 300);
     for garbage in ["", "x", "a.b.c", &issued.tokens.access_token[..40]] {
-        assert!(h.svc.introspect(garbage).await.unwrap().is_none());
+        assert!(
+            h.svc
+                .introspect(&h.importer, garbage)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
     // A subject token (another issuer's JWT) is not one of ours.
-    assert!(h.svc.introspect(&h.user_token()).await.unwrap().is_none());
+    assert!(
+        h.svc
+            .introspect(&h.importer, &h.user_token())
+            .await
+            .unwrap()
+            .is_none()
+    );
     h.advance(TTL);
     assert!(
         h.svc
-            .introspect(&issued.tokens.access_token)
+            .introspect(&h.importer, &issued.tokens.access_token)
             .await
             .unwrap()
             .is_none(),
@@ -812,7 +1027,7 @@ async fn key_rotation_publishes_first_signs_later_and_keeps_tokens_in_flight_val
     // Tokens the old key signed still verify while they live.
     assert!(
         h.svc
-            .introspect(&issued.tokens.access_token)
+            .introspect(&h.importer, &issued.tokens.access_token)
             .await
             .unwrap()
             .is_some()
@@ -833,7 +1048,10 @@ async fn every_lease_keeps_its_story(backend: Backend) {
         token = rt(&h.refresh(&issued.lease.id, &token).await.unwrap().1);
     }
     let refreshed_at = h.clock.now();
-    h.svc.resume(&h.importer, "job").await.unwrap();
+    h.svc
+        .resume(&h.importer, Some("acme"), "job")
+        .await
+        .unwrap();
     h.svc
         .admin_revoke_lease(&issued.lease.id, "operator cleanup")
         .await
@@ -1069,6 +1287,9 @@ async fn racing_writes_from_one_version_have_exactly_one_winner(backend: Backend
 }
 
 on_both_stores!(
+    a_lease_is_identified_by_tenant_module_and_job,
+    modules_act_only_for_the_tenants_they_serve,
+    audiences_lifetimes_and_identifiers_are_bounded,
     racing_writes_from_one_version_have_exactly_one_winner,
     purge_removes_only_leases_past_their_retention,
     concurrent_ends_stream_in_order_without_gaps,

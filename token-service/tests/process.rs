@@ -418,6 +418,7 @@ async fn exercise_every_path(
     let resumed = client
         .resume_job_token(ResumeJobTokenRequest {
             job_id: "resumed".into(),
+            tenant: "acme".into(),
         })
         .await
         .unwrap()

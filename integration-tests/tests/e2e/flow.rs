@@ -158,7 +158,10 @@ async fn callers_must_authenticate_and_errors_carry_reasons() {
         server.channel().await,
     );
     let err = bare
-        .resume_job_token(ResumeJobTokenRequest { job_id: "j".into() })
+        .resume_job_token(ResumeJobTokenRequest {
+            job_id: "j".into(),
+            tenant: "acme".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "MODULE_UNAUTHENTICATED");
@@ -250,6 +253,7 @@ async fn resume_and_admin_revocation_over_the_wire() {
     let resumed = client
         .resume_job_token(ResumeJobTokenRequest {
             job_id: "nightly-import".into(),
+            tenant: "acme".into(),
         })
         .await
         .unwrap()

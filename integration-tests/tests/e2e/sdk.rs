@@ -224,7 +224,7 @@ async fn a_restarted_instance_resumes_and_the_old_one_learns_it_lost_the_lease()
         .start()
         .await
         .unwrap();
-    let new = connect().await.resume("nightly").await.unwrap();
+    let new = connect().await.resume("acme", "nightly").await.unwrap();
     assert_eq!(new.info().lease_id, old.info().lease_id);
     let end = old.refresh_now().await.unwrap_err();
     assert_eq!(end.reason, EndReason::Superseded);

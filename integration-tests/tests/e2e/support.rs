@@ -30,12 +30,10 @@ pub(crate) struct TestServer {
 
 fn module(id: &str, key: &str, delegable: &[&str]) -> ModuleConfig {
     ModuleConfig {
-        id: id.into(),
-        key_sha256: Some(key_hash(key)),
-        mtls_subject: None,
         delegable: delegable.iter().map(|s| s.to_string()).collect(),
         max_lifetime: Duration::from_secs(6 * 3600),
         default_lifetime: Duration::from_secs(3600),
+        ..ModuleConfig::new(id, Some(key_hash(key)))
     }
 }
 
@@ -209,8 +207,13 @@ impl Store for FlakyStore {
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         self.inner.get_lease(id).await
     }
-    async fn find_active_lease(&self, actor: &str, job: &str) -> Result<Option<Lease>, StoreError> {
-        self.inner.find_active_lease(actor, job).await
+    async fn find_active_lease(
+        &self,
+        tenant: &str,
+        actor: &str,
+        job: &str,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.inner.find_active_lease(tenant, actor, job).await
     }
     async fn update_lease(
         &self,

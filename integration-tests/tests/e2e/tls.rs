@@ -90,12 +90,11 @@ async fn modules_authenticate_by_client_certificate_or_key_over_tls() {
     let server = TestServer::start_with(|c| {
         c.tls = Some(tls);
         c.modules.push(ModuleConfig {
-            id: "mtls-importer".into(),
-            key_sha256: None,
             mtls_subject: Some("importer.mtls".into()),
             delegable: vec!["inventory.*".into()],
             max_lifetime: Duration::from_secs(3600),
             default_lifetime: Duration::from_secs(3600),
+            ..ModuleConfig::new("mtls-importer", None)
         });
     })
     .await;

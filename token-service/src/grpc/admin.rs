@@ -6,10 +6,9 @@ use jobtoken_proto::jobtoken::v1 as pb;
 use pb::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
-use super::{ADMIN_KEY_HEADER, convert, observe};
+use super::{ADMIN_KEY_HEADER, Observer, convert, observe};
 use crate::auth::AdminAuth;
 use crate::error::Error;
-use crate::metrics::Metrics;
 use crate::service::LeaseService;
 use crate::store::LeaseFilter;
 
@@ -18,16 +17,16 @@ use crate::store::LeaseFilter;
 pub struct AdminApi {
     service: Arc<LeaseService>,
     auth: AdminAuth,
-    metrics: Arc<Metrics>,
+    observer: Arc<Observer>,
 }
 
 impl AdminApi {
     /// Wires the API to the domain.
-    pub fn new(service: Arc<LeaseService>, auth: AdminAuth, metrics: Arc<Metrics>) -> Self {
+    pub fn new(service: Arc<LeaseService>, auth: AdminAuth, observer: Arc<Observer>) -> Self {
         Self {
             service,
             auth,
-            metrics,
+            observer,
         }
     }
 
@@ -59,7 +58,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetLeaseRequest>,
     ) -> Result<Response<pb::GetLeaseResponse>, Status> {
-        observe(&self.metrics, "GetLease", async {
+        observe(&self.observer, "GetLease", request.remote_addr(), async {
             self.check(&request)?;
             let (lease, events) = self
                 .service
@@ -80,7 +79,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        observe(&self.metrics, "ListLeases", async {
+        observe(&self.observer, "ListLeases", request.remote_addr(), async {
             self.check(&request)?;
             let r = request.into_inner();
             let active = match pb::LeaseState::try_from(r.state) {
@@ -114,17 +113,22 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        observe(&self.metrics, "RevokeLease", async {
-            self.check(&request)?;
-            let r = request.into_inner();
-            let lease = self
-                .service
-                .admin_revoke_lease(&r.lease_id, &r.reason)
-                .await?;
-            Ok(Response::new(pb::RevokeLeaseResponse {
-                lease: Some(convert::lease(&lease)),
-            }))
-        })
+        observe(
+            &self.observer,
+            "RevokeLease",
+            request.remote_addr(),
+            async {
+                self.check(&request)?;
+                let r = request.into_inner();
+                let lease = self
+                    .service
+                    .admin_revoke_lease(&r.lease_id, &r.reason)
+                    .await?;
+                Ok(Response::new(pb::RevokeLeaseResponse {
+                    lease: Some(convert::lease(&lease)),
+                }))
+            },
+        )
         .await
     }
 
@@ -132,7 +136,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeJobRequest>,
     ) -> Result<Response<pb::RevokeJobResponse>, Status> {
-        observe(&self.metrics, "RevokeJob", async {
+        observe(&self.observer, "RevokeJob", request.remote_addr(), async {
             self.check(&request)?;
             let r = request.into_inner();
             let filter = LeaseFilter {
@@ -153,20 +157,25 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeSubjectRequest>,
     ) -> Result<Response<pb::RevokeSubjectResponse>, Status> {
-        observe(&self.metrics, "RevokeSubject", async {
-            self.check(&request)?;
-            let r = request.into_inner();
-            let filter = LeaseFilter {
-                tenant: Some(required("tenant", r.tenant)?),
-                subject: Some(required("subject", r.subject)?),
-                ..LeaseFilter::default()
-            };
-            let revoked_count = self
-                .service
-                .admin_revoke_matching(filter, &r.reason)
-                .await?;
-            Ok(Response::new(pb::RevokeSubjectResponse { revoked_count }))
-        })
+        observe(
+            &self.observer,
+            "RevokeSubject",
+            request.remote_addr(),
+            async {
+                self.check(&request)?;
+                let r = request.into_inner();
+                let filter = LeaseFilter {
+                    tenant: Some(required("tenant", r.tenant)?),
+                    subject: Some(required("subject", r.subject)?),
+                    ..LeaseFilter::default()
+                };
+                let revoked_count = self
+                    .service
+                    .admin_revoke_matching(filter, &r.reason)
+                    .await?;
+                Ok(Response::new(pb::RevokeSubjectResponse { revoked_count }))
+            },
+        )
         .await
     }
 
@@ -174,19 +183,24 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeActorRequest>,
     ) -> Result<Response<pb::RevokeActorResponse>, Status> {
-        observe(&self.metrics, "RevokeActor", async {
-            self.check(&request)?;
-            let r = request.into_inner();
-            let filter = LeaseFilter {
-                actor: Some(required("actor", r.actor)?),
-                ..LeaseFilter::default()
-            };
-            let revoked_count = self
-                .service
-                .admin_revoke_matching(filter, &r.reason)
-                .await?;
-            Ok(Response::new(pb::RevokeActorResponse { revoked_count }))
-        })
+        observe(
+            &self.observer,
+            "RevokeActor",
+            request.remote_addr(),
+            async {
+                self.check(&request)?;
+                let r = request.into_inner();
+                let filter = LeaseFilter {
+                    actor: Some(required("actor", r.actor)?),
+                    ..LeaseFilter::default()
+                };
+                let revoked_count = self
+                    .service
+                    .admin_revoke_matching(filter, &r.reason)
+                    .await?;
+                Ok(Response::new(pb::RevokeActorResponse { revoked_count }))
+            },
+        )
         .await
     }
 
@@ -194,15 +208,20 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RotateSigningKeyRequest>,
     ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
-        observe(&self.metrics, "RotateSigningKey", async {
-            self.check(&request)?;
-            let (new_kid, retired_kid, starts) = self.service.rotate_signing_key().await?;
-            Ok(Response::new(pb::RotateSigningKeyResponse {
-                new_kid,
-                retired_kid,
-                signing_starts_at: Some(convert::timestamp(starts)),
-            }))
-        })
+        observe(
+            &self.observer,
+            "RotateSigningKey",
+            request.remote_addr(),
+            async {
+                self.check(&request)?;
+                let (new_kid, retired_kid, starts) = self.service.rotate_signing_key().await?;
+                Ok(Response::new(pb::RotateSigningKeyResponse {
+                    new_kid,
+                    retired_kid,
+                    signing_starts_at: Some(convert::timestamp(starts)),
+                }))
+            },
+        )
         .await
     }
 }

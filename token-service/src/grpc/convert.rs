@@ -130,10 +130,7 @@ pub(super) fn revocation(e: LeaseEvent) -> pb::WatchRevocationsResponse {
     pb::WatchRevocationsResponse {
         cursor: e.sequence,
         lease_id: e.lease_id,
-        job_id: e.job_id,
         tenant: e.tenant,
-        subject: e.subject,
-        actor: e.actor,
         reason: e.reason.map_or(pb::EndReason::Unspecified, end_reason) as i32,
         ended_at: Some(timestamp(e.at)),
         tokens_valid_until: Some(timestamp(e.tokens_valid_until.unwrap_or(UNIX_EPOCH))),
@@ -161,5 +158,41 @@ mod tests {
         }
         // Absurd but well-formed durations pass here; the domain refuses them.
         assert!(duration_from_proto("f", d(i64::MAX, 0)).is_ok());
+    }
+
+    #[test]
+    fn revocation_events_carry_no_personal_data() {
+        use prost::Message as _;
+        let event = LeaseEvent {
+            sequence: 7,
+            lease_id: "lease-1".into(),
+            tenant: "acme".into(),
+            subject: "alice.secret-user".into(),
+            actor: "importer-module".into(),
+            job_id: "import-payroll-of-bob".into(),
+            kind: crate::lease::EventKind::Ended,
+            reason: Some(crate::lease::EndReason::Revoked),
+            at: UNIX_EPOCH + Duration::from_secs(100),
+            by: "admin".into(),
+            detail: "stolen laptop of alice".into(),
+            tokens_valid_until: Some(UNIX_EPOCH + Duration::from_secs(400)),
+        };
+        let message = revocation(event);
+        assert_eq!(message.lease_id, "lease-1");
+        assert_eq!(message.tenant, "acme");
+        let bytes = message.encode_to_vec();
+        for private in [
+            "alice",
+            "importer-module",
+            "import-payroll-of-bob",
+            "stolen",
+        ] {
+            assert!(
+                !bytes
+                    .windows(private.len())
+                    .any(|w| w == private.as_bytes()),
+                "{private} is on the wire"
+            );
+        }
     }
 }

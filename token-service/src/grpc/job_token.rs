@@ -1,5 +1,6 @@
 //! `jobtoken.v1.JobTokenService`.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +11,16 @@ use pb::job_token_service_server::JobTokenService;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
-use super::{authenticate, convert, observe};
-use crate::auth::Modules;
+use super::{Observer, authenticate, convert, observe};
+use crate::auth::{Module, Modules};
 use crate::error::Error;
-use crate::metrics::Metrics;
-use crate::service::{IssueRequest, LeaseService};
+use crate::limits::{Limits, Spend, StreamSlot};
+use crate::service::{IssueRequest, LeaseService, MAX_ID_LEN};
 
 /// Events sent per store query by a revocation stream.
 const WATCH_BATCH: usize = 500;
+/// Most tenants one revocation stream may name.
+const MAX_STREAM_TENANTS: usize = 1000;
 /// How often an idle revocation stream sends a heartbeat with its cursor.
 const WATCH_HEARTBEAT: Duration = Duration::from_secs(30);
 
@@ -34,7 +37,8 @@ fn heartbeat(cursor: u64) -> pb::WatchRevocationsResponse {
 pub struct JobTokenApi {
     service: Arc<LeaseService>,
     modules: Arc<Modules>,
-    metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
+    observer: Arc<Observer>,
     /// How often a revocation stream re-reads the store without a local wake-up (ends
     /// written by other replicas or the sweeper of another process).
     watch_poll: Duration,
@@ -48,18 +52,50 @@ impl JobTokenApi {
     pub fn new(
         service: Arc<LeaseService>,
         modules: Arc<Modules>,
-        metrics: Arc<Metrics>,
+        limits: Arc<Limits>,
+        observer: Arc<Observer>,
         watch_poll: Duration,
         stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
             service,
             modules,
-            metrics,
+            limits,
+            observer,
             watch_poll,
             stop,
         }
     }
+}
+
+impl JobTokenApi {
+    /// The calling module, if it may make one more call of `spend`.
+    fn admit<T>(&self, request: &Request<T>, spend: Spend) -> Result<Arc<Module>, Error> {
+        let module = authenticate(&self.modules, request)?;
+        self.limits.spend(&module.id, spend)?;
+        Ok(module)
+    }
+}
+
+/// Which tenants' ends a stream carries: those asked for (each must be served), else
+/// every tenant the module serves (`None`: all).
+fn stream_tenants(module: &Module, asked: Vec<String>) -> Result<Option<HashSet<String>>, Error> {
+    if asked.is_empty() {
+        return Ok(module.tenants.clone());
+    }
+    if asked.len() > MAX_STREAM_TENANTS {
+        return Err(Error::invalid(
+            "tenants",
+            format!("names more than {MAX_STREAM_TENANTS} tenants"),
+        ));
+    }
+    for t in &asked {
+        crate::ident::check(t, MAX_ID_LEN).map_err(|p| Error::invalid("tenants", p.to_string()))?;
+        if !module.serves(t) {
+            return Err(Error::TenantNotServed(t.clone()));
+        }
+    }
+    Ok(Some(asked.into_iter().collect()))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
@@ -80,29 +116,37 @@ impl JobTokenService for JobTokenApi {
         &self,
         request: Request<pb::IssueJobTokenRequest>,
     ) -> Result<Response<pb::IssueJobTokenResponse>, Status> {
-        observe(&self.metrics, "IssueJobToken", async {
-            let module = authenticate(&self.modules, &request)?;
-            let r = request.into_inner();
-            let issued = self
-                .service
-                .issue(
-                    &module,
-                    IssueRequest {
-                        subject_token: r.subject_token,
-                        job_id: r.job_id,
-                        permissions: r.permissions,
-                        max_lifetime: convert::duration_from_proto("max_lifetime", r.max_lifetime)?,
-                        audience: convert::non_empty(r.audience),
-                    },
-                )
-                .await?;
-            Ok(Response::new(pb::IssueJobTokenResponse {
-                lease: Some(convert::lease(&issued.lease)),
-                tokens: Some(convert::tokens(&issued.tokens)),
-                granted_lifetime: Some(convert::duration(issued.granted_lifetime)),
-                lifetime_clamped: issued.clamped,
-            }))
-        })
+        observe(
+            &self.observer,
+            "IssueJobToken",
+            request.remote_addr(),
+            async {
+                let module = self.admit(&request, Spend::Grant)?;
+                let r = request.into_inner();
+                let issued = self
+                    .service
+                    .issue(
+                        &module,
+                        IssueRequest {
+                            subject_token: r.subject_token,
+                            job_id: r.job_id,
+                            permissions: r.permissions,
+                            max_lifetime: convert::duration_from_proto(
+                                "max_lifetime",
+                                r.max_lifetime,
+                            )?,
+                            audience: convert::non_empty(r.audience),
+                        },
+                    )
+                    .await?;
+                Ok(Response::new(pb::IssueJobTokenResponse {
+                    lease: Some(convert::lease(&issued.lease)),
+                    tokens: Some(convert::tokens(&issued.tokens)),
+                    granted_lifetime: Some(convert::duration(issued.granted_lifetime)),
+                    lifetime_clamped: issued.clamped,
+                }))
+            },
+        )
         .await
     }
 
@@ -110,18 +154,23 @@ impl JobTokenService for JobTokenApi {
         &self,
         request: Request<pb::RefreshJobTokenRequest>,
     ) -> Result<Response<pb::RefreshJobTokenResponse>, Status> {
-        observe(&self.metrics, "RefreshJobToken", async {
-            let module = authenticate(&self.modules, &request)?;
-            let r = request.into_inner();
-            let (lease, tokens) = self
-                .service
-                .refresh(&module, &r.lease_id, &r.refresh_token)
-                .await?;
-            Ok(Response::new(pb::RefreshJobTokenResponse {
-                lease: Some(convert::lease(&lease)),
-                tokens: Some(convert::tokens(&tokens)),
-            }))
-        })
+        observe(
+            &self.observer,
+            "RefreshJobToken",
+            request.remote_addr(),
+            async {
+                let module = self.admit(&request, Spend::Renewal)?;
+                let r = request.into_inner();
+                let (lease, tokens) = self
+                    .service
+                    .refresh(&module, &r.lease_id, &r.refresh_token)
+                    .await?;
+                Ok(Response::new(pb::RefreshJobTokenResponse {
+                    lease: Some(convert::lease(&lease)),
+                    tokens: Some(convert::tokens(&tokens)),
+                }))
+            },
+        )
         .await
     }
 
@@ -129,15 +178,24 @@ impl JobTokenService for JobTokenApi {
         &self,
         request: Request<pb::ResumeJobTokenRequest>,
     ) -> Result<Response<pb::ResumeJobTokenResponse>, Status> {
-        observe(&self.metrics, "ResumeJobToken", async {
-            let module = authenticate(&self.modules, &request)?;
-            let r = request.into_inner();
-            let (lease, tokens) = self.service.resume(&module, &r.job_id).await?;
-            Ok(Response::new(pb::ResumeJobTokenResponse {
-                lease: Some(convert::lease(&lease)),
-                tokens: Some(convert::tokens(&tokens)),
-            }))
-        })
+        observe(
+            &self.observer,
+            "ResumeJobToken",
+            request.remote_addr(),
+            async {
+                let module = self.admit(&request, Spend::Grant)?;
+                let r = request.into_inner();
+                let tenant = convert::non_empty(r.tenant);
+                let (lease, tokens) = self
+                    .service
+                    .resume(&module, tenant.as_deref(), &r.job_id)
+                    .await?;
+                Ok(Response::new(pb::ResumeJobTokenResponse {
+                    lease: Some(convert::lease(&lease)),
+                    tokens: Some(convert::tokens(&tokens)),
+                }))
+            },
+        )
         .await
     }
 
@@ -145,18 +203,23 @@ impl JobTokenService for JobTokenApi {
         &self,
         request: Request<pb::RevokeJobTokenRequest>,
     ) -> Result<Response<pb::RevokeJobTokenResponse>, Status> {
-        observe(&self.metrics, "RevokeJobToken", async {
-            let module = authenticate(&self.modules, &request)?;
-            let r = request.into_inner();
-            let outcome = outcome_name(r.outcome)?;
-            let lease = self
-                .service
-                .release(&module, &r.lease_id, outcome, &r.detail)
-                .await?;
-            Ok(Response::new(pb::RevokeJobTokenResponse {
-                lease: Some(convert::lease(&lease)),
-            }))
-        })
+        observe(
+            &self.observer,
+            "RevokeJobToken",
+            request.remote_addr(),
+            async {
+                let module = authenticate(&self.modules, &request)?;
+                let r = request.into_inner();
+                let outcome = outcome_name(r.outcome)?;
+                let lease = self
+                    .service
+                    .release(&module, &r.lease_id, outcome, &r.detail)
+                    .await?;
+                Ok(Response::new(pb::RevokeJobTokenResponse {
+                    lease: Some(convert::lease(&lease)),
+                }))
+            },
+        )
         .await
     }
 
@@ -164,22 +227,30 @@ impl JobTokenService for JobTokenApi {
         &self,
         request: Request<pb::IntrospectTokenRequest>,
     ) -> Result<Response<pb::IntrospectTokenResponse>, Status> {
-        observe(&self.metrics, "IntrospectToken", async {
-            authenticate(&self.modules, &request)?;
-            let claims = self.service.introspect(&request.into_inner().token).await?;
-            Ok(Response::new(pb::IntrospectTokenResponse {
-                active: claims.is_some(),
-                claims: claims.map(convert::claims),
-            }))
-        })
+        observe(
+            &self.observer,
+            "IntrospectToken",
+            request.remote_addr(),
+            async {
+                let module = self.admit(&request, Spend::Introspection)?;
+                let claims = self
+                    .service
+                    .introspect(&module, &request.into_inner().token)
+                    .await?;
+                Ok(Response::new(pb::IntrospectTokenResponse {
+                    active: claims.is_some(),
+                    claims: claims.map(convert::claims),
+                }))
+            },
+        )
         .await
     }
 
     async fn get_jwks(
         &self,
-        _request: Request<pb::GetJwksRequest>,
+        request: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
-        observe(&self.metrics, "GetJwks", async {
+        observe(&self.observer, "GetJwks", request.remote_addr(), async {
             let keys = self.service.keys();
             Ok(Response::new(pb::GetJwksResponse {
                 keys: keys
@@ -208,19 +279,35 @@ impl JobTokenService for JobTokenApi {
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
         let service = Arc::clone(&self.service);
         let poll = self.watch_poll;
-        let start = observe(&self.metrics, "WatchRevocations", async {
-            authenticate(&self.modules, &request)?;
+        let peer = request.remote_addr();
+        let (start, tenants, slot) = observe(&self.observer, "WatchRevocations", peer, async {
+            let module = authenticate(&self.modules, &request)?;
             let request = request.into_inner();
-            match request.after_cursor {
-                Some(cursor) => Ok(cursor),
-                None if request.replay_live => service.live_ends_cursor().await,
-                None => service.last_sequence().await,
-            }
+            let tenants = stream_tenants(&module, request.tenants)?;
+            let slot: StreamSlot = self.limits.open_stream(&module.id)?;
+            let start = match request.after_cursor {
+                Some(cursor) => {
+                    // A cursor from the future would wait silently forever.
+                    let head = service.last_sequence().await?;
+                    if cursor > head {
+                        return Err(Error::invalid(
+                            "after_cursor",
+                            format!("is beyond the newest event ({head}); start over without it"),
+                        ));
+                    }
+                    cursor
+                }
+                None if request.replay_live => service.live_ends_cursor().await?,
+                None => service.last_sequence().await?,
+            };
+            Ok((start, tenants, slot))
         })
         .await?;
         let (tx, rx) = mpsc::channel(64);
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
+            // Held for the stream's life: its module's slot is free again when it ends.
+            let _slot = slot;
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
@@ -237,6 +324,9 @@ impl JobTokenService for JobTokenApi {
                         beat.reset();
                         for event in events {
                             cursor = event.sequence;
+                            if tenants.as_ref().is_some_and(|t| !t.contains(&event.tenant)) {
+                                continue;
+                            }
                             if tx.send(Ok(convert::revocation(event))).await.is_err() {
                                 return;
                             }

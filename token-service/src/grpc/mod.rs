@@ -10,10 +10,14 @@ pub use admin::AdminApi;
 pub use job_token::JobTokenApi;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant as StdInstant;
 
-use tonic::{Request, Status};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tonic::{Code, Request, Status};
 
 use crate::auth::{Module, Modules};
 use crate::error::Error;
@@ -24,10 +28,56 @@ pub const MODULE_KEY_HEADER: &str = "x-module-key";
 /// Metadata key carrying the admin key.
 pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
 
+/// Refused-credential log lines per second, beyond which they are only counted (and the
+/// next line says how many were left out), so a flood of bad calls can't flood the log.
+const REFUSAL_LOG_PER_SECOND: u32 = 10;
+
+/// What every RPC reports to: metrics, and the audit log of refused credentials.
+#[derive(Debug)]
+pub struct Observer {
+    metrics: Arc<Metrics>,
+    refusal_log: DefaultDirectRateLimiter,
+    refusals_unlogged: AtomicU64,
+}
+
+impl Observer {
+    /// Reports to `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        let rate = NonZeroU32::new(REFUSAL_LOG_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+        Self {
+            metrics,
+            refusal_log: RateLimiter::direct(Quota::per_second(rate)),
+            refusals_unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// A refused credential: counted always, logged (with the peer, never the
+    /// credential) while the log budget lasts.
+    fn refused(&self, method: &'static str, error: &Error, peer: Option<SocketAddr>) {
+        let reason = error.reason();
+        self.metrics.auth_refused(method, reason);
+        if self.refusal_log.check().is_err() {
+            self.refusals_unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let unlogged = self.refusals_unlogged.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            target: "audit",
+            event = "auth.refused",
+            method,
+            reason,
+            peer = peer.map(|p| p.to_string()).as_deref().unwrap_or("unknown"),
+            problem = ?error.to_string(),
+            refusals_not_logged_before = unlogged,
+        );
+    }
+}
+
 /// Runs one RPC body, recording its latency and outcome, and mapping its error.
 async fn observe<T>(
-    metrics: &Metrics,
+    observer: &Observer,
     method: &'static str,
+    peer: Option<SocketAddr>,
     body: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Status> {
     // Latency is measured with the monotonic clock; it never feeds a decision.
@@ -38,8 +88,13 @@ async fn observe<T>(
         Ok(_) => "OK",
         Err(e) => e.reason(),
     };
-    metrics.rpc(method, reason, start.elapsed());
-    result.map_err(|e| status::to_status(&e))
+    observer.metrics.rpc(method, reason, start.elapsed());
+    result.map_err(|e| {
+        if status::code(&e) == Code::Unauthenticated {
+            observer.refused(method, &e, peer);
+        }
+        status::to_status(&e)
+    })
 }
 
 /// Names on a client certificate that can identify a module: subject CNs and DNS SANs.

@@ -26,7 +26,10 @@ pub fn code(e: &Error) -> Code {
         Error::PermissionNotHeld(_)
         | Error::PermissionNotDelegable(_)
         | Error::NoPermissionsGranted
-        | Error::ActorMismatch => Code::PermissionDenied,
+        | Error::ActorMismatch
+        | Error::TenantNotServed(_)
+        | Error::AudienceNotAllowed(_) => Code::PermissionDenied,
+        Error::RateLimited { .. } | Error::TooManyStreams { .. } => Code::ResourceExhausted,
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseAlreadyExists(_) => Code::AlreadyExists,
         Error::LeaseEnded(_) => Code::FailedPrecondition,
@@ -62,11 +65,52 @@ pub fn to_status(e: &Error) -> Status {
         Error::Unavailable(_) => "storage is unavailable; retry shortly".to_owned(),
         other => other.to_string(),
     };
+    let mut details = ErrorDetails::with_error_info(e.reason(), ERROR_DOMAIN, metadata);
+    if let Error::RateLimited { retry_after, .. } = e {
+        details.set_retry_info(Some(*retry_after));
+    }
+    Status::with_error_details(code(e), message, details)
+}
+
+/// A request message above the size limit. tonic refuses it before any handler runs,
+/// with `OUT_OF_RANGE` and no details; [`too_large_layer`] turns that into this.
+pub fn message_too_large() -> Status {
+    let mut metadata = HashMap::new();
+    metadata.insert(
+        "limit_bytes".to_owned(),
+        crate::service::MAX_MESSAGE_BYTES.to_string(),
+    );
     Status::with_error_details(
-        code(e),
-        message,
-        ErrorDetails::with_error_info(e.reason(), ERROR_DOMAIN, metadata),
+        Code::ResourceExhausted,
+        format!(
+            "the request message is larger than {} bytes",
+            crate::service::MAX_MESSAGE_BYTES
+        ),
+        ErrorDetails::with_error_info("MESSAGE_TOO_LARGE", ERROR_DOMAIN, metadata),
     )
+}
+
+/// Rewrites tonic's `OUT_OF_RANGE` answer to an oversize request into
+/// [`message_too_large`]. Nothing of ours answers `OUT_OF_RANGE`, so the code alone
+/// identifies it.
+pub fn too_large_layer() -> tower::util::MapResponseLayer<
+    fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+> {
+    tower::util::MapResponseLayer::new(rewrite_too_large)
+}
+
+fn rewrite_too_large(
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let out_of_range = (Code::OutOfRange as i32).to_string();
+    let is_too_large = response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes());
+    if !is_too_large {
+        return response;
+    }
+    message_too_large().into_http()
 }
 
 #[cfg(test)]
@@ -97,6 +141,13 @@ mod tests {
             Error::ActorMismatch,
             Error::RefreshTokenInvalid,
             Error::RefreshTokenReused,
+            Error::TenantNotServed("diku".into()),
+            Error::AudienceNotAllowed("admin-console".into()),
+            Error::RateLimited {
+                what: "renewals",
+                retry_after: std::time::Duration::from_millis(250),
+            },
+            Error::TooManyStreams { limit: 4 },
             Error::Unavailable(StoreError::Unavailable("db down at 10.0.0.5".into())),
             Error::internal(std::io::Error::other("secret detail")),
         ];
@@ -124,6 +175,10 @@ mod tests {
             (Code::PermissionDenied, "ACTOR_MISMATCH"),
             (Code::Unauthenticated, "REFRESH_TOKEN_INVALID"),
             (Code::Unauthenticated, "REFRESH_TOKEN_REUSED"),
+            (Code::PermissionDenied, "TENANT_NOT_SERVED"),
+            (Code::PermissionDenied, "AUDIENCE_NOT_ALLOWED"),
+            (Code::ResourceExhausted, "RATE_LIMITED"),
+            (Code::ResourceExhausted, "TOO_MANY_STREAMS"),
             (Code::Unavailable, "UNAVAILABLE"),
             (Code::Internal, "INTERNAL"),
             (Code::FailedPrecondition, "LEASE_RELEASED"),
@@ -161,5 +216,37 @@ mod tests {
             "10.0.0.5".into(),
         )));
         assert!(!status.message().contains("10.0.0.5"));
+    }
+
+    #[test]
+    fn rate_limits_carry_a_retry_delay() {
+        let status = to_status(&Error::RateLimited {
+            what: "grants",
+            retry_after: std::time::Duration::from_millis(1500),
+        });
+        let details = status.get_error_details();
+        let retry = details.retry_info().cloned().expect("RetryInfo");
+        assert_eq!(
+            retry.retry_delay,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(details.error_info().unwrap().reason, "RATE_LIMITED");
+    }
+
+    #[test]
+    fn only_out_of_range_answers_are_rewritten_as_too_large() {
+        let too_large: http::Response<tonic::body::Body> =
+            Status::out_of_range("Error, decoded message length too large").into_http();
+        let rewritten = rewrite_too_large(too_large);
+        let status = Status::from_header_map(rewritten.headers()).unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.get_error_details().error_info().unwrap().reason,
+            "MESSAGE_TOO_LARGE"
+        );
+        let other: http::Response<tonic::body::Body> = to_status(&Error::LeaseNotFound).into_http();
+        let kept = rewrite_too_large(other);
+        let status = Status::from_header_map(kept.headers()).unwrap();
+        assert_eq!(status.code(), Code::NotFound);
     }
 }

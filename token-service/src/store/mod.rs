@@ -87,15 +87,16 @@ impl fmt::Debug for StoredKey {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Inserts a new lease and its `Issued` event atomically. [`StoreError::Conflict`] if
-    /// the actor already holds an active lease for the job.
+    /// the actor already holds an active lease for the job in the lease's tenant.
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError>;
 
     /// The lease with this id.
     async fn get_lease(&self, id: &str) -> Result<Option<Lease>, StoreError>;
 
-    /// The actor's active lease for a job.
+    /// The actor's active lease for a job of a tenant.
     async fn find_active_lease(
         &self,
+        tenant: &str,
         actor: &str,
         job_id: &str,
     ) -> Result<Option<Lease>, StoreError>;

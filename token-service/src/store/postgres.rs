@@ -35,7 +35,8 @@ const KEY_LOCK: i64 = 0x6a6f_6274_6f6b_0003;
 /// Channel on which lease ends are announced.
 const CHANNEL: &str = "jobtoken_lease_ends";
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE leases (
     id                TEXT PRIMARY KEY,
     tenant            TEXT NOT NULL,
@@ -92,7 +93,14 @@ CREATE TABLE signing_keys (
     activates_at       BIGINT NOT NULL,
     retired_at         BIGINT
 );
-"#];
+"#,
+    // A lease is identified by (tenant, module, job): the same job id in two tenants is
+    // two jobs.
+    r#"
+DROP INDEX leases_active_job;
+CREATE UNIQUE INDEX leases_active_job ON leases (tenant, actor, job_id) WHERE active;
+"#,
+];
 
 const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
     created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
@@ -662,6 +670,7 @@ impl Store for PostgresStore {
 
     async fn find_active_lease(
         &self,
+        tenant: &str,
         actor: &str,
         job_id: &str,
     ) -> Result<Option<Lease>, StoreError> {
@@ -669,9 +678,10 @@ impl Store for PostgresStore {
         let row = client
             .query_opt(
                 &format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases WHERE actor = $1 AND job_id = $2 AND active"
+                    "SELECT {LEASE_COLUMNS} FROM leases \
+                     WHERE tenant = $1 AND actor = $2 AND job_id = $3 AND active"
                 ),
-                &[&actor, &job_id],
+                &[&tenant, &actor, &job_id],
             )
             .await
             .map_err(db_err)?;

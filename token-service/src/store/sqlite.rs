@@ -31,7 +31,8 @@ use crate::clock::{from_millis, to_millis};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE leases (
     id                TEXT PRIMARY KEY,
     tenant            TEXT NOT NULL,
@@ -88,7 +89,14 @@ CREATE TABLE signing_keys (
     activates_at       INTEGER NOT NULL,
     retired_at         INTEGER
 );
-"#];
+"#,
+    // A lease is identified by (tenant, module, job): the same job id in two tenants is
+    // two jobs.
+    r#"
+DROP INDEX leases_active_job;
+CREATE UNIQUE INDEX leases_active_job ON leases (tenant, actor, job_id) WHERE active = 1;
+"#,
+];
 
 const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
     created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
@@ -712,15 +720,17 @@ impl Store for SqliteStore {
 
     async fn find_active_lease(
         &self,
+        tenant: &str,
         actor: &str,
         job_id: &str,
     ) -> Result<Option<Lease>, StoreError> {
-        let (actor, job_id) = (actor.to_owned(), job_id.to_owned());
+        let key = [tenant.to_owned(), actor.to_owned(), job_id.to_owned()];
         self.read(move |conn| {
             conn.prepare_cached(&format!(
-                "SELECT {LEASE_COLUMNS} FROM leases WHERE actor = ?1 AND job_id = ?2 AND active = 1"
+                "SELECT {LEASE_COLUMNS} FROM leases \
+                 WHERE tenant = ?1 AND actor = ?2 AND job_id = ?3 AND active = 1"
             ))
-            .and_then(|mut s| s.query_row([actor, job_id], lease_from_row).optional())
+            .and_then(|mut s| s.query_row(key, lease_from_row).optional())
             .map_err(map_err)?
             .transpose()
         })
