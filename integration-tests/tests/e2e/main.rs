@@ -3,11 +3,13 @@
 
 mod flow;
 mod jwks;
+mod limits;
 mod load;
 mod malformed;
 mod postgres;
 mod reflection;
 mod sdk;
 mod support;
+mod tenants;
 mod tls;
 mod watch;

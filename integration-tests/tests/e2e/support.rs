@@ -108,9 +108,19 @@ impl TestServer {
 
     /// A user token that lives `ttl`.
     pub(crate) fn user_token_for(&self, permissions: &[&str], ttl: Duration) -> String {
+        self.user_token_in("acme", permissions, ttl)
+    }
+
+    /// A user token of `tenant`.
+    pub(crate) fn user_token_in(
+        &self,
+        tenant: &str,
+        permissions: &[&str],
+        ttl: Duration,
+    ) -> String {
         let request = DevTokenRequest {
             user: "alice".into(),
-            tenant: "acme".into(),
+            tenant: tenant.into(),
             permissions: permissions
                 .iter()
                 .map(|s| s.to_string())
