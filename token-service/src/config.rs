@@ -340,14 +340,14 @@ pub struct LimitsConfig {
     #[serde(default = "default_concurrent_streams")]
     pub concurrent_streams_per_connection: u32,
     /// Grants (`IssueJobToken`, `ResumeJobToken`) per second per module; bursts of twice
-    /// that pass. Default 500.
+    /// that pass. Default 1000.
     #[serde(default = "default_grants_per_second")]
     pub grants_per_second: u32,
-    /// Renewals (`RefreshJobToken`) per second per module, bursts of twice. Default 5000:
-    /// 1.5 million leases renewing every five minutes.
+    /// Renewals (`RefreshJobToken`) per second per module, bursts of twice. Default
+    /// 20000: six million leases renewing every five minutes.
     #[serde(default = "default_renewals_per_second")]
     pub renewals_per_second: u32,
-    /// Introspections per second per module, bursts of twice. Default 10000.
+    /// Introspections per second per module, bursts of twice. Default 20000.
     #[serde(default = "default_introspections_per_second")]
     pub introspections_per_second: u32,
 }
@@ -443,13 +443,13 @@ fn default_concurrent_streams() -> u32 {
     1024
 }
 fn default_grants_per_second() -> u32 {
-    500
+    1000
 }
 fn default_renewals_per_second() -> u32 {
-    5000
+    20_000
 }
 fn default_introspections_per_second() -> u32 {
-    10_000
+    20_000
 }
 
 fn default_pg_schema() -> String {
