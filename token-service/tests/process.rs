@@ -524,9 +524,12 @@ async fn leases_keep_renewing_through_a_surviving_replica() {
     const HOLDERS: usize = 8;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
-    let url = std::env::var("JOBTOKEN_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("jt_proc_{}", std::process::id());
+    let Some(url) = token_service::testing::postgres_url() else {
+        return;
+    };
+    // Declared before the processes, so it is dropped after they are killed.
+    let pg_schema = token_service::testing::TestSchema::new(&url, "jt_proc");
+    let schema = pg_schema.name();
     let mut text = std::fs::read_to_string(&config).unwrap();
     text = text.replacen(
         "\n[[modules]]",

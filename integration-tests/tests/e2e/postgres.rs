@@ -18,16 +18,17 @@ use tonic::Code;
 
 use crate::support::{TestServer, postgres_url, reason, use_postgres};
 
-async fn pair() -> (TestServer, TestServer) {
-    let url = postgres_url();
+/// Two replicas on one PostgreSQL schema; `None` when PostgreSQL tests skip.
+async fn pair() -> Option<(TestServer, TestServer)> {
+    let url = postgres_url()?;
     let a = TestServer::start_with(|c| use_postgres(c, &url)).await;
     let b = a.replica().await;
-    (a, b)
+    Some((a, b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_serves_any_lease_and_racing_renewals_converge() {
-    let (a, b) = pair().await;
+    let Some((a, b)) = pair().await else { return };
     let issued = a.issue("job").await;
     let lease_id = issued.lease.unwrap().lease_id;
     let t0 = issued.tokens.unwrap().refresh_token;
@@ -88,7 +89,7 @@ async fn any_replica_serves_any_lease_and_racing_renewals_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_on_one_replica_reaches_watchers_of_another_within_a_second() {
-    let (a, b) = pair().await;
+    let Some((a, b)) = pair().await else { return };
     let first = a.issue("job-1").await.lease.unwrap().lease_id;
     let second = a.issue("job-2").await.lease.unwrap().lease_id;
     let mut stream = b
@@ -181,11 +182,14 @@ impl Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_fails_fast_with_unavailable_and_heals_by_itself() {
-    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = postgres_url().replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    let Some(real) = postgres_url() else { return };
+    let upstream = token_service::testing::postgres_addr(&real)
+        .expect("the test URL names the server by IP address and port");
+    let proxy = Proxy::start(upstream).await;
+    let url = real.replacen(&upstream.to_string(), &proxy.addr.to_string(), 1);
     assert!(
         url.contains(&proxy.addr.to_string()),
-        "the test URL points at 127.0.0.1:5432"
+        "the test URL spells the server as {upstream}"
     );
     let server = TestServer::start_with(|c| use_postgres(c, &url)).await;
     let issued = server.issue("job").await;

@@ -16,6 +16,7 @@ use token_service::secrets::key_hash;
 use token_service::lease::{Lease, LeaseEvent};
 use token_service::server::{RunningServer, Server};
 use token_service::store::{LeaseFilter, Store, StoreError, StoredKey};
+use token_service::testing::TestSchema;
 
 pub(crate) const IMPORTER_KEY: &str = "mk_importer-test-key-0123456789abcdefghijklmnop";
 pub(crate) const OTHER_KEY: &str = "mk_other-test-key-0123456789abcdefghijklmnopqrs";
@@ -26,6 +27,8 @@ pub(crate) struct TestServer {
     dir: Arc<tempfile::TempDir>,
     config: Config,
     failure_rate: f64,
+    /// The PostgreSQL schema, dropped with the last server (replicas share it).
+    schema: Option<Arc<TestSchema>>,
 }
 
 fn module(id: &str, key: &str, delegable: &[&str]) -> ModuleConfig {
@@ -62,12 +65,17 @@ impl TestServer {
         if config.store.kind == StoreKind::Postgres && !config.master_key_path().exists() {
             std::fs::write(config.master_key_path(), MasterKey::generate().1).unwrap();
         }
+        // Dropped through the test server's own URL, not a test proxy that may be gone.
+        let schema = (config.store.kind == StoreKind::Postgres)
+            .then(|| postgres_url().map(|url| Arc::new(TestSchema::adopt(&url, &config.store.schema))))
+            .flatten();
         let running = launch(config.clone(), failure_rate).await;
         Self {
             running,
             dir: Arc::new(dir),
             config,
             failure_rate,
+            schema,
         }
     }
 
@@ -81,6 +89,7 @@ impl TestServer {
             dir: Arc::clone(&self.dir),
             config,
             failure_rate: self.failure_rate,
+            schema: self.schema.clone(),
         }
     }
 
@@ -295,22 +304,19 @@ impl Store for FlakyStore {
     }
 }
 
-/// The PostgreSQL server for tests (`.ci/run` sets the variable).
-pub(crate) fn postgres_url() -> String {
-    std::env::var("JOBTOKEN_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+/// The PostgreSQL server for tests, or `None` when PostgreSQL tests skip (see
+/// `token_service::testing`).
+pub(crate) fn postgres_url() -> Option<String> {
+    token_service::testing::postgres_url()
 }
 
-/// Points `config` at PostgreSQL through `url`, in a schema of its own.
+/// Points `config` at PostgreSQL through `url`, in a schema of its own (dropped when the
+/// last server using it is).
 pub(crate) fn use_postgres(config: &mut Config, url: &str) {
     config.store.kind = StoreKind::Postgres;
     config.store.url = Some(SecretString::new(url));
-    config.store.schema = format!("jt_e2e_{}", uuid_like());
+    config.store.schema = TestSchema::fresh_name("jt_e2e");
     config.store.statement_timeout = Duration::from_secs(2);
-}
-
-fn uuid_like() -> String {
-    (0..24).map(|_| fastrand::lowercase()).collect()
 }
 
 /// The machine reason of a failed call.
