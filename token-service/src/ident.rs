@@ -74,7 +74,15 @@ mod tests {
 
     #[test]
     fn ordinary_ids_pass() {
-        for ok in ["diku", "import-42", "a b", "müller", "日本", "x.y_z:1", "inventory.*"] {
+        for ok in [
+            "diku",
+            "import-42",
+            "a b",
+            "müller",
+            "日本",
+            "x.y_z:1",
+            "inventory.*",
+        ] {
             assert_eq!(check(ok, 200), Ok(()), "{ok:?}");
         }
     }
