@@ -38,6 +38,7 @@ mod api;
 mod auth_layer;
 mod client;
 mod clock;
+mod health;
 mod interceptor;
 mod layer;
 mod lease;
@@ -47,11 +48,16 @@ mod watcher;
 
 pub use auth_layer::{AuthLayer, AuthService};
 pub use client::{Client, ClientBuilder, LeaseRequest};
+pub use health::{RenewalStats, RevocationFeed};
 pub use interceptor::BearerInterceptor;
 pub use layer::{VerifyLayer, VerifyService};
 pub use lease::{AccessToken, EndReason, Lease, LeaseEnd, LeaseInfo, LeaseState, Outcome};
-pub use schedule::{FLOOR, RenewalConfig, backoff, refresh_in};
-pub use verifier::{Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError};
+pub use schedule::{
+    FLOOR, Phase, RenewalConfig, URGENT_RETRIES, backoff, phase, reconnect_in, refresh_in,
+};
+pub use verifier::{
+    Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError, WhenBlind,
+};
 
 use std::fmt;
 
