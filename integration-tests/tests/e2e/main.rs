@@ -5,6 +5,7 @@ mod flow;
 mod jwks;
 mod load;
 mod malformed;
+mod outage;
 mod postgres;
 mod reflection;
 mod sdk;
