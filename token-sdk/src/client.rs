@@ -9,6 +9,7 @@ use tonic::Status;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::api::Grpc;
+use crate::health::{Health, RenewalStats};
 use crate::lease::{Lease, LeaseInfo, Renewal};
 use crate::schedule::RenewalConfig;
 use crate::watcher::LeaseWatch;
@@ -16,6 +17,12 @@ use crate::{Error, JobTokenClient, KeyInterceptor, proto};
 
 /// How long a grant waits for the revocation stream to open.
 const WATCH_READY_WAIT: Duration = Duration::from_secs(2);
+/// HTTP/2 ping interval and timeout of the revocation stream's connection: a stalled
+/// connection is given up within about twice this.
+const WATCH_KEEPALIVE: Duration = Duration::from_secs(2);
+/// Connect timeout of the revocation stream's connection, short so that a partition
+/// does not leave it waiting on a connection attempt made while it lasted.
+const WATCH_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Configures a [`Client`].
 #[derive(Clone)]
@@ -91,13 +98,27 @@ impl ClientBuilder {
         if let Some(tls) = self.tls {
             endpoint = endpoint.tls_config(tls)?;
         }
+        // The revocation stream gets a connection of its own, so it does not share the
+        // fate of renewals (a connection closed over a burst of cancelled calls, say),
+        // and pings more often: its reopening is how leases learn the service is back.
+        let watch_channel = endpoint
+            .clone()
+            .connect_timeout(WATCH_CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(WATCH_KEEPALIVE)
+            .keep_alive_timeout(WATCH_KEEPALIVE)
+            .connect_lazy();
         let channel = endpoint.connect().await?;
+        let client = |channel| {
+            proto::job_token_service_client::JobTokenServiceClient::with_interceptor(
+                channel,
+                interceptor.clone(),
+            )
+        };
         Ok(Client {
             inner: Arc::new(Inner {
-                grpc: proto::job_token_service_client::JobTokenServiceClient::with_interceptor(
-                    channel,
-                    interceptor,
-                ),
+                grpc: client(channel),
+                watch_grpc: client(watch_channel),
+                health: Arc::new(Health::new()),
                 renewal: self.renewal,
                 release_on_drop: self.release_on_drop,
                 watch_revocations: self.watch_revocations,
@@ -109,6 +130,9 @@ impl ClientBuilder {
 
 struct Inner {
     grpc: JobTokenClient,
+    /// On a connection of its own, for revocation streams.
+    watch_grpc: JobTokenClient,
+    health: Arc<Health>,
     renewal: RenewalConfig,
     release_on_drop: bool,
     watch_revocations: bool,
@@ -146,6 +170,22 @@ impl Client {
     /// The generated client, for calls this type does not wrap.
     pub fn grpc(&self) -> JobTokenClient {
         self.inner.grpc.clone()
+    }
+
+    /// The client on the revocation stream's own connection.
+    pub(crate) fn watch_grpc(&self) -> JobTokenClient {
+        self.inner.watch_grpc.clone()
+    }
+
+    /// The configured renewal timing.
+    pub(crate) fn renewal_config(&self) -> &RenewalConfig {
+        &self.inner.renewal
+    }
+
+    /// Renewal counters of every lease this client has held: failures by code, time
+    /// spent holding an expired token, outages. Cheap; for an application's metrics.
+    pub fn renewal_stats(&self) -> RenewalStats {
+        self.inner.health.stats()
     }
 
     /// Asks for a lease for `job_id` on behalf of the user whose access token is
@@ -197,7 +237,7 @@ impl Client {
             match slot.upgrade() {
                 Some(watcher) => watcher,
                 None => {
-                    let watcher = LeaseWatch::start(self.grpc());
+                    let watcher = LeaseWatch::start(self.watch_grpc(), self.inner.renewal.clone());
                     *slot = Arc::downgrade(&watcher);
                     watcher
                 }
@@ -251,7 +291,9 @@ impl Client {
             api: Arc::new(Grpc(self.grpc())),
             config: self.inner.renewal.clone(),
             release_on_drop: self.inner.release_on_drop,
+            reconnected: watcher.as_ref().map(|w| w.feed().reconnected.subscribe()),
             watcher,
+            health: Arc::clone(&self.inner.health),
         };
         Ok(Lease::start(info, tokens, renewal))
     }

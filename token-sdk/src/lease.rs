@@ -14,9 +14,10 @@ use tonic::Status;
 use tonic::service::Interceptor;
 
 use crate::api::Api;
+use crate::health::{Health, RevocationFeed, millis};
 use crate::is_transient;
 use crate::proto;
-use crate::schedule::{RenewalConfig, backoff, refresh_in};
+use crate::schedule::{RenewalConfig, backoff, phase, refresh_in};
 use crate::watcher::LeaseWatch;
 
 /// Why a lease ended.
@@ -212,7 +213,7 @@ impl Shared {
 struct Handle {
     shared: Arc<Shared>,
     _alive: watch::Sender<()>,
-    _watcher: Option<Arc<LeaseWatch>>,
+    watcher: Option<Arc<LeaseWatch>>,
 }
 
 /// A lease held by this module for one job. Cheap to clone: hand it to every worker of
@@ -239,6 +240,10 @@ pub(crate) struct Renewal {
     pub(crate) config: RenewalConfig,
     pub(crate) release_on_drop: bool,
     pub(crate) watcher: Option<Arc<LeaseWatch>>,
+    /// The client's outage log and counters.
+    pub(crate) health: Arc<Health>,
+    /// Bumped when the service is seen back (the revocation stream reopened).
+    pub(crate) reconnected: Option<watch::Receiver<u64>>,
 }
 
 /// Longest token life believed; a larger answer is clamped (and cannot overflow
@@ -289,7 +294,7 @@ impl Lease {
             handle: Arc::new(Handle {
                 shared,
                 _alive: alive,
-                _watcher: watcher,
+                watcher,
             }),
             api,
         }
@@ -320,6 +325,16 @@ impl Lease {
             None => LeaseState::Active,
             Some(end) => LeaseState::Ended(end.clone()),
         }
+    }
+
+    /// Whether the service's revocation stream feeds this lease (so an administrator's
+    /// revoke reaches [`Lease::ended`] within a second), or how long it has been blind.
+    /// While blind the lease still renews; ends recorded meanwhile arrive on reconnect.
+    pub fn revocation_feed(&self) -> RevocationFeed {
+        self.handle
+            .watcher
+            .as_ref()
+            .map_or(RevocationFeed::Off, |w| w.feed().get())
     }
 
     /// Resolves when the lease ends, with why: the job should checkpoint and stop.
@@ -401,11 +416,25 @@ fn end_from(status: &Status) -> LeaseEnd {
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shortest such wait, for tokens about to expire.
 const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest `RetryInfo` delay believed; the service's word is clamped like its lifetimes.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// The wait a `RESOURCE_EXHAUSTED` answer asks for (`google.rpc.RetryInfo`), clamped.
+pub(crate) fn retry_delay(status: &Status) -> Option<Duration> {
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    <Status as tonic_types::StatusExt>::get_error_details(status)
+        .retry_info()
+        .and_then(|info| info.retry_delay)
+        .map(|d| d.min(MAX_RETRY_DELAY))
+}
 
 /// The background renewal: sleep to the renewal point (or until asked), renew, publish;
-/// back off on transient failures; stop on a terminal answer, on release, when every
-/// handle is gone, or locally once the service's own limits (hard expiry, idle timeout)
-/// have passed without a successful renewal.
+/// retry transient failures on the schedule of [`backoff`], sooner when a caller asks or
+/// the service is seen back, never sooner than a `RetryInfo` allows; stop on a terminal
+/// answer, on release, when every handle is gone, or locally once the service's own
+/// limits (hard expiry, idle timeout) have passed without a successful renewal.
 async fn run(
     shared: Arc<Shared>,
     renewal: Renewal,
@@ -418,7 +447,13 @@ async fn run(
         config,
         release_on_drop,
         watcher: _,
+        health,
+        reconnected,
     } = renewal;
+    // Without a revocation stream nothing signals the service's return; the schedule
+    // alone paces retries.
+    let (_no_signal, quiet) = watch::channel(0u64);
+    let mut reconnected = reconnected.unwrap_or(quiet);
     let lease_id = shared.info.lease_id.clone();
     let mut end = shared.end.subscribe();
     let mut wanted = shared.wanted.subscribe();
@@ -426,7 +461,13 @@ async fn run(
     let hard_deadline = shared.info.remaining.map(|r| started + r);
     let mut last_success = started;
     let mut due = started + refresh_in(life, &config, fastrand::f64());
+    // Consecutive transient failures; only the healthy phase of the schedule uses it.
     let mut attempt = 0u32;
+    // The `wanted` value an immediate attempt last served: a standing request that
+    // failed once waits for the schedule, so an abandoned caller cannot make it spin.
+    let mut served = 0u64;
+    // Not before this, whatever asks: the service's `RetryInfo`.
+    let mut not_before = started;
     loop {
         let now = crate::clock::now();
         let limit = [
@@ -440,6 +481,7 @@ async fn run(
         .flatten()
         .find(|(at, _)| now >= *at);
         if let Some((_, reason)) = limit {
+            health.add_expired(now.saturating_duration_since(shared.current.load().expires_at));
             shared.finish(LeaseEnd {
                 reason,
                 detail: "the lease ran out while the service could not be reached".into(),
@@ -447,10 +489,9 @@ async fn run(
             return;
         }
         let generation = shared.current.load().generation;
-        let asked = *wanted.borrow_and_update() > generation;
-        // A caller's request renews at once, except during a backoff, which it must
-        // respect too (or an outage would turn into a tight loop).
-        let wake_at = if asked && attempt == 0 { now } else { due };
+        let wants = *wanted.borrow_and_update();
+        let asked = wants > generation && wants > served;
+        let wake_at = if asked { now } else { due }.max(not_before);
         tokio::select! {
             biased;
             _ = alive.changed() => {
@@ -471,49 +512,69 @@ async fn run(
             _ = async { let _ = end.wait_for(Option::is_some).await; } => return,
             // A caller of `refresh_now`: re-check whether it still needs a renewal.
             _ = wanted.changed(), if !asked => continue,
+            // The service is reachable again (the revocation stream reopened): retry now
+            // rather than at the end of a wait sized for an outage.
+            _ = reconnected.changed(), if attempt > 0 => {
+                due = crate::clock::now();
+                continue;
+            }
             _ = tokio::time::sleep_until(wake_at) => {}
         }
+        if asked {
+            served = wants;
+        }
+        if attempt == 0 {
+            // Only returns seen after this renewal starts failing count.
+            reconnected.borrow_and_update();
+        }
         // Never wait on one RPC past half the token's remaining life (but at least 1 s).
-        let until_expiry = shared
-            .current
-            .load()
-            .expires_at
-            .saturating_duration_since(crate::clock::now());
-        let rpc_timeout = (until_expiry / 2).clamp(MIN_RPC_TIMEOUT, RPC_TIMEOUT);
+        let began = crate::clock::now();
+        let old_expiry = shared.current.load().expires_at;
+        let rpc_timeout =
+            (old_expiry.saturating_duration_since(began) / 2).clamp(MIN_RPC_TIMEOUT, RPC_TIMEOUT);
         let answer = tokio::time::timeout(rpc_timeout, api.refresh(&lease_id, &refresh_token))
             .await
             .unwrap_or_else(|_| Err(Status::deadline_exceeded("renewal timed out")));
+        let now = crate::clock::now();
         match answer {
             Ok(pair) => {
                 let (token, life) = token_from(&pair, generation + 1);
                 refresh_token = pair.refresh_token;
                 shared.publish(token);
+                health.renewal_succeeded(now.saturating_duration_since(old_expiry));
                 attempt = 0;
-                last_success = crate::clock::now();
+                last_success = now;
                 let wait = refresh_in(life, &config, fastrand::f64());
                 due = last_success + wait;
                 tracing::debug!(
                     lease_id = %lease_id,
                     generation = generation + 1,
-                    next_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    next_in_ms = millis(wait),
                     "lease renewed"
                 );
             }
             Err(status) if is_transient(&status) => {
-                let expires_at = shared.current.load().expires_at;
-                let until_expiry = expires_at.saturating_duration_since(crate::clock::now());
-                let wait = backoff(attempt, until_expiry, &config, fastrand::f64());
-                due = crate::clock::now() + wait;
+                health.renewal_failed(&lease_id, status.code(), true, began);
+                let until_expiry = old_expiry.saturating_duration_since(now);
+                let mut wait = backoff(attempt, until_expiry, &config, fastrand::f64());
+                if let Some(delay) = retry_delay(&status) {
+                    // Rate limited: never sooner than the service asked, even if asked.
+                    not_before = now + delay;
+                    wait = wait.max(delay);
+                }
+                due = now + wait;
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(
+                tracing::debug!(
                     lease_id = %lease_id,
                     code = ?status.code(),
                     attempt,
-                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    phase = ?phase(until_expiry, &config),
+                    retry_in_ms = millis(wait),
                     "renewal failed; retrying with the same refresh token"
                 );
             }
             Err(status) => {
+                health.renewal_failed(&lease_id, status.code(), false, began);
                 shared.finish(end_from(&status));
                 return;
             }
@@ -541,6 +602,8 @@ mod tests {
         presented: Mutex<Vec<(Instant, String)>>,
         releases: AtomicUsize,
         issued: AtomicUsize,
+        /// An outage: every renewal before this instant fails with UNAVAILABLE.
+        down_until: Mutex<Option<Instant>>,
     }
 
     impl Fake {
@@ -552,6 +615,7 @@ mod tests {
                 presented: Mutex::new(Vec::new()),
                 releases: AtomicUsize::new(0),
                 issued: AtomicUsize::new(0),
+                down_until: Mutex::new(None),
             })
         }
 
@@ -595,6 +659,10 @@ mod tests {
             }
             // A round trip takes a moment, so racing callers overlap.
             tokio::time::sleep(Duration::from_millis(5)).await;
+            let down = *self.down_until.lock().unwrap();
+            if down.is_some_and(|until| crate::clock::now() < until) {
+                return Err(Status::unavailable("connection refused"));
+            }
             let next = self.script.lock().unwrap().pop_front();
             match next {
                 Some(Err(status)) => Err(status),
@@ -638,6 +706,16 @@ mod tests {
     }
 
     fn hold_with(fake: &Arc<Fake>, config: RenewalConfig, info: LeaseInfo) -> Lease {
+        hold_signalled(fake, config, info, None, Arc::new(Health::new()))
+    }
+
+    fn hold_signalled(
+        fake: &Arc<Fake>,
+        config: RenewalConfig,
+        info: LeaseInfo,
+        reconnected: Option<watch::Receiver<u64>>,
+        health: Arc<Health>,
+    ) -> Lease {
         let first = fake.pair();
         Lease::start(
             info,
@@ -647,8 +725,145 @@ mod tests {
                 config,
                 release_on_drop: true,
                 watcher: None,
+                health,
+                reconnected,
             },
         )
+    }
+
+    /// Waits for the next token and returns when it arrived.
+    async fn next_token(changes: &mut watch::Receiver<Arc<AccessToken>>) -> Instant {
+        changes.changed().await.unwrap();
+        crate::clock::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_long_outage_a_fresh_token_comes_within_the_retry_interval() {
+        // 2 s tokens, the service gone for 30 s from just before the first renewal.
+        let fake = Fake::new(Duration::from_secs(2));
+        let start = crate::clock::now();
+        let back = start + Duration::from_secs(31);
+        *fake.down_until.lock().unwrap() = Some(back);
+        let health = Arc::new(Health::new());
+        let lease = hold_signalled(&fake, no_jitter(), info(), None, Arc::clone(&health));
+        let mut changes = lease.changes();
+        let got = next_token(&mut changes).await;
+        // No signal here: the schedule alone. The old one waited 5-10 s at this point.
+        let late = got - back;
+        assert!(late <= Duration::from_millis(1505), "{late:?}");
+        let calls = fake.calls();
+        let after_expiry: Vec<Duration> = calls
+            .windows(2)
+            .filter(|w| w[0].0 >= start + Duration::from_secs(2))
+            .map(|w| w[1].0 - w[0].0)
+            .collect();
+        assert!(
+            after_expiry
+                .iter()
+                .all(|g| *g >= Duration::from_millis(500) && *g <= Duration::from_millis(1510)),
+            "{after_expiry:?}"
+        );
+        // The outage and the time with an expired token are on record.
+        let stats = health.stats();
+        assert_eq!(stats.outages, 1);
+        assert_eq!(stats.failures[0].0, tonic::Code::Unavailable);
+        assert_eq!(stats.failures[0].1, calls.len() as u64 - 1);
+        let expired = stats.expired_token_time;
+        assert!(expired >= Duration::from_secs(29) && expired <= Duration::from_secs(31));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_service_seen_back_cuts_the_wait_short() {
+        let fake = Fake::new(Duration::from_secs(2));
+        let start = crate::clock::now();
+        let back = start + Duration::from_secs(10);
+        *fake.down_until.lock().unwrap() = Some(back);
+        let (signal, reconnected) = watch::channel(0u64);
+        let config = RenewalConfig {
+            retry_interval: Duration::from_secs(5), // a slow schedule, to tell them apart
+            ..no_jitter()
+        };
+        let lease = hold_signalled(
+            &fake,
+            config,
+            info(),
+            Some(reconnected),
+            Arc::new(Health::new()),
+        );
+        let mut changes = lease.changes();
+        // A return signalled before the renewal starts failing is old news.
+        signal.send_replace(1);
+        tokio::time::sleep_until(back + Duration::from_millis(20)).await;
+        let before = fake.calls().len();
+        signal.send_replace(2);
+        let got = next_token(&mut changes).await;
+        assert!(got - back < Duration::from_millis(40), "{:?}", got - back);
+        assert_eq!(fake.calls().len(), before + 1, "one attempt on the signal");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_asking_cuts_a_healthy_backoff_short_once() {
+        // 300 s tokens: the renewal at 210 s fails for a minute, so backoff is long.
+        let fake = Fake::new(Duration::from_secs(300));
+        let start = crate::clock::now();
+        *fake.down_until.lock().unwrap() = Some(start + Duration::from_secs(270));
+        let lease = hold(&fake, no_jitter());
+        tokio::time::sleep_until(start + Duration::from_secs(250)).await;
+        let failed = fake.calls().len();
+        assert!(failed >= 6, "{failed}");
+        let asked = tokio::spawn({
+            let lease = lease.clone();
+            async move { lease.refresh_now().await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let calls = fake.calls();
+        assert_eq!(calls.len(), failed + 1, "asking renews at once");
+        assert!(calls.last().unwrap().0 - start < Duration::from_millis(250_002));
+        // The ask failed; the same standing request does not retry at once again.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(fake.calls().len(), failed + 1);
+        // ...and many more callers share it.
+        for _ in 0..50 {
+            let lease = lease.clone();
+            tokio::spawn(async move { lease.refresh_now().await });
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(fake.calls().len(), failed + 1);
+        let token = asked.await.unwrap().unwrap();
+        assert_eq!(token.generation(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limited_renewals_wait_as_long_as_the_service_asks() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let limited = <Status as tonic_types::StatusExt>::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "slow down",
+            tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_secs(3))),
+        );
+        fake.then(Err(limited));
+        // Absurd delays are clamped rather than obeyed.
+        let absurd = <Status as tonic_types::StatusExt>::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "slow down",
+            tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_secs(1 << 40))),
+        );
+        assert_eq!(retry_delay(&absurd), Some(MAX_RETRY_DELAY));
+        let lease = hold(&fake, no_jitter());
+        let mut changes = lease.changes();
+        tokio::time::sleep(Duration::from_millis(7100)).await;
+        // Asking does not get round the delay either.
+        let asked = tokio::spawn({
+            let lease = lease.clone();
+            async move { lease.refresh_now().await }
+        });
+        next_token(&mut changes).await;
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 2);
+        let gap = calls[1].0 - calls[0].0;
+        assert!(gap >= Duration::from_secs(3), "{gap:?}");
+        assert!(gap < Duration::from_millis(3100), "{gap:?}");
+        asked.await.unwrap().unwrap();
     }
 
     fn unavailable() -> Status {

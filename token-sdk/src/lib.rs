@@ -38,6 +38,7 @@ mod api;
 mod auth_layer;
 mod client;
 mod clock;
+mod health;
 mod interceptor;
 mod layer;
 mod lease;
@@ -47,11 +48,16 @@ mod watcher;
 
 pub use auth_layer::{AuthLayer, AuthService};
 pub use client::{Client, ClientBuilder, LeaseRequest};
+pub use health::{RenewalStats, RevocationFeed};
 pub use interceptor::BearerInterceptor;
 pub use layer::{VerifyLayer, VerifyService};
 pub use lease::{AccessToken, EndReason, Lease, LeaseEnd, LeaseInfo, LeaseState, Outcome};
-pub use schedule::{FLOOR, RenewalConfig, backoff, refresh_in};
-pub use verifier::{Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError};
+pub use schedule::{
+    FLOOR, Phase, RenewalConfig, URGENT_RETRIES, backoff, phase, reconnect_in, refresh_in,
+};
+pub use verifier::{
+    Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError, WhenBlind,
+};
 
 use std::fmt;
 
@@ -180,6 +186,15 @@ pub fn error_reason(status: &Status) -> Option<String> {
         .get_error_details()
         .error_info()
         .map(|info| info.reason.clone())
+}
+
+/// The request field a failed call names (`google.rpc.ErrorInfo.metadata["field"]`), for
+/// `INVALID_ARGUMENT`.
+pub(crate) fn error_field(status: &Status) -> Option<String> {
+    status
+        .get_error_details()
+        .error_info()
+        .and_then(|info| info.metadata.get("field").cloned())
 }
 
 /// Whether a failed call is worth retrying: the service was unreachable, overloaded or

@@ -10,6 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::health::{Feed, RevocationFeed};
 use crate::watcher::{EndSink, Subscription};
 use crate::{Client, JobTokenClient, proto};
 
@@ -80,38 +81,66 @@ pub enum VerifyError {
     Unavailable,
 }
 
-/// Ended leases whose tokens may still be accepted (inside `exp` plus leeway).
+/// Longest a revoked lease is remembered past now: no token the service signs lives this
+/// long, so a `tokens_valid_until` beyond it is clamped (and cannot overflow).
+const MAX_REMEMBER: Duration = Duration::from_secs(24 * 3600);
+
+/// Ended leases whose tokens may still be accepted (inside `exp` plus leeway), by
+/// tenant, then lease id.
 #[derive(Default)]
 struct Revoked {
-    leases: Mutex<HashMap<String, SystemTime>>,
+    leases: Mutex<HashMap<(String, String), SystemTime>>,
     leeway: Duration,
+}
+
+/// Until when to remember an ended lease whose tokens are valid until `valid_until`
+/// (as the service says, possibly absurd), at `now`. Never panics, never before `now`
+/// plus the leeway if the time is unreadable (the lease is remembered rather than lost).
+fn remember_until(
+    valid_until: Option<prost_types::Timestamp>,
+    leeway: Duration,
+    now: SystemTime,
+) -> SystemTime {
+    let latest = now + MAX_REMEMBER;
+    let until = valid_until
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or(latest)
+        .min(latest);
+    until.checked_add(leeway).unwrap_or(latest)
 }
 
 impl EndSink for Revoked {
     fn on_end(&self, event: &proto::WatchRevocationsResponse) {
-        // Tokens pass until `exp` plus the leeway, so remember the lease that long.
-        let until = event
-            .tokens_valid_until
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .unwrap_or(SystemTime::UNIX_EPOCH)
-            + self.leeway;
         let now = crate::clock::wall_now();
+        // Tokens pass until `exp` plus the leeway, so remember the lease that long.
+        let until = remember_until(event.tokens_valid_until, self.leeway, now);
         let mut set = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         // Forget leases none of whose tokens can be valid any more.
         set.retain(|_, valid_until| *valid_until > now);
         if until > now {
-            set.insert(event.lease_id.clone(), until);
+            set.insert((event.tenant.clone(), event.lease_id.clone()), until);
         }
     }
 }
 
 impl Revoked {
-    fn contains(&self, lease_id: &str) -> bool {
+    fn contains(&self, tenant: &str, lease_id: &str) -> bool {
         self.leases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(lease_id)
+            .contains_key(&(tenant.to_owned(), lease_id.to_owned()))
     }
+}
+
+/// What a verifier does while its revocation feed has been blind longer than a bound
+/// (see [`VerifierBuilder::max_blind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenBlind {
+    /// Refuse every token ([`VerifyError::Unavailable`]).
+    Refuse,
+    /// Ask the service (`IntrospectToken`) about each token; refuse if it cannot answer.
+    Introspect,
 }
 
 struct Inner {
@@ -122,6 +151,8 @@ struct Inner {
     refetch_interval: Duration,
     revoked: Arc<Revoked>,
     online: bool,
+    max_blind: Option<(Duration, WhenBlind)>,
+    feed: Arc<Feed>,
     /// Keeps the revocation stream running for as long as the verifier lives.
     _revocations: Option<Subscription>,
 }
@@ -154,9 +185,20 @@ pub struct VerifierBuilder {
     refetch_interval: Duration,
     online: bool,
     watch_revocations: bool,
+    max_blind: Option<(Duration, WhenBlind)>,
 }
 
 impl VerifierBuilder {
+    /// While the revocation feed has been blind (the stream down, say during a service
+    /// outage) for longer than `bound`, `refuse` or `introspect` each token instead of
+    /// trusting the revocation set, which may miss ends recorded meanwhile. Default:
+    /// trust it, and keep accepting valid tokens through outages
+    /// ([`Verifier::revocation_feed`] says how stale it is).
+    pub fn max_blind(mut self, bound: Duration, then: WhenBlind) -> Self {
+        self.max_blind = Some((bound, then));
+        self
+    }
+
     /// Expected `iss`. Default `jobtoken`.
     pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
         self.issuer = issuer.into();
@@ -209,10 +251,17 @@ impl VerifierBuilder {
             leeway: self.leeway,
             ..Revoked::default()
         });
+        let feed = Arc::new(Feed::new(self.watch_revocations));
         let revocations = self.watch_revocations.then(|| {
             // Replay ends whose tokens may still be valid: a verifier that starts after a
             // revoke must still refuse that lease's tokens.
-            Subscription::start(grpc.clone(), revoked.clone(), true)
+            Subscription::start(
+                self.client.watch_grpc(),
+                revoked.clone(),
+                true,
+                self.client.renewal_config().clone(),
+                Arc::clone(&feed),
+            )
         });
         if let Some(subscription) = &revocations {
             subscription.wait_ready(Duration::from_secs(2)).await;
@@ -226,6 +275,8 @@ impl VerifierBuilder {
                 refetch_interval: self.refetch_interval,
                 revoked,
                 online: self.online,
+                max_blind: self.max_blind,
+                feed,
                 _revocations: revocations,
             }),
         };
@@ -258,6 +309,7 @@ impl Client {
             refetch_interval: DEFAULT_REFETCH_INTERVAL,
             online: false,
             watch_revocations: true,
+            max_blind: None,
         }
     }
 }
@@ -275,10 +327,21 @@ impl Verifier {
                     .ok_or(VerifyError::UnknownKey)??
             }
         };
-        if self.inner.revoked.contains(&claims.lease_id) {
+        if self
+            .inner
+            .revoked
+            .contains(&claims.tenant, &claims.lease_id)
+        {
             return Err(VerifyError::Revoked);
         }
-        if self.inner.online {
+        let blind_too_long = self.inner.max_blind.and_then(|(bound, then)| {
+            let blind = self.inner.feed.get().blind_for(crate::clock::now())?;
+            (blind > bound).then_some(then)
+        });
+        if blind_too_long == Some(WhenBlind::Refuse) {
+            return Err(VerifyError::Unavailable);
+        }
+        if self.inner.online || blind_too_long == Some(WhenBlind::Introspect) {
             let answer = self
                 .inner
                 .grpc
@@ -293,6 +356,11 @@ impl Verifier {
             }
         }
         Ok(claims)
+    }
+
+    /// Whether the revocation stream feeds this verifier, or how long it has been blind.
+    pub fn revocation_feed(&self) -> RevocationFeed {
+        self.inner.feed.get()
     }
 
     /// Verifies `token` and checks it carries every one of `permissions`.

@@ -215,7 +215,13 @@ impl Server {
             observer,
         );
 
+        // A client whose calls timed out together over a stalled connection cancels them
+        // together when it resumes; past h2's default guard (20 cancelled streams not yet
+        // accepted) the server would close the whole connection with ENHANCE_YOUR_CALM,
+        // failing every other call on it. Still bounded, as h2's other reset limits are.
+        const MAX_PENDING_ACCEPT_RESETS: usize = 1024;
         let mut builder = tonic::transport::Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
             .max_concurrent_streams(Some(config.limits.concurrent_streams_per_connection));
         if let Some(tls) = &config.tls {
             let identity = Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);

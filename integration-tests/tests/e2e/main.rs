@@ -7,6 +7,7 @@ mod jwks;
 mod limits;
 mod load;
 mod malformed;
+mod outage;
 mod postgres;
 mod reflection;
 mod sdk;
