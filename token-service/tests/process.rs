@@ -418,7 +418,7 @@ async fn exercise_every_path(
     let resumed = client
         .resume_job_token(ResumeJobTokenRequest {
             job_id: "resumed".into(),
-            tenant: "acme".into(),
+            tenant: other.lease.as_ref().unwrap().tenant.clone(),
         })
         .await
         .unwrap()
