@@ -58,8 +58,7 @@ class Service:
         return admin_pb2_grpc.AdminServiceStub(channel), (("x-admin-key", self.admin_key),)
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory) -> Service:
+def service_binary() -> Path:
     binary = Path(os.environ.get("TOKEN_SERVICE_BIN", REPO / "target" / "debug" / "token-service"))
     if not binary.is_absolute():
         binary = REPO / binary
@@ -68,48 +67,89 @@ def service(tmp_path_factory) -> Service:
             f"{binary} is not an executable: run `cargo build -p token-service` or set TOKEN_SERVICE_BIN",
             pytrace=False,
         )
-    work = tmp_path_factory.mktemp("jobtoken-service")
-    data_dir = work / "data"
-    grpc_addr = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBTOKEN_")}
-    env.update(
-        JOBTOKEN_GRPC_LISTEN=grpc_addr,
-        JOBTOKEN_HTTP_LISTEN=f"127.0.0.1:{_free_port()}",
-        JOBTOKEN_DATA_DIR=str(data_dir),
-        JOBTOKEN_ACCESS_TOKEN_TTL=ACCESS_TOKEN_TTL,
-    )
-    log_path = work / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(binary), "serve"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    return binary
+
+
+class Running:
+    """One token-service process in dev mode; ``restart()`` keeps its data and ports."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.binary = service_binary()
+        self.data_dir = work / "data"
+        self.grpc_addr = f"127.0.0.1:{_free_port()}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("JOBTOKEN_")}
+        self.env.update(
+            JOBTOKEN_GRPC_LISTEN=self.grpc_addr,
+            JOBTOKEN_HTTP_LISTEN=f"127.0.0.1:{_free_port()}",
+            JOBTOKEN_DATA_DIR=str(self.data_dir),
+            JOBTOKEN_ACCESS_TOKEN_TTL=ACCESS_TOKEN_TTL,
+        )
+        self.log_path = work / "server.log"
+        self.process = None
+        self.start()
+        self.service = Service(
+            target=self.grpc_addr,
+            data_dir=self.data_dir,
+            binary=self.binary,
+            module_key=(self.data_dir / "dev-module.key").read_text().strip(),
+            admin_key=(self.data_dir / "dev-admin.key").read_text().strip(),
+        )
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.binary), "serve"], cwd=self.work, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 30
         while True:
-            if process.poll() is not None:
-                pytest.fail(f"token-service exited during start-up:\n{log_path.read_text()[-3000:]}", pytrace=False)
-            ready = (data_dir / "dev-admin.key").exists()
-            if ready:
-                try:
-                    grpc.channel_ready_future(grpc.insecure_channel(grpc_addr)).result(timeout=0.2)
-                    break
-                except grpc.FutureTimeoutError:
-                    pass
+            if self.process.poll() is not None:
+                pytest.fail(f"token-service exited during start-up:\n{self.log_path.read_text()[-3000:]}", pytrace=False)
+            if (self.data_dir / "dev-admin.key").exists():
+                with grpc.insecure_channel(self.grpc_addr) as channel:
+                    try:
+                        grpc.channel_ready_future(channel).result(timeout=0.2)
+                        return
+                    except grpc.FutureTimeoutError:
+                        pass
             if time.monotonic() > deadline:
-                pytest.fail(f"token-service did not come up on {grpc_addr}:\n{log_path.read_text()[-3000:]}", pytrace=False)
+                self.stop()
+                pytest.fail(
+                    f"token-service did not come up on {self.grpc_addr}:\n{self.log_path.read_text()[-3000:]}",
+                    pytrace=False,
+                )
             time.sleep(0.1)
-        yield Service(
-            target=grpc_addr,
-            data_dir=data_dir,
-            binary=binary,
-            module_key=(data_dir / "dev-module.key").read_text().strip(),
-            admin_key=(data_dir / "dev-admin.key").read_text().strip(),
-        )
-    finally:
-        process.terminate()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
         try:
-            process.wait(timeout=10)
+            self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> Service:
+    """The service shared by most tests."""
+    running = Running(tmp_path_factory.mktemp("jobtoken-service"))
+    try:
+        yield running.service
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def own_service(tmp_path_factory) -> Running:
+    """A service of the test's own, which it may stop and restart."""
+    running = Running(tmp_path_factory.mktemp("jobtoken-own-service"))
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture

@@ -176,3 +176,24 @@ def test_a_stream_cursor_beyond_the_newest_event_is_refused(service, client):
         next(iter(call))
     assert details(refused.value).reason == "INVALID_ARGUMENT"
     assert details(refused.value).metadata.get("field") == "after_cursor"
+
+
+def test_an_outage_is_survived_and_a_fresh_token_follows_within_a_second(own_service, job_id):
+    service = own_service.service
+    with Client(service.target, module_key=service.module_key) as client:
+        lease = client.lease(job_id, service.user_token())
+        own_service.stop()
+        # Down for longer than a token lives (2 s): the token in hand expires meanwhile,
+        # and the client retries about every second with the same refresh token. Long
+        # enough that gRPC's default reconnect backoff (1 s growing 1.6x) would lag.
+        time.sleep(8)
+        assert lease.active, lease.end
+        renewals = lease.renewals
+        own_service.start()
+        back = time.monotonic()
+        while lease.renewals == renewals and time.monotonic() - back < 5:
+            time.sleep(0.02)
+        assert lease.renewals > renewals, "no renewal after the service came back"
+        assert time.monotonic() - back < 1.6
+        assert introspect(client, lease.access_token).active
+        lease.release()

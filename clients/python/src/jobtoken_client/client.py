@@ -24,13 +24,24 @@ log = logging.getLogger("jobtoken_client")
 #: Metadata entry that carries a module key.
 MODULE_KEY_HEADER = "x-module-key"
 
+#: Channel options of a channel the client opens. gRPC's own reconnect backoff grows to
+#: 120 s by default, so after a long outage a channel could wait minutes before it even
+#: tries the service again, whatever the renewal schedule says; cap it at 1 s so a job
+#: holds a fresh token within about a second of the service coming back.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
 
 class Client:
     """A module's client of ``jobtoken.v1.JobTokenService``.
 
     ``Client("127.0.0.1:50051", module_key=key)`` opens a plaintext channel; pass
     ``credentials=grpc.ssl_channel_credentials(...)`` for TLS (with a client certificate
-    for mTLS, then no module key is needed), or a ready ``channel``.
+    for mTLS, then no module key is needed), or a ready ``channel`` (give it
+    CHANNEL_OPTIONS, or it may reconnect slowly after an outage).
 
     With ``watch_revocations=True`` (default) the client follows the revocation stream
     once for all its leases, so an administrator's revoke ends the lease within about a
@@ -50,7 +61,10 @@ class Client:
         if channel is None:
             if target is None:
                 raise ValueError("give a target or a channel")
-            channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            if credentials is not None:
+                channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
             self._own_channel = True
         else:
             self._own_channel = False
