@@ -5,6 +5,7 @@ import com.google.protobuf.InvalidProtocolBufferException;
 import com.google.rpc.ErrorInfo;
 import com.google.rpc.RetryInfo;
 import io.grpc.Channel;
+import io.grpc.ManagedChannel;
 import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
@@ -55,6 +56,7 @@ public final class JobLease implements AutoCloseable {
   /** How the lease ended: the machine reason (e.g. LEASE_REVOKED) and the service's message. */
   public record End(String reason, String detail) {}
 
+  private final Channel channel;
   private final JobTokenServiceGrpc.JobTokenServiceBlockingStub stub;
   private final ScheduledExecutorService renewer;
   private final CompletableFuture<End> ended = new CompletableFuture<>();
@@ -66,7 +68,9 @@ public final class JobLease implements AutoCloseable {
   private String refreshToken;
   private int attempt;
 
-  private JobLease(JobTokenServiceGrpc.JobTokenServiceBlockingStub stub, IssueJobTokenResponse granted) {
+  private JobLease(
+      Channel channel, JobTokenServiceGrpc.JobTokenServiceBlockingStub stub, IssueJobTokenResponse granted) {
+    this.channel = channel;
     this.stub = stub;
     this.lease = granted.getLease();
     this.renewer =
@@ -100,7 +104,7 @@ public final class JobLease implements AutoCloseable {
                     .setJobId(jobId)
                     .addAllPermissions(permissions)
                     .build());
-    return new JobLease(stub, granted);
+    return new JobLease(channel, stub, granted);
   }
 
   /** What the service granted. */
@@ -192,6 +196,10 @@ public final class JobLease implements AutoCloseable {
       // Same refresh token next time: the grace window makes a retry converge.
       long wait = retryInMs(attempt++, untilExpiryMs, ThreadLocalRandom.current().nextDouble());
       wait = Math.max(wait, retryDelayMs(e).orElse(0L));
+      if (untilExpiryMs <= NEAR_EXPIRY_MS && channel instanceof ManagedChannel managed) {
+        // gRPC's reconnect backoff grows to minutes; near expiry, try the service now.
+        managed.resetConnectBackoff();
+      }
       schedule(wait);
       return;
     }
