@@ -77,7 +77,8 @@ class Client:
         self._renewal = renewal
         self._watch = watch_revocations
         self._lock = threading.Lock()
-        self._leases: "weakref.WeakValueDictionary[str, Lease]" = weakref.WeakValueDictionary()
+        # By (tenant, lease_id): the tenant is part of every key.
+        self._leases: "weakref.WeakValueDictionary[tuple, Lease]" = weakref.WeakValueDictionary()
         self._watcher: Optional[RevocationWatcher] = None
 
     def __repr__(self) -> str:
@@ -163,13 +164,14 @@ class Client:
     def _hold(self, lease: jobtoken_pb2.Lease, pair: jobtoken_pb2.TokenPair) -> Lease:
         held = Lease(self.stub, self.metadata, lease, pair, self._renewal, on_close=self._forget)
         with self._lock:
-            self._leases[held.info.lease_id] = held
+            self._leases[(held.info.tenant, held.info.lease_id)] = held
         return held
 
     def _forget(self, lease: Lease) -> None:
         with self._lock:
-            if self._leases.get(lease.info.lease_id) is lease:
-                del self._leases[lease.info.lease_id]
+            key = (lease.info.tenant, lease.info.lease_id)
+            if self._leases.get(key) is lease:
+                del self._leases[key]
 
     def _ensure_watcher(self) -> None:
         """Opens the shared stream before the first grant, and waits (briefly) until it is
@@ -186,7 +188,7 @@ class Client:
 
     def _on_revocation(self, event: Event) -> None:
         with self._lock:
-            lease = self._leases.get(event.lease_id)
+            lease = self._leases.get((event.tenant, event.lease_id))
         if lease is not None:
             reason = END_BY_PROTO.get(event.reason, EndReason.REJECTED)
             lease._ended_by_service(reason, f"revocation stream: {jobtoken_pb2.EndReason.Name(event.reason)}")
