@@ -40,6 +40,7 @@ mod client;
 mod clock;
 mod health;
 mod interceptor;
+mod jwt;
 mod layer;
 mod lease;
 mod schedule;
