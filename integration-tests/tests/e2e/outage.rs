@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use token_sdk::proto::RevokeLeaseRequest;
-use token_sdk::{Client, EndReason, Lease, LeaseState, RevocationFeed, Verifier, VerifyLayer};
+use token_sdk::{
+    Client, EndReason, Lease, LeaseState, RevocationFeed, Verifier, VerifyError, VerifyLayer,
+    WhenBlind,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -310,9 +313,11 @@ fn analyse(jobs: &[Job], down: Instant, back: Instant, label: &str) -> Report {
     let mut report = Report::default();
     let outage = back - down;
     let mut between = (0, 0);
+    let mut total = 0;
     for job in jobs {
         let left = job.expiry_at(down).saturating_duration_since(down);
         let refusals = job.refused_between(down, back + Duration::from_secs(3));
+        total += refusals;
         if left > outage + MARGIN {
             report.covered += 1;
             report.covered_refusals += refusals;
@@ -327,7 +332,7 @@ fn analyse(jobs: &[Job], down: Instant, back: Instant, label: &str) -> Report {
     }
     report.fresh_after.sort();
     eprintln!(
-        "{label}: outage {outage:?}; {} jobs whose token outlived it by {MARGIN:?}, {} refusals \
+        "{label}: outage {outage:?}, {total} calls refused; {} jobs whose token outlived it by {MARGIN:?}, {} refusals \
          among them; {} jobs with less to spare, {} refusals; fresh token after the return \
          for {} expired jobs: {:?}",
         report.covered,
@@ -371,6 +376,16 @@ async fn jobs_keep_their_tokens_through_sigkill_and_restart() {
         .await
         .unwrap();
     let resource = resource_server(verifier.clone()).await;
+    // A resource server that will not trust a revocation set more than 1 s stale (with a
+    // long leeway, so tokens stay valid through the outage and only blindness refuses).
+    let strict = client(endpoint.clone())
+        .await
+        .verifier()
+        .leeway(Duration::from_secs(60))
+        .max_blind(Duration::from_secs(1), WhenBlind::Refuse)
+        .build()
+        .await
+        .unwrap();
     let mut jobs = Vec::new();
     for n in 0..JOBS {
         jobs.push(Job::start(&jobs_client, &TestServerOrDir::Dir(dir.path()), n, resource).await);
@@ -387,6 +402,12 @@ async fn jobs_keep_their_tokens_through_sigkill_and_restart() {
         let down = now();
         service.kill_9().await;
         tokio::time::sleep(Duration::from_millis(downtime)).await;
+        if downtime > 2000 {
+            let token = jobs[1].lease.access_token().secret().to_owned();
+            let blind = strict.revocation_feed().blind_for(now());
+            assert!(blind > Some(Duration::from_secs(1)), "{blind:?}");
+            assert_eq!(strict.verify(&token).await, Err(VerifyError::Unavailable));
+        }
         service = Process::start(dir.path(), &addr.to_string()).await;
         let back = now();
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -416,6 +437,11 @@ async fn jobs_keep_their_tokens_through_sigkill_and_restart() {
         assert_eq!(job.lease.state(), LeaseState::Active);
     }
     assert_eq!(verifier.revocation_feed(), RevocationFeed::Live);
+    let token = jobs[1].lease.access_token().secret().to_owned();
+    assert!(
+        strict.verify(&token).await.is_ok(),
+        "trusted again once live"
+    );
     assert_eq!(jobs[0].lease.revocation_feed(), RevocationFeed::Live);
     let stats = jobs_client.renewal_stats();
     assert!(stats.outages >= 2, "{stats:?}");
