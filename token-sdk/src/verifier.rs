@@ -243,7 +243,7 @@ impl VerifierBuilder {
             // Replay ends whose tokens may still be valid: a verifier that starts after a
             // revoke must still refuse that lease's tokens.
             Subscription::start(
-                self.client.watch_grpc(),
+                Arc::new(self.client.watch_grpc()),
                 revoked.clone(),
                 true,
                 self.client.renewal_config().clone(),
