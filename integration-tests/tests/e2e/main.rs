@@ -11,4 +11,5 @@ mod reflection;
 mod sdk;
 mod support;
 mod tls;
+mod verify;
 mod watch;
