@@ -386,6 +386,15 @@ async fn jobs_keep_their_tokens_through_sigkill_and_restart() {
         .build()
         .await
         .unwrap();
+    // One that asks the service instead while blind.
+    let asking = client(endpoint.clone())
+        .await
+        .verifier()
+        .leeway(Duration::from_secs(60))
+        .max_blind(Duration::from_secs(1), WhenBlind::Introspect)
+        .build()
+        .await
+        .unwrap();
     let mut jobs = Vec::new();
     for n in 0..JOBS {
         jobs.push(Job::start(&jobs_client, &TestServerOrDir::Dir(dir.path()), n, resource).await);
@@ -407,6 +416,8 @@ async fn jobs_keep_their_tokens_through_sigkill_and_restart() {
             let blind = strict.revocation_feed().blind_for(now());
             assert!(blind > Some(Duration::from_secs(1)), "{blind:?}");
             assert_eq!(strict.verify(&token).await, Err(VerifyError::Unavailable));
+            // Asking a service that is down: refused too, never accepted blind.
+            assert_eq!(asking.verify(&token).await, Err(VerifyError::Unavailable));
         }
         service = Process::start(dir.path(), &addr.to_string()).await;
         let back = now();
@@ -442,6 +453,7 @@ async fn jobs_keep_their_tokens_through_sigkill_and_restart() {
         strict.verify(&token).await.is_ok(),
         "trusted again once live"
     );
+    assert!(asking.verify(&token).await.is_ok());
     assert_eq!(jobs[0].lease.revocation_feed(), RevocationFeed::Live);
     let stats = jobs_client.renewal_stats();
     assert!(stats.outages >= 2, "{stats:?}");
