@@ -30,9 +30,13 @@
 //! ```
 //!
 //! Renewal runs in one background task per lease, scheduled from the durations the
-//! service returns (see [`RenewalConfig`]); transient failures retry with backoff using
-//! the same refresh token; terminal ones end the lease and [`Lease::ended`] says why.
-//! Revocations reach the lease within a second through the service's revocation stream.
+//! service returns (see [`RenewalConfig`]); transient failures retry with the same
+//! refresh token on the schedule of [`backoff`]: politely while the token is healthy,
+//! about every second once it nears expiry or has expired, and at once when the service
+//! is seen back, so a job holds a fresh token well within a second of an outage's end.
+//! Terminal failures end the lease and [`Lease::ended`] says why. Revocations reach the
+//! lease within a second through the service's revocation stream, which runs on a
+//! connection of its own and reports whether it is live ([`RevocationFeed`]).
 
 mod api;
 mod auth_layer;
@@ -40,6 +44,7 @@ mod client;
 mod clock;
 mod health;
 mod interceptor;
+mod jwt;
 mod layer;
 mod lease;
 mod schedule;

@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::time::Instant;
 
 use crate::health::{Feed, RevocationFeed};
+use crate::jwt::{self, Rules};
 use crate::watcher::{EndSink, Subscription};
 use crate::{Client, JobTokenClient, proto};
 
@@ -20,10 +20,9 @@ pub const DEFAULT_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The verified claims of a job token, put in request extensions by
 /// [`crate::VerifyLayer`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
     /// The user on whose behalf the job acts.
-    #[serde(rename = "sub")]
     pub subject: String,
     /// The user's tenant.
     pub tenant: String,
@@ -33,19 +32,10 @@ pub struct Claims {
     pub job_id: String,
     /// Its lease.
     pub lease_id: String,
-    /// Expiry, Unix seconds.
+    /// Expiry, Unix seconds (rounded down).
     pub exp: i64,
     /// The module running the job.
-    #[serde(rename = "act", deserialize_with = "actor")]
     pub actor: String,
-}
-
-fn actor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    struct Act {
-        sub: String,
-    }
-    Ok(Act::deserialize(d)?.sub)
 }
 
 impl Claims {
@@ -145,7 +135,7 @@ pub enum WhenBlind {
 
 struct Inner {
     grpc: JobTokenClient,
-    validation: Validation,
+    rules: Rules,
     keys: ArcSwap<HashMap<String, DecodingKey>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     refetch_interval: Duration,
@@ -205,7 +195,8 @@ impl VerifierBuilder {
         self
     }
 
-    /// Required `aud`. Default: not checked.
+    /// Required `aud`: tokens without it, or whose `aud` is not a string or an array of
+    /// strings, are refused. Default: not checked.
     pub fn audience(mut self, audience: impl Into<String>) -> Self {
         self.audience = Some(audience.into());
         self
@@ -237,15 +228,11 @@ impl VerifierBuilder {
 
     /// Fetches the keys and starts following revocations.
     pub async fn build(self) -> Result<Verifier, tonic::Status> {
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_issuer(&[self.issuer]);
-        validation.leeway = self.leeway.as_secs();
-        validation.validate_nbf = true;
-        match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        let rules = Rules {
+            issuer: self.issuer,
+            audience: self.audience,
+            leeway: self.leeway,
+        };
         let grpc = self.client.grpc();
         let revoked = Arc::new(Revoked {
             leeway: self.leeway,
@@ -256,7 +243,7 @@ impl VerifierBuilder {
             // Replay ends whose tokens may still be valid: a verifier that starts after a
             // revoke must still refuse that lease's tokens.
             Subscription::start(
-                self.client.watch_grpc(),
+                Arc::new(self.client.watch_grpc()),
                 revoked.clone(),
                 true,
                 self.client.renewal_config().clone(),
@@ -270,7 +257,7 @@ impl VerifierBuilder {
             inner: Arc::new(Inner {
                 keys: ArcSwap::from_pointee(fetch_keys(&grpc).await?),
                 grpc: grpc.clone(),
-                validation,
+                rules,
                 last_fetch: tokio::sync::Mutex::new(Some(crate::clock::now())),
                 refetch_interval: self.refetch_interval,
                 revoked,
@@ -315,18 +302,22 @@ impl Client {
 }
 
 impl Verifier {
-    /// Verifies `token` and returns its claims.
+    /// Verifies `token` and returns its claims: its structure and JSON types, its
+    /// signature by a published key, issuer, audience (required when configured), `exp`
+    /// and `nbf` against this process's clock with the leeway, its lease not ended, and,
+    /// when configured, the service's word.
     pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| VerifyError::Malformed)?;
-        let kid = header.kid.ok_or(VerifyError::Malformed)?;
-        let claims = match self.verify_with_cached_key(token, &kid) {
-            Some(result) => result?,
+        let parsed = jwt::parse(token)?;
+        match self.check_signature(&parsed) {
+            Some(checked) => checked?,
             None => {
                 self.refetch_keys().await;
-                self.verify_with_cached_key(token, &kid)
+                self.check_signature(&parsed)
                     .ok_or(VerifyError::UnknownKey)??
             }
-        };
+        }
+        parsed.check(&self.inner.rules, crate::clock::wall_now())?;
+        let claims = parsed.claims;
         if self
             .inner
             .revoked
@@ -379,19 +370,22 @@ impl Verifier {
         Ok(claims)
     }
 
-    /// The hot path: no I/O, one lock-free load of the key map.
-    fn verify_with_cached_key(
-        &self,
-        token: &str,
-        kid: &str,
-    ) -> Option<Result<Claims, VerifyError>> {
+    /// The hot path: no I/O, one lock-free load of the key map. `None` if the key is
+    /// not known.
+    fn check_signature(&self, parsed: &jwt::Parsed<'_>) -> Option<Result<(), VerifyError>> {
         let keys = self.inner.keys.load();
-        let key = keys.get(kid)?;
-        Some(
-            jsonwebtoken::decode::<Claims>(token, key, &self.inner.validation)
-                .map(|data| data.claims)
-                .map_err(|e| VerifyError::Invalid(e.to_string())),
-        )
+        let key = keys.get(&parsed.kid)?;
+        let verified = jsonwebtoken::crypto::verify(
+            parsed.signature,
+            parsed.message.as_bytes(),
+            key,
+            Algorithm::EdDSA,
+        );
+        Some(match verified {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(VerifyError::Invalid("bad signature".into())),
+            Err(_) => Err(VerifyError::Malformed),
+        })
     }
 
     /// Refetches the keys unless that happened within the refetch interval. Concurrent
@@ -409,5 +403,60 @@ impl Verifier {
                 tracing::warn!(code = ?status.code(), "fetching the service's keys failed")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(
+        tenant: &str,
+        lease: &str,
+        seconds: i64,
+        nanos: i32,
+    ) -> proto::WatchRevocationsResponse {
+        proto::WatchRevocationsResponse {
+            tenant: tenant.into(),
+            lease_id: lease.into(),
+            tokens_valid_until: Some(prost_types::Timestamp { seconds, nanos }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn absurd_times_from_the_service_are_clamped_not_panicked_on() {
+        // A far-future `tokens_valid_until` once overflowed `SystemTime + leeway`, killed
+        // the watcher and left revoked leases accepted: it must be remembered instead.
+        let revoked = Revoked {
+            leeway: Duration::from_secs(5),
+            ..Revoked::default()
+        };
+        revoked.on_end(&event("acme", "far", i64::MAX, 999_999_999));
+        revoked.on_end(&event("acme", "negative", i64::MIN, -5));
+        revoked.on_end(&event("acme", "long-past", 1000, 0));
+        revoked.on_end(&proto::WatchRevocationsResponse {
+            tenant: "acme".into(),
+            lease_id: "none".into(),
+            ..Default::default()
+        });
+        assert!(revoked.contains("acme", "far"));
+        // Missing or unreadable times: remembered for the longest a token may live.
+        assert!(revoked.contains("acme", "none"));
+        assert!(revoked.contains("acme", "negative"));
+        // A time long past: nothing of that lease can still be valid.
+        assert!(!revoked.contains("acme", "long-past"));
+        // Keyed by tenant first.
+        assert!(!revoked.contains("other", "far"));
+        let now = crate::clock::wall_now();
+        let until = remember_until(
+            Some(prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            }),
+            Duration::MAX,
+            now,
+        );
+        assert!(until <= now + MAX_REMEMBER);
     }
 }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use tokio::sync::watch;
 
 use crate::health::{Feed, RevocationFeed, millis};
@@ -34,6 +35,24 @@ pub(crate) trait EndSink: Send + Sync + 'static {
     fn on_end(&self, event: &proto::WatchRevocationsResponse);
 }
 
+/// The revocation stream's events.
+pub(crate) type Events =
+    futures::stream::BoxStream<'static, Result<proto::WatchRevocationsResponse, tonic::Status>>;
+
+/// Opens the revocation stream; behind a trait so tests can script it.
+#[async_trait::async_trait]
+pub(crate) trait Source: Send + Sync + 'static {
+    async fn open(&self, request: proto::WatchRevocationsRequest) -> Result<Events, tonic::Status>;
+}
+
+#[async_trait::async_trait]
+impl Source for JobTokenClient {
+    async fn open(&self, request: proto::WatchRevocationsRequest) -> Result<Events, tonic::Status> {
+        let events = self.clone().watch_revocations(request).await?.into_inner();
+        Ok(Box::pin(events))
+    }
+}
+
 /// A running revocation stream. Dropping it stops the stream.
 pub(crate) struct Subscription {
     _stop: watch::Sender<()>,
@@ -48,7 +67,7 @@ impl Subscription {
     /// `feed`. With `replay_live`, starts with every end whose tokens may still be valid;
     /// otherwise from now.
     pub(crate) fn start(
-        client: JobTokenClient,
+        source: Arc<dyn Source>,
         sink: Arc<dyn EndSink>,
         replay_live: bool,
         config: RenewalConfig,
@@ -57,7 +76,7 @@ impl Subscription {
         let (stop, mut stopped) = watch::channel(());
         feed.connecting();
         let follower = Follower {
-            client,
+            source,
             sink,
             replay_live,
             config,
@@ -110,7 +129,7 @@ impl Subscription {
 
 #[derive(Clone)]
 struct Follower {
-    client: JobTokenClient,
+    source: Arc<dyn Source>,
     sink: Arc<dyn EndSink>,
     replay_live: bool,
     config: RenewalConfig,
@@ -132,16 +151,13 @@ impl Follower {
                 replay_live: self.replay_live,
                 ..Default::default()
             };
-            let opened =
-                tokio::time::timeout(open_timeout, self.client.clone().watch_revocations(request))
-                    .await;
+            let opened = tokio::time::timeout(open_timeout, self.source.open(request)).await;
             let mut at_least = Duration::ZERO;
             let failure = match opened {
-                Ok(Ok(response)) => {
-                    let mut events = response.into_inner();
+                Ok(Ok(mut events)) => {
                     loop {
-                        match tokio::time::timeout(SILENCE, events.message()).await {
-                            Ok(Ok(Some(event))) => {
+                        match tokio::time::timeout(SILENCE, events.next()).await {
+                            Ok(Some(Ok(event))) => {
                                 attempt = 0;
                                 if event.heartbeat {
                                     self.feed.live();
@@ -152,8 +168,8 @@ impl Follower {
                                 *self.cursor.lock().unwrap_or_else(|e| e.into_inner()) =
                                     Some(event.cursor);
                             }
-                            Ok(Ok(None)) => break "closed by the service".to_owned(),
-                            Ok(Err(status)) => break format!("{:?}", status.code()),
+                            Ok(None) => break "closed by the service".to_owned(),
+                            Ok(Some(Err(status))) => break format!("{:?}", status.code()),
                             Err(_) => break "silent too long".to_owned(),
                         }
                     }
@@ -226,7 +242,8 @@ impl LeaseWatch {
         let router = Arc::new(Watcher {
             leases: Mutex::new(HashMap::new()),
         });
-        let subscription = Subscription::start(client, router.clone(), false, config, feed);
+        let subscription =
+            Subscription::start(Arc::new(client), router.clone(), false, config, feed);
         Arc::new(LeaseWatch {
             router,
             subscription,
@@ -247,5 +264,179 @@ impl LeaseWatch {
         leases.retain(|_, lease| lease.strong_count() > 0);
         let key = (shared.info.tenant.clone(), shared.info.lease_id.clone());
         leases.insert(key, Arc::downgrade(shared));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use futures::stream;
+    use tokio::time::Instant;
+    use tonic::Status;
+
+    use super::*;
+
+    /// A scripted service: each open takes the next answer, and is recorded with its
+    /// cursor and time. Streams stay open after their events (no end).
+    #[derive(Default)]
+    struct Script {
+        answers: Mutex<VecDeque<Result<Vec<proto::WatchRevocationsResponse>, Status>>>,
+        opens: Mutex<Vec<(Instant, Option<u64>)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Source for Script {
+        async fn open(&self, request: proto::WatchRevocationsRequest) -> Result<Events, Status> {
+            self.opens
+                .lock()
+                .unwrap()
+                .push((crate::clock::now(), request.after_cursor));
+            let next = self.answers.lock().unwrap().pop_front();
+            match next {
+                Some(Ok(events)) => Ok(Box::pin(
+                    stream::iter(events.into_iter().map(Ok)).chain(stream::pending()),
+                )),
+                Some(Err(status)) => Err(status),
+                None => Ok(Box::pin(stream::pending())),
+            }
+        }
+    }
+
+    fn end(lease: &str, cursor: u64) -> proto::WatchRevocationsResponse {
+        proto::WatchRevocationsResponse {
+            tenant: "acme".into(),
+            lease_id: lease.into(),
+            cursor,
+            ..Default::default()
+        }
+    }
+
+    fn heartbeat(cursor: u64) -> proto::WatchRevocationsResponse {
+        proto::WatchRevocationsResponse {
+            heartbeat: true,
+            cursor,
+            ..Default::default()
+        }
+    }
+
+    /// Records ends; panics on the first sight of lease "poison".
+    #[derive(Default)]
+    struct Sink {
+        seen: Mutex<Vec<String>>,
+        panicked: AtomicBool,
+    }
+
+    impl EndSink for Sink {
+        fn on_end(&self, event: &proto::WatchRevocationsResponse) {
+            if event.lease_id == "poison" && !self.panicked.swap(true, Ordering::SeqCst) {
+                panic!("a sink bug");
+            }
+            self.seen.lock().unwrap().push(event.lease_id.clone());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_that_dies_is_restarted_from_its_cursor() {
+        let script = Arc::new(Script::default());
+        script.answers.lock().unwrap().extend([
+            Ok(vec![
+                heartbeat(1),
+                end("a", 2),
+                end("poison", 3),
+                end("b", 4),
+            ]),
+            Ok(vec![end("poison", 3), end("b", 4), heartbeat(5)]),
+        ]);
+        let sink = Arc::new(Sink::default());
+        let feed = Arc::new(Feed::new(true));
+        let _subscription = Subscription::start(
+            script.clone(),
+            sink.clone(),
+            true,
+            RenewalConfig::default(),
+            Arc::clone(&feed),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Died on "poison": blind, and nothing after it was taken as seen.
+        assert!(matches!(feed.get(), RevocationFeed::Blind { .. }));
+        assert_eq!(*sink.seen.lock().unwrap(), ["a"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*sink.seen.lock().unwrap(), ["a", "poison", "b"]);
+        assert_eq!(feed.get(), RevocationFeed::Live);
+        let opens = script.opens.lock().unwrap().clone();
+        assert_eq!(
+            opens.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
+            [None, Some(2)],
+            "resumed after the last end it delivered"
+        );
+        let gap = opens[1].0 - opens[0].0;
+        assert!(gap >= Duration::from_millis(125) && gap <= Duration::from_millis(250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_fast_but_never_sooner_than_the_service_asks() {
+        let script = Arc::new(Script::default());
+        let limited = <Status as tonic_types::StatusExt>::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "too many streams",
+            tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_secs(3))),
+        );
+        script.answers.lock().unwrap().extend([
+            Ok(vec![heartbeat(1)]),
+            Err(Status::unavailable("connection refused")),
+            Err(limited),
+            Ok(vec![end("x", 2), heartbeat(3)]),
+        ]);
+        // The first stream breaks right after its heartbeat (see `Breaking`).
+        let sink = Arc::new(Sink::default());
+        let feed = Arc::new(Feed::new(true));
+        let mut back = feed.reconnected.subscribe();
+        let broken: Arc<dyn Source> = Arc::new(Breaking(script.clone()));
+        let _subscription = Subscription::start(
+            broken,
+            sink.clone(),
+            false,
+            RenewalConfig::default(),
+            Arc::clone(&feed),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        back.borrow_and_update();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let opens = script.opens.lock().unwrap().clone();
+        assert_eq!(opens.len(), 4, "{opens:?}");
+        let gaps: Vec<Duration> = opens.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        assert!(gaps[0] <= Duration::from_millis(250), "{gaps:?}");
+        assert!(gaps[1] <= Duration::from_millis(500), "{gaps:?}");
+        assert!(
+            gaps[2] >= Duration::from_secs(3),
+            "RetryInfo honoured: {gaps:?}"
+        );
+        assert!(
+            opens.iter().skip(1).all(|(_, c)| *c == Some(1)),
+            "{opens:?}"
+        );
+        assert_eq!(*sink.seen.lock().unwrap(), ["x"]);
+        assert_eq!(feed.get(), RevocationFeed::Live);
+        assert!(back.has_changed().unwrap(), "the return was signalled");
+    }
+
+    /// The first stream it opens ends right after its events, as a dropped connection.
+    struct Breaking(Arc<Script>);
+
+    #[async_trait::async_trait]
+    impl Source for Breaking {
+        async fn open(&self, request: proto::WatchRevocationsRequest) -> Result<Events, Status> {
+            let first = self.0.opens.lock().unwrap().is_empty();
+            let events = self.0.open(request).await?;
+            if first {
+                Ok(Box::pin(events.take(1).chain(stream::once(async {
+                    Err(Status::unavailable("reset"))
+                }))))
+            } else {
+                Ok(events)
+            }
+        }
     }
 }

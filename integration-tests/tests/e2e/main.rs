@@ -14,4 +14,5 @@ mod sdk;
 mod support;
 mod tenants;
 mod tls;
+mod verify;
 mod watch;
