@@ -57,8 +57,12 @@ fn decode<M: Message + Default + PartialEq + Debug + Send + 'static>(framed: boo
         body.to_vec()
     };
     let decoder = ValidatingCodec::<(), M>::default().decoder();
-    let mut stream =
-        Streaming::new_request(decoder, Full::new(Bytes::from(wire)), None, Some(MAX_MESSAGE));
+    let mut stream = Streaming::new_request(
+        decoder,
+        Full::new(Bytes::from(wire)),
+        None,
+        Some(MAX_MESSAGE),
+    );
     loop {
         match futures::executor::block_on(stream.message()) {
             Ok(Some(message)) => {

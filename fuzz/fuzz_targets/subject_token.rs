@@ -74,7 +74,10 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             let message = e.to_string();
             // Names from the token come back cut short and escaped, never whole.
-            assert!(message.len() < 1024, "a refusal echoes its input: {message}");
+            assert!(
+                message.len() < 1024,
+                "a refusal echoes its input: {message}"
+            );
         }
     }
 });
