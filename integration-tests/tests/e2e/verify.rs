@@ -10,7 +10,12 @@ use crate::support::{IMPORTER_KEY, TestServer};
 
 #[tokio::test]
 async fn real_tokens_pass_the_one_parser_and_the_audience_is_required_when_configured() {
-    let server = TestServer::start().await;
+    // Each module names the audiences its tokens may carry.
+    let server = TestServer::start_with(|c| {
+        let importer = c.modules.iter_mut().find(|m| m.id == "importer").unwrap();
+        importer.audiences = vec!["inventory".into()];
+    })
+    .await;
     let client = Client::builder(server.endpoint())
         .module_key(IMPORTER_KEY)
         .connect()
