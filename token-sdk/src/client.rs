@@ -202,6 +202,7 @@ impl Client {
                 job_id: job_id.into(),
                 ..Default::default()
             },
+            stall_timeout: None,
         }
     }
 
@@ -223,7 +224,12 @@ impl Client {
             .await
             .map_err(Error::Rejected)?
             .into_inner();
-        self.hold(response.lease, response.tokens, watcher)
+        self.hold(
+            response.lease,
+            response.tokens,
+            watcher,
+            self.inner.renewal.clone(),
+        )
     }
 
     /// The shared revocation stream, started if no lease holds it; open (or given up on
@@ -252,6 +258,7 @@ impl Client {
         lease: Option<proto::Lease>,
         tokens: Option<proto::TokenPair>,
         watcher: Option<Arc<LeaseWatch>>,
+        config: RenewalConfig,
     ) -> Result<Lease, Error> {
         let (Some(lease), Some(tokens)) = (lease, tokens) else {
             return Err(Error::Rejected(Status::internal(
@@ -289,7 +296,7 @@ impl Client {
         };
         let renewal = Renewal {
             api: Arc::new(Grpc(self.grpc())),
-            config: self.inner.renewal.clone(),
+            config,
             release_on_drop: self.inner.release_on_drop,
             reconnected: watcher.as_ref().map(|w| w.feed().reconnected.subscribe()),
             watcher,
@@ -303,6 +310,7 @@ impl Client {
 pub struct LeaseRequest {
     client: Client,
     request: proto::IssueJobTokenRequest,
+    stall_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for LeaseRequest {
@@ -338,6 +346,13 @@ impl LeaseRequest {
         self
     }
 
+    /// Ends the lease when the job reports no [`Lease::progress`] for this long (see
+    /// [`RenewalConfig::stall_timeout`]). Default: the client's `RenewalConfig`.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = Some(timeout);
+        self
+    }
+
     /// Grants the lease and starts renewing it in the background.
     pub async fn start(self) -> Result<Lease, Error> {
         let watcher = self.client.watcher().await;
@@ -348,6 +363,11 @@ impl LeaseRequest {
             .await
             .map_err(Error::Rejected)?
             .into_inner();
-        self.client.hold(response.lease, response.tokens, watcher)
+        let mut config = self.client.inner.renewal.clone();
+        if self.stall_timeout.is_some() {
+            config.stall_timeout = self.stall_timeout;
+        }
+        self.client
+            .hold(response.lease, response.tokens, watcher, config)
     }
 }

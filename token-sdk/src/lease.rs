@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -38,6 +39,10 @@ pub enum EndReason {
     Superseded,
     /// The service refused a renewal for another reason (see the detail).
     Rejected,
+    /// The job reported no progress within its stall timeout, so the SDK released the
+    /// lease (outcome `failed`) instead of renewing it (see
+    /// [`RenewalConfig::stall_timeout`]).
+    Stalled,
 }
 
 impl EndReason {
@@ -180,6 +185,9 @@ pub(crate) struct Shared {
     end: watch::Sender<Option<LeaseEnd>>,
     /// Highest generation some caller of `refresh_now` wants to see exceeded.
     wanted: watch::Sender<u64>,
+    /// When the job last reported progress, in milliseconds after `origin`.
+    progress_ms: AtomicU64,
+    origin: Instant,
 }
 
 impl Shared {
@@ -276,6 +284,8 @@ impl Lease {
             changes: watch::channel(token).0,
             end: watch::channel(None).0,
             wanted: watch::channel(0).0,
+            progress_ms: AtomicU64::new(0),
+            origin: crate::clock::now(),
         });
         let (alive, alive_rx) = watch::channel(());
         if let Some(watcher) = &renewal.watcher {
@@ -307,6 +317,20 @@ impl Lease {
     /// What the service granted.
     pub fn info(&self) -> &LeaseInfo {
         &self.shared().info
+    }
+
+    /// Tells the lease the job is making progress (a record imported, a page written).
+    /// Cheap: a clock read and an atomic store. Only matters with a
+    /// [`RenewalConfig::stall_timeout`]: without a call for that long, the lease is
+    /// released instead of renewed.
+    pub fn progress(&self) {
+        let shared = self.shared();
+        let ms = crate::clock::now()
+            .saturating_duration_since(shared.origin)
+            .as_millis();
+        shared
+            .progress_ms
+            .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// The current access token: a lock-free load and one `Arc` clone.
@@ -470,6 +494,31 @@ async fn run(
     let mut not_before = started;
     loop {
         let now = crate::clock::now();
+        // A job that reported no progress for `stall_timeout` is presumed hung: release
+        // (so its tokens stop working at once) rather than keep renewing for it.
+        let stall_at = config.stall_timeout.map(|t| {
+            let last =
+                shared.origin + Duration::from_millis(shared.progress_ms.load(Ordering::Relaxed));
+            last + t
+        });
+        if let Some(at) = stall_at
+            && now >= at
+        {
+            let quiet = config.stall_timeout.unwrap_or_default();
+            let detail = format!("no progress reported for {} s", quiet.as_secs_f64());
+            if let Err(status) = api
+                .release(&lease_id, proto::JobOutcome::Failed, &detail)
+                .await
+            {
+                // The lease then idles out on the service; it is not renewed either way.
+                tracing::warn!(lease_id = %lease_id, code = ?status.code(), "release of a stalled job failed");
+            }
+            shared.finish(LeaseEnd {
+                reason: EndReason::Stalled,
+                detail,
+            });
+            return;
+        }
         let limit = [
             hard_deadline.map(|d| (d, EndReason::Expired)),
             shared
@@ -492,6 +541,8 @@ async fn run(
         let wants = *wanted.borrow_and_update();
         let asked = wants > generation && wants > served;
         let wake_at = if asked { now } else { due }.max(not_before);
+        // Wake for the stall check too; it is re-checked at the top of the loop.
+        let stall_wake = stall_at.unwrap_or(wake_at).min(wake_at);
         tokio::select! {
             biased;
             _ = alive.changed() => {
@@ -518,7 +569,11 @@ async fn run(
                 due = crate::clock::now();
                 continue;
             }
-            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = tokio::time::sleep_until(stall_wake) => {
+                if stall_wake < wake_at {
+                    continue;
+                }
+            }
         }
         if asked {
             served = wants;
@@ -735,6 +790,51 @@ mod tests {
     async fn next_token(changes: &mut watch::Receiver<Arc<AccessToken>>) -> Instant {
         changes.changed().await.unwrap();
         crate::clock::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_reports_progress_keeps_its_lease_and_a_stalled_one_is_released() {
+        let fake = Fake::new(Duration::from_secs(4));
+        let config = RenewalConfig {
+            stall_timeout: Some(Duration::from_secs(10)),
+            ..no_jitter()
+        };
+        let lease = hold(&fake, config);
+        let start = crate::clock::now();
+        // Progress every 2 s for a minute: renewals go on, the lease stays.
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            lease.progress();
+        }
+        assert_eq!(lease.state(), LeaseState::Active);
+        let renewals = fake.calls().len();
+        assert!(
+            renewals >= 15,
+            "{renewals} renewals in a minute of 4 s tokens"
+        );
+        // Then the job hangs: within the stall timeout (plus nothing) the lease ends.
+        let hung = crate::clock::now();
+        let end = lease.ended().await;
+        let took = crate::clock::now() - hung;
+        assert_eq!(end.reason, EndReason::Stalled);
+        assert!(end.detail.contains("no progress"), "{}", end.detail);
+        assert!(took <= Duration::from_secs(10), "{took:?}");
+        assert!(took >= Duration::from_secs(8), "{took:?}");
+        // It was released (tokens die at the service), and renewing stopped.
+        assert_eq!(fake.releases.load(Ordering::SeqCst), 1);
+        let calls = fake.calls().len();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(fake.calls().len(), calls);
+        assert!(crate::clock::now() - start > Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_stall_timeout_progress_does_not_matter() {
+        let fake = Fake::new(Duration::from_secs(4));
+        let lease = hold(&fake, no_jitter());
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(lease.state(), LeaseState::Active);
+        assert_eq!(fake.releases.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]

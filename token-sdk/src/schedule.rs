@@ -29,6 +29,11 @@ pub struct RenewalConfig {
     /// many leases do not retry in step; also paces the revocation stream's reconnects
     /// (a quarter of it at first, growing to half). Default 1 s.
     pub retry_interval: Duration,
+    /// Stop a job that stopped making progress: when no [`crate::Lease::progress`] was
+    /// reported for this long, the lease is released with outcome `failed` and ends with
+    /// [`crate::EndReason::Stalled`], so a hung worker does not hold a live credential for
+    /// hours. `None` (the default): renew for as long as the job holds the lease.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for RenewalConfig {
@@ -40,6 +45,7 @@ impl Default for RenewalConfig {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             retry_interval: Duration::from_secs(1),
+            stall_timeout: None,
         }
     }
 }
