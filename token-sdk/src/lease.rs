@@ -482,7 +482,7 @@ async fn run(
     let mut end = shared.end.subscribe();
     let mut wanted = shared.wanted.subscribe();
     let started = crate::clock::now();
-    let hard_deadline = shared.info.remaining.map(|r| started + r);
+    let hard_deadline = shared.info.remaining.and_then(|r| started.checked_add(r));
     let mut last_success = started;
     let mut due = started + refresh_in(life, &config, fastrand::f64());
     // Consecutive transient failures; only the healthy phase of the schedule uses it.
@@ -496,27 +496,32 @@ async fn run(
         let now = crate::clock::now();
         // A job that reported no progress for `stall_timeout` is presumed hung: release
         // (so its tokens stop working at once) rather than keep renewing for it.
-        let stall_at = config.stall_timeout.map(|t| {
+        // `checked_add`: `Duration::MAX` ("never") must not overflow the clock.
+        let stall_at = config.stall_timeout.and_then(|t| {
             let last =
                 shared.origin + Duration::from_millis(shared.progress_ms.load(Ordering::Relaxed));
-            last + t
+            last.checked_add(t)
         });
         if let Some(at) = stall_at
             && now >= at
         {
             let quiet = config.stall_timeout.unwrap_or_default();
             let detail = format!("no progress reported for {} s", quiet.as_secs_f64());
-            if let Err(status) = api
-                .release(&lease_id, proto::JobOutcome::Failed, &detail)
-                .await
-            {
+            // The job hears first; the release is bounded, as the service may be away.
+            shared.finish(LeaseEnd {
+                reason: EndReason::Stalled,
+                detail: detail.clone(),
+            });
+            let released = tokio::time::timeout(
+                RPC_TIMEOUT,
+                api.release(&lease_id, proto::JobOutcome::Failed, &detail),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("release timed out")));
+            if let Err(status) = released {
                 // The lease then idles out on the service; it is not renewed either way.
                 tracing::warn!(lease_id = %lease_id, code = ?status.code(), "release of a stalled job failed");
             }
-            shared.finish(LeaseEnd {
-                reason: EndReason::Stalled,
-                detail,
-            });
             return;
         }
         let limit = [
@@ -524,7 +529,7 @@ async fn run(
             shared
                 .info
                 .idle_timeout
-                .map(|idle| (last_success + idle, EndReason::IdleTimeout)),
+                .and_then(|idle| Some((last_success.checked_add(idle)?, EndReason::IdleTimeout))),
         ]
         .into_iter()
         .flatten()
@@ -547,9 +552,12 @@ async fn run(
             biased;
             _ = alive.changed() => {
                 if release_on_drop && shared.end.borrow().is_none() {
-                    let released = api
-                        .release(&lease_id, proto::JobOutcome::Cancelled, "every handle was dropped")
-                        .await;
+                    let released = tokio::time::timeout(
+                        RPC_TIMEOUT,
+                        api.release(&lease_id, proto::JobOutcome::Cancelled, "every handle was dropped"),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("release timed out")));
                     if let Err(status) = released {
                         tracing::warn!(lease_id = %lease_id, code = ?status.code(), "release on drop failed");
                     }
@@ -659,6 +667,8 @@ mod tests {
         issued: AtomicUsize,
         /// An outage: every renewal before this instant fails with UNAVAILABLE.
         down_until: Mutex<Option<Instant>>,
+        /// Releases never answer.
+        release_hangs: std::sync::atomic::AtomicBool,
     }
 
     impl Fake {
@@ -671,6 +681,7 @@ mod tests {
                 releases: AtomicUsize::new(0),
                 issued: AtomicUsize::new(0),
                 down_until: Mutex::new(None),
+                release_hangs: std::sync::atomic::AtomicBool::new(false),
             })
         }
 
@@ -727,6 +738,9 @@ mod tests {
 
         async fn release(&self, _: &str, _: proto::JobOutcome, _: &str) -> Result<(), Status> {
             self.releases.fetch_add(1, Ordering::SeqCst);
+            if self.release_hangs.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             Ok(())
         }
     }
@@ -826,6 +840,33 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(fake.calls().len(), calls);
         assert!(crate::clock::now() - start > Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_job_hears_at_once_even_when_the_service_is_away_and_max_means_never() {
+        let fake = Fake::new(Duration::from_secs(4));
+        let config = RenewalConfig {
+            stall_timeout: Some(Duration::from_secs(5)),
+            ..no_jitter()
+        };
+        let lease = hold(&fake, config);
+        // Every call from now on hangs (a black-holed connection), the release too.
+        fake.hangs.store(usize::MAX, Ordering::SeqCst);
+        fake.release_hangs.store(true, Ordering::SeqCst);
+        let end = tokio::time::timeout(Duration::from_secs(30), lease.ended())
+            .await
+            .expect("ended() resolves although the release never answers");
+        assert_eq!(end.reason, EndReason::Stalled);
+
+        let fake = Fake::new(Duration::from_secs(4));
+        let never = RenewalConfig {
+            stall_timeout: Some(Duration::MAX),
+            ..no_jitter()
+        };
+        let lease = hold(&fake, never);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(lease.state(), LeaseState::Active);
+        assert!(fake.calls().len() >= 10);
     }
 
     #[tokio::test(start_paused = true)]

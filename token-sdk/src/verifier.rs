@@ -1,6 +1,6 @@
 //! Verifying job tokens on the receiving side (resource servers).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -81,6 +81,9 @@ const MAX_REMEMBER: Duration = Duration::from_secs(24 * 3600);
 struct Revoked {
     leases: Mutex<HashMap<(String, String), SystemTime>>,
     leeway: Duration,
+    /// The tenants the stream carries ends of, from its last heartbeat: `None` until
+    /// one arrives, an empty set for every tenant.
+    covered: ArcSwap<Option<HashSet<String>>>,
 }
 
 /// Until when to remember an ended lease whose tokens are valid until `valid_until`
@@ -100,6 +103,13 @@ fn remember_until(
 }
 
 impl EndSink for Revoked {
+    fn on_heartbeat(&self, event: &proto::WatchRevocationsResponse) {
+        let covered: HashSet<String> = event.tenants.iter().cloned().collect();
+        if self.covered.load().as_ref().as_ref() != Some(&covered) {
+            self.covered.store(Arc::new(Some(covered)));
+        }
+    }
+
     fn on_end(&self, event: &proto::WatchRevocationsResponse) {
         let now = crate::clock::wall_now();
         // Tokens pass until `exp` plus the leeway, so remember the lease that long.
@@ -114,6 +124,15 @@ impl EndSink for Revoked {
 }
 
 impl Revoked {
+    /// Whether the stream carries `tenant`'s ends (unknown before the first heartbeat:
+    /// then the feed is blind, and `max_blind` decides).
+    fn covers(&self, tenant: &str) -> bool {
+        match self.covered.load().as_ref() {
+            Some(covered) => covered.is_empty() || covered.contains(tenant),
+            None => true,
+        }
+    }
+
     fn contains(&self, tenant: &str, lease_id: &str) -> bool {
         self.leases
             .lock()
@@ -141,6 +160,8 @@ struct Inner {
     refetch_interval: Duration,
     revoked: Arc<Revoked>,
     online: bool,
+    /// Whether the revocation stream is followed (its coverage then applies).
+    watches: bool,
     max_blind: Option<(Duration, WhenBlind)>,
     feed: Arc<Feed>,
     /// Keeps the revocation stream running for as long as the verifier lives.
@@ -262,6 +283,7 @@ impl VerifierBuilder {
                 refetch_interval: self.refetch_interval,
                 revoked,
                 online: self.online,
+                watches: self.watch_revocations,
                 max_blind: self.max_blind,
                 feed,
                 _revocations: revocations,
@@ -324,6 +346,15 @@ impl Verifier {
             .contains(&claims.tenant, &claims.lease_id)
         {
             return Err(VerifyError::Revoked);
+        }
+        // The revocation set can only vouch for tenants whose ends reach it: a token of a
+        // tenant this module does not serve is refused, never waved through.
+        if self.inner.watches && !self.inner.revoked.covers(&claims.tenant) {
+            return Err(VerifyError::Invalid(format!(
+                "tenant {:?} is not served by this module, so its revocations do not reach \
+                 this verifier",
+                claims.tenant
+            )));
         }
         let blind_too_long = self.inner.max_blind.and_then(|(bound, then)| {
             let blind = self.inner.feed.get().blind_for(crate::clock::now())?;

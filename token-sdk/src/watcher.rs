@@ -33,6 +33,9 @@ const MIN_OPEN_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) trait EndSink: Send + Sync + 'static {
     /// One lease ended.
     fn on_end(&self, event: &proto::WatchRevocationsResponse);
+
+    /// A heartbeat: the stream is live and covers `event.tenants` (empty: all).
+    fn on_heartbeat(&self, _event: &proto::WatchRevocationsResponse) {}
 }
 
 /// The revocation stream's events.
@@ -160,6 +163,7 @@ impl Follower {
                             Ok(Some(Ok(event))) => {
                                 attempt = 0;
                                 if event.heartbeat {
+                                    self.sink.on_heartbeat(&event);
                                     self.feed.live();
                                 } else {
                                     self.sink.on_end(&event);

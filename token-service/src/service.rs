@@ -470,6 +470,11 @@ impl LeaseService {
                 .await?
                 .ok_or(Error::LeaseNotFound)?;
             check_holder(module, &lease)?;
+            // A module whose `audiences` no longer include the lease's mints no more of
+            // its tokens (it may still release the lease).
+            if !module.may_address(&lease.audience) {
+                return Err(Error::AudienceNotAllowed(lease.audience));
+            }
             match self.end_if_due(&lease, now).await? {
                 None => {}
                 Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
@@ -567,6 +572,9 @@ impl LeaseService {
                 .find_active_lease(tenant, &module.id, job_id)
                 .await?
                 .ok_or(Error::LeaseNotFound)?;
+            if !module.may_address(&lease.audience) {
+                return Err(Error::AudienceNotAllowed(lease.audience));
+            }
             match self.end_if_due(&lease, now).await? {
                 None => {}
                 Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),

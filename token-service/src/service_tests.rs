@@ -628,6 +628,26 @@ async fn audiences_lifetimes_and_identifiers_are_bounded(backend: Backend) {
     req.audience = Some("reports".into());
     let issued = h.svc.issue(&reporting, req).await.unwrap();
     assert_eq!(issued.lease.audience, "reports");
+    // Once the module may no longer address it, the lease mints no more such tokens.
+    let e = h
+        .svc
+        .refresh(&h.importer, &issued.lease.id, &rt(&issued.tokens))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::AudienceNotAllowed(a) if a == "reports"),
+        "{e:?}"
+    );
+    let e = h
+        .svc
+        .resume(&h.importer, Some("acme"), "job-a")
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, Error::AudienceNotAllowed(_)), "{e:?}");
+    h.svc
+        .release(&h.importer, &issued.lease.id, "cancelled", "")
+        .await
+        .unwrap();
 
     // A lease shorter than one access token would mint tokens born expired.
     for short in [Duration::from_nanos(1), TTL - Duration::from_millis(1)] {

@@ -177,6 +177,29 @@ async fn a_module_limited_to_tenants_grants_introspects_and_watches_only_those()
             .await
             .unwrap();
     }
+    // A verifier of a module that serves diku only: its revocation set cannot vouch for
+    // acme, so an acme token is refused, never waved through; a diku token passes.
+    let verifier_client = token_sdk::Client::builder(server.endpoint())
+        .module_key(OTHER_KEY)
+        .connect()
+        .await
+        .unwrap();
+    let verifier = verifier_client.verifier().build().await.unwrap();
+    let acme_live = grant(&server, &mut importer, "acme", "job-live")
+        .await
+        .unwrap();
+    let e = verifier
+        .verify(&acme_live.tokens.unwrap().access_token)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not served"), "{e}");
+    let diku_live = grant(&server, &mut other, "diku", "job-live")
+        .await
+        .unwrap();
+    verifier
+        .verify(&diku_live.tokens.unwrap().access_token)
+        .await
+        .unwrap();
     let seen_by_other = ends_within_a_second(&mut stream).await;
     let seen_by_all = ends_within_a_second(&mut all).await;
     assert_eq!(seen_by_all.len(), 2, "{seen_by_all:?}");

@@ -135,6 +135,7 @@ pub(super) fn revocation(e: LeaseEvent) -> pb::WatchRevocationsResponse {
         ended_at: Some(timestamp(e.at)),
         tokens_valid_until: Some(timestamp(e.tokens_valid_until.unwrap_or(UNIX_EPOCH))),
         heartbeat: false,
+        tenants: Vec::new(),
     }
 }
 

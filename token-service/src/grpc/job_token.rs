@@ -24,10 +24,11 @@ const MAX_STREAM_TENANTS: usize = 1000;
 /// How often an idle revocation stream sends a heartbeat with its cursor.
 const WATCH_HEARTBEAT: Duration = Duration::from_secs(30);
 
-fn heartbeat(cursor: u64) -> pb::WatchRevocationsResponse {
+fn heartbeat(cursor: u64, covered: &[String]) -> pb::WatchRevocationsResponse {
     pb::WatchRevocationsResponse {
         cursor,
         heartbeat: true,
+        tenants: covered.to_vec(),
         ..Default::default()
     }
 }
@@ -208,7 +209,8 @@ impl JobTokenService for JobTokenApi {
             "RevokeJobToken",
             request.remote_addr(),
             async {
-                let module = authenticate(&self.modules, &request)?;
+                // Releases share the large renewal bucket, so batch releases pass.
+                let module = self.admit(&request, Spend::Renewal)?;
                 let r = request.into_inner();
                 let outcome = outcome_name(r.outcome)?;
                 let lease = self
@@ -281,7 +283,8 @@ impl JobTokenService for JobTokenApi {
         let poll = self.watch_poll;
         let peer = request.remote_addr();
         let (start, tenants, slot) = observe(&self.observer, "WatchRevocations", peer, async {
-            let module = authenticate(&self.modules, &request)?;
+            // Each open reads the store: opens count as grants.
+            let module = self.admit(&request, Spend::Grant)?;
             let request = request.into_inner();
             let tenants = stream_tenants(&module, request.tenants)?;
             let slot: StreamSlot = self.limits.open_stream(&module.id)?;
@@ -314,6 +317,10 @@ impl JobTokenService for JobTokenApi {
             tokio::pin!(stopped);
             let mut wake = service.subscribe_ends();
             let mut cursor = start;
+            // Heartbeats say which tenants the stream covers, so verifiers know what
+            // their revocation set can vouch for.
+            let mut covered: Vec<String> = tenants.iter().flatten().cloned().collect();
+            covered.sort();
             let mut beat = tokio::time::interval(WATCH_HEARTBEAT);
             beat.tick().await; // the first tick is immediate
             // The first heartbeat says "caught up": it follows the backlog after the cursor.
@@ -321,7 +328,6 @@ impl JobTokenService for JobTokenApi {
             loop {
                 match service.ends_after(cursor, WATCH_BATCH).await {
                     Ok(events) if !events.is_empty() => {
-                        beat.reset();
                         for event in events {
                             cursor = event.sequence;
                             if tenants.as_ref().is_some_and(|t| !t.contains(&event.tenant)) {
@@ -330,12 +336,15 @@ impl JobTokenService for JobTokenApi {
                             if tx.send(Ok(convert::revocation(event))).await.is_err() {
                                 return;
                             }
+                            // Only what was sent postpones the heartbeat: a stream whose
+                            // tenants are quiet still hears one (with the advanced cursor).
+                            beat.reset();
                         }
                         continue;
                     }
                     Ok(_) if !caught_up => {
                         caught_up = true;
-                        if tx.send(Ok(heartbeat(cursor))).await.is_err() {
+                        if tx.send(Ok(heartbeat(cursor, &covered))).await.is_err() {
                             return;
                         }
                     }
@@ -354,7 +363,7 @@ impl JobTokenService for JobTokenApi {
                     _ = wake.changed() => {}
                     _ = tokio::time::sleep(poll) => {}
                     _ = beat.tick() => {
-                        if tx.send(Ok(heartbeat(cursor))).await.is_err() {
+                        if tx.send(Ok(heartbeat(cursor, &covered))).await.is_err() {
                             return;
                         }
                     }

@@ -7,6 +7,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::Error;
 
+/// Retry delay sent with `TOO_MANY_STREAMS`.
+pub const STREAM_CAP_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "jobtoken.v1";
 
@@ -66,8 +69,15 @@ pub fn to_status(e: &Error) -> Status {
         other => other.to_string(),
     };
     let mut details = ErrorDetails::with_error_info(e.reason(), ERROR_DOMAIN, metadata);
-    if let Error::RateLimited { retry_after, .. } = e {
-        details.set_retry_info(Some(*retry_after));
+    match e {
+        Error::RateLimited { retry_after, .. } => {
+            details.set_retry_info(Some(*retry_after));
+        }
+        // A slot frees only when another stream closes: ask for a patient retry.
+        Error::TooManyStreams { .. } => {
+            details.set_retry_info(Some(STREAM_CAP_RETRY));
+        }
+        _ => {}
     }
     Status::with_error_details(code(e), message, details)
 }
@@ -231,6 +241,9 @@ mod tests {
             Some(std::time::Duration::from_millis(1500))
         );
         assert_eq!(details.error_info().unwrap().reason, "RATE_LIMITED");
+        let status = to_status(&Error::TooManyStreams { limit: 2 });
+        let retry = status.get_error_details().retry_info().cloned().unwrap();
+        assert_eq!(retry.retry_delay, Some(STREAM_CAP_RETRY));
     }
 
     #[test]
