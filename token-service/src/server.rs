@@ -21,6 +21,7 @@ use crate::grpc::{AdminApi, JobTokenApi, Observer};
 use crate::keys::KeyRing;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::ready::{Check, Readiness};
 use crate::service::{LeaseService, MAX_MESSAGE_BYTES, Settings};
 use crate::store::postgres::PostgresOptions;
 use crate::store::{PostgresStore, SqliteStore, Store};
@@ -172,13 +173,13 @@ impl Server {
                 source,
             })?;
 
+        // Set to SERVING (or not) by `report_health`, from readiness.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<JobTokenServiceServer<JobTokenApi>>()
-            .await;
-        health_reporter
-            .set_serving::<AdminServiceServer<AdminApi>>()
-            .await;
+        for name in HEALTH_NAMES {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
         // Both reflection versions describe everything served, including each other and
         // google.rpc error details, so any grpcurl lists all services and decodes ErrorInfo.
         let reflection = |b: tonic_reflection::server::Builder<'static>| {
@@ -199,6 +200,7 @@ impl Server {
             .map_err(|e| StartupError::Invalid(format!("reflection: {e}")))?;
 
         let (shutdown, _) = watch::channel(false);
+        let readiness = Arc::new(Readiness::new());
         let observer = Arc::new(Observer::new(Arc::clone(&metrics)));
         let limits = Arc::new(Limits::new(&config.modules, &config.limits));
         let job_api = JobTokenApi::new(
@@ -259,7 +261,11 @@ impl Server {
             }
         });
         let http_stop = stopped(shutdown.subscribe());
-        let http_app = crate::http::router(Arc::clone(&service), Arc::clone(&metrics));
+        let http_app = crate::http::router(
+            Arc::clone(&service),
+            Arc::clone(&metrics),
+            Arc::clone(&readiness),
+        );
         tasks.spawn(async move {
             if let Err(e) = axum::serve(http_listener, http_app)
                 .with_graceful_shutdown(http_stop)
@@ -271,7 +277,13 @@ impl Server {
         tasks.spawn(background(
             Arc::clone(&service),
             Arc::clone(&keys),
+            Arc::clone(&readiness),
             config.store.retention,
+            shutdown.subscribe(),
+        ));
+        tasks.spawn(report_health(
+            health_reporter,
+            readiness.subscribe(),
             shutdown.subscribe(),
         ));
         if let Some(mut remote) = remote_ends {
@@ -320,11 +332,42 @@ impl Server {
     }
 }
 
-/// Sweeps ended leases, keeps the active-lease gauge current, reloads keys and deletes
-/// leases ended longer than `retention` ago.
+/// The gRPC health names that follow readiness: the whole server and each API.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    "jobtoken.v1.JobTokenService",
+    "jobtoken.v1.AdminService",
+];
+
+/// Mirrors readiness into gRPC health: `SERVING` while ready, `NOT_SERVING` otherwise.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut ready: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let status = if *ready.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for name in HEALTH_NAMES {
+            reporter.set_service_status(name, status).await;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            changed = ready.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Sweeps ended leases, keeps the active-lease gauge current (which doubles as the
+/// store's readiness probe), reloads keys and deletes leases ended longer than
+/// `retention` ago.
 async fn background(
     service: Arc<LeaseService>,
     keys: Arc<KeyRing>,
+    readiness: Arc<Readiness>,
     retention: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -343,14 +386,26 @@ async fn background(
                 if let Err(e) = service.sweep().await {
                     tracing::warn!(error = %e, "sweeping ended leases failed");
                 }
-                if let Err(e) = service.count_active_leases().await {
-                    tracing::warn!(error = %e, "counting active leases failed");
+                match service.count_active_leases().await {
+                    Ok(_) => readiness.record(Check::Store, None),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "counting active leases failed");
+                        readiness.record(Check::Store, Some(&e));
+                    }
+                }
+                // Keys that failed to load are retried at every probe, so readiness
+                // comes back within a second of the store.
+                if readiness.failing(Check::Keys) {
+                    let result = keys.reload(service.now()).await;
+                    readiness.record(Check::Keys, result.as_ref().err().map(|e| e as _));
                 }
             }
             _ = reload.tick() => {
-                if let Err(e) = keys.reload(service.now()).await {
+                let result = keys.reload(service.now()).await;
+                if let Err(e) = &result {
                     tracing::warn!(error = %e, "reloading signing keys failed");
                 }
+                readiness.record(Check::Keys, result.as_ref().err().map(|e| e as _));
             }
             _ = cleanup.tick() => {
                 match service.purge_ended(retention).await {
