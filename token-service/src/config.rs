@@ -204,6 +204,11 @@ pub struct StoreConfig {
     /// logged.
     #[serde(default)]
     pub url: Option<SecretString>,
+    /// PostgreSQL: CA certificates (PEM) the server's certificate must chain to, for
+    /// `sslmode=verify-ca`/`verify-full` (and checked with `prefer`/`require` when set).
+    /// `sslrootcert` in the URL overrides it.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// PostgreSQL schema for the tables, created if missing. Default `jobtoken`.
     #[serde(default = "default_pg_schema")]
     pub schema: String,
@@ -226,6 +231,7 @@ impl Default for StoreConfig {
             sync: SyncMode::default(),
             lease_cache: default_lease_cache(),
             url: None,
+            ca_file: None,
             schema: default_pg_schema(),
             max_connections: default_pg_pool(),
             statement_timeout: default_pg_timeout(),

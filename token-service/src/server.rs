@@ -123,6 +123,7 @@ impl Server {
                     schema: config.store.schema.clone(),
                     max_connections: config.store.max_connections,
                     statement_timeout: config.store.statement_timeout,
+                    ca_file: config.store.ca_file.clone(),
                 };
                 Arc::new(PostgresStore::connect(&options).await?)
             }

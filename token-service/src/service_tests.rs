@@ -77,6 +77,7 @@ async fn open_store(
                 schema: schema.name().to_owned(),
                 max_connections: 8,
                 statement_timeout: Duration::from_secs(10),
+                ca_file: None,
             };
             let store = crate::store::PostgresStore::connect(&options)
                 .await

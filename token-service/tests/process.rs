@@ -606,4 +606,8 @@ async fn leases_keep_renewing_through_a_surviving_replica() {
             .await
             .unwrap();
     }
+    // B started on a schema A had made: PostgreSQL's NOTICEs ("already exists,
+    // skipping") stay out of the log.
+    let log = b.log();
+    assert!(!log.contains("skipping"), "{log}");
 }

@@ -6,6 +6,7 @@ mod jwks;
 mod limits;
 mod load;
 mod malformed;
+mod pg_tls;
 mod postgres;
 mod reflection;
 mod sdk;

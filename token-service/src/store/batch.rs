@@ -104,6 +104,10 @@ fn copy(e: &StoreError) -> StoreError {
         StoreError::Database(source) => {
             StoreError::Database(Box::new(std::io::Error::other(source.to_string())))
         }
+        StoreError::Open { target, problem } => StoreError::Open {
+            target: target.clone(),
+            problem: problem.clone(),
+        },
     }
 }
 

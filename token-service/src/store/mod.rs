@@ -5,6 +5,7 @@
 //! replicas) never lose a rotation: the loser re-reads and decides again.
 
 mod batch;
+mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -30,9 +31,19 @@ pub enum StoreError {
     /// Stored data could not be read back (corruption or a bug).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-    /// Any other failure of the database driver.
-    #[error("database error")]
+    /// Any other failure of the database driver (its text carries the cause: SQLSTATE
+    /// and message, never a password).
+    #[error("database error: {0}")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store could not be opened at start-up: where (host, port, user, database;
+    /// never the password) and why.
+    #[error("cannot open {target}: {problem}")]
+    Open {
+        /// Where it connects.
+        target: String,
+        /// Why it failed.
+        problem: String,
+    },
 }
 
 /// Which leases to list. `None` fields match everything.
