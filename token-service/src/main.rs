@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Read as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use token_service::clock::{Clock, SystemClock};
 use token_service::config::{Config, DEFAULT_DATA_DIR};
 use token_service::dev::{self, DEV_ADMIN_KEY_FILE, DEV_MODULE_KEY_FILE, DevTokenRequest};
 use token_service::secrets::{generate_key_text, key_hash};
-use token_service::server::Server;
+use token_service::server::{RunningServer, Server};
 
 // A renewal allocates a few dozen small buffers across two threads (the gRPC task and
 // the store's writer); mimalloc's per-thread free lists make that measurably cheaper
@@ -122,25 +122,70 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: Option<PathBuf>, data_dir: PathBuf) -> Result<(), String> {
-    let mut config = match &config {
+/// The config as `serve` reads it: the file (or dev mode), then the environment.
+fn load_config(config: Option<&Path>, data_dir: &Path) -> Result<Config, String> {
+    let mut config = match config {
         Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
-        None => dev::dev_config(&data_dir).map_err(|e| e.to_string())?,
+        None => dev::dev_config(data_dir).map_err(|e| e.to_string())?,
     };
     config
         .apply_env(|k| std::env::var(k).ok())
         .map_err(|e| e.to_string())?;
-    if config.dev_mode {
+    Ok(config)
+}
+
+/// SIGHUP: re-read the config and apply what can change live. A config that doesn't
+/// load or validate is refused with a log line; the running one stays.
+fn reload(running: &RunningServer, config: Option<&Path>, data_dir: &Path) {
+    tracing::info!("SIGHUP: reloading the config");
+    let result = load_config(config, data_dir)
+        .and_then(|new| running.reload(new).map_err(|e| e.to_string()));
+    match result {
+        Ok(done) => {
+            tracing::info!(applied = ?done.applied, "config reloaded");
+            if !done.need_restart.is_empty() {
+                tracing::warn!(
+                    settings = ?done.need_restart,
+                    "changed settings need a restart to apply; they keep their running values"
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+    }
+}
+
+async fn serve(config: Option<PathBuf>, data_dir: PathBuf) -> Result<(), String> {
+    let initial = load_config(config.as_deref(), &data_dir)?;
+    if initial.dev_mode {
         tracing::warn!(
             module_id = dev::DEV_MODULE,
-            module_key_file = %config.data_dir.join(DEV_MODULE_KEY_FILE).display(),
-            admin_key_file = %config.data_dir.join(DEV_ADMIN_KEY_FILE).display(),
+            module_key_file = %initial.data_dir.join(DEV_MODULE_KEY_FILE).display(),
+            admin_key_file = %initial.data_dir.join(DEV_ADMIN_KEY_FILE).display(),
             issuer = dev::DEV_ISSUER,
             "DEV MODE: no --config given; using a dev issuer and dev keys. Not for production."
         );
     }
-    let running = Server::start(config).await.map_err(|e| e.to_string())?;
-    running.run_until(shutdown_signal()).await;
+    let running = Server::start(initial).await.map_err(|e| e.to_string())?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = hup => reload(&running, config.as_deref(), &data_dir),
+        }
+    }
+    running.run_until(async {}).await;
     Ok(())
 }
 

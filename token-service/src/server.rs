@@ -12,16 +12,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::auth::{AdminAuth, Modules};
 use crate::clock::{Clock, SystemClock};
 use crate::config::StoreKind;
 use crate::config::{Config, StartupError};
 use crate::dev::load_or_create_master_key;
 use crate::grpc::{AdminApi, JobTokenApi, Observer};
 use crate::keys::KeyRing;
-use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::ready::{Check, Readiness};
+use crate::reload::{Live, Reloaded};
 use crate::service::{LeaseService, MAX_MESSAGE_BYTES, Settings};
 use crate::store::postgres::PostgresOptions;
 use crate::store::{PostgresStore, SqliteStore, Store};
@@ -48,6 +47,9 @@ pub struct RunningServer {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     service: Arc<LeaseService>,
+    live: Arc<Live>,
+    /// The config running now (reloads compare against it).
+    config: std::sync::Mutex<Config>,
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, StartupError> {
@@ -154,10 +156,7 @@ impl Server {
             Settings::from_config(&config),
             Arc::clone(&metrics),
         ));
-        let modules = Arc::new(Modules::from_config(
-            &config.modules,
-            &config.default_audience,
-        ));
+        let live = Arc::new(Live::new(&config));
 
         let grpc_listener = bind(config.listen.grpc).await?;
         let http_listener = bind(config.listen.http).await?;
@@ -203,20 +202,14 @@ impl Server {
         let (shutdown, _) = watch::channel(false);
         let readiness = Arc::new(Readiness::new());
         let observer = Arc::new(Observer::new(Arc::clone(&metrics)));
-        let limits = Arc::new(Limits::new(&config.modules, &config.limits));
         let job_api = JobTokenApi::new(
             Arc::clone(&service),
-            Arc::clone(&modules),
-            limits,
+            Arc::clone(&live),
             Arc::clone(&observer),
             WATCH_POLL,
             shutdown.subscribe(),
         );
-        let admin_api = AdminApi::new(
-            Arc::clone(&service),
-            AdminAuth::new(config.admin_key_sha256.clone()),
-            observer,
-        );
+        let admin_api = AdminApi::new(Arc::clone(&service), Arc::clone(&live), observer);
 
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(config.limits.concurrent_streams_per_connection));
@@ -329,6 +322,8 @@ impl Server {
             shutdown,
             tasks,
             service,
+            live,
+            config: std::sync::Mutex::new(config),
         })
     }
 }
@@ -433,6 +428,15 @@ impl RunningServer {
     /// The domain service, for in-process tests.
     pub fn service(&self) -> &Arc<LeaseService> {
         &self.service
+    }
+
+    /// Applies a re-read config: modules, trusted issuers, the admin key and limits
+    /// change at once, without dropping connections. A config that fails validation is
+    /// refused and the running one stays. Changed settings that need a restart are
+    /// reported (and keep their old value).
+    pub fn reload(&self, new: Config) -> Result<Reloaded, StartupError> {
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        crate::reload::apply(&mut current, new, &self.live, &self.service)
     }
 
     /// Stops accepting, lets in-flight calls finish, and waits for every task.

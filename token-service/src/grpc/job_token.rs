@@ -12,9 +12,10 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
 use super::{Observer, authenticate, convert, observe};
-use crate::auth::{Module, Modules};
+use crate::auth::Module;
 use crate::error::Error;
-use crate::limits::{Limits, Spend, StreamSlot};
+use crate::limits::{Spend, StreamSlot};
+use crate::reload::Live;
 use crate::service::{IssueRequest, LeaseService, MAX_ID_LEN};
 
 /// Events sent per store query by a revocation stream.
@@ -36,8 +37,8 @@ fn heartbeat(cursor: u64) -> pb::WatchRevocationsResponse {
 #[derive(Debug, Clone)]
 pub struct JobTokenApi {
     service: Arc<LeaseService>,
-    modules: Arc<Modules>,
-    limits: Arc<Limits>,
+    /// Modules and limits, read at every call (a reload swaps them).
+    live: Arc<Live>,
     observer: Arc<Observer>,
     /// How often a revocation stream re-reads the store without a local wake-up (ends
     /// written by other replicas or the sweeper of another process).
@@ -51,16 +52,14 @@ impl JobTokenApi {
     /// Wires the API to the domain.
     pub fn new(
         service: Arc<LeaseService>,
-        modules: Arc<Modules>,
-        limits: Arc<Limits>,
+        live: Arc<Live>,
         observer: Arc<Observer>,
         watch_poll: Duration,
         stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
             service,
-            modules,
-            limits,
+            live,
             observer,
             watch_poll,
             stop,
@@ -71,8 +70,8 @@ impl JobTokenApi {
 impl JobTokenApi {
     /// The calling module, if it may make one more call of `spend`.
     fn admit<T>(&self, request: &Request<T>, spend: Spend) -> Result<Arc<Module>, Error> {
-        let module = authenticate(&self.modules, request)?;
-        self.limits.spend(&module.id, spend)?;
+        let module = authenticate(&self.live.modules.load(), request)?;
+        self.live.limits.load().spend(&module.id, spend)?;
         Ok(module)
     }
 }
@@ -208,7 +207,7 @@ impl JobTokenService for JobTokenApi {
             "RevokeJobToken",
             request.remote_addr(),
             async {
-                let module = authenticate(&self.modules, &request)?;
+                let module = authenticate(&self.live.modules.load(), &request)?;
                 let r = request.into_inner();
                 let outcome = outcome_name(r.outcome)?;
                 let lease = self
@@ -281,10 +280,10 @@ impl JobTokenService for JobTokenApi {
         let poll = self.watch_poll;
         let peer = request.remote_addr();
         let (start, tenants, slot) = observe(&self.observer, "WatchRevocations", peer, async {
-            let module = authenticate(&self.modules, &request)?;
+            let module = authenticate(&self.live.modules.load(), &request)?;
             let request = request.into_inner();
             let tenants = stream_tenants(&module, request.tenants)?;
-            let slot: StreamSlot = self.limits.open_stream(&module.id)?;
+            let slot: StreamSlot = self.live.limits.load_full().open_stream(&module.id)?;
             let start = match request.after_cursor {
                 Some(cursor) => {
                     // A cursor from the future would wait silently forever.
