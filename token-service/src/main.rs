@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod admin_cli;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use token_service::clock::{Clock, SystemClock};
 use token_service::config::{Config, DEFAULT_DATA_DIR};
@@ -36,6 +38,10 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Administer a running service over its gRPC admin API: list, show and revoke
+    /// leases, rotate the signing key, watch lease ends. The admin key comes from
+    /// --key-file or JOBTOKEN_ADMIN_KEY.
+    Admin(admin_cli::AdminArgs),
     /// Run the service. Without --config it starts in DEV MODE: SQLite under the data
     /// directory, a generated signing key, a dev issuer (see `dev-token`), and a dev module
     /// key and admin key written to <data-dir>/dev-module.key and dev-admin.key.
@@ -192,6 +198,7 @@ async fn serve(config: Option<PathBuf>, data_dir: PathBuf) -> Result<(), String>
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Admin(args) => admin_cli::run(args),
         Command::Serve {
             config,
             data_dir,

@@ -691,3 +691,151 @@ impl Alive for Child {
         std::path::Path::new(&format!("/proc/{}", self.id())).exists()
     }
 }
+
+/// Runs `token-service admin <args>` against `endpoint` with the admin key in the
+/// environment; returns (success, stdout, stderr).
+fn admin(endpoint: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("admin")
+        .args(["--endpoint", endpoint])
+        .args(args)
+        .env("JOBTOKEN_ADMIN_KEY", ADMIN_KEY)
+        .env_remove("JOBTOKEN_ADMIN_KEY_FILE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn admin_json(endpoint: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    let (ok, out, err) = admin(endpoint, &all);
+    assert!(ok, "admin {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_lists_shows_revokes_watches_and_rotates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path());
+    let service = Proc::start(dir.path(), &["serve", "--config", path.to_str().unwrap()]);
+    let ep = service.grpc.clone();
+    let mut ids = HashMap::new();
+    for job in ["job-a", "job-b", "job-c", "job-d"] {
+        ids.insert(job, issue(&ep, dir.path(), job).await.0);
+    }
+
+    let all = admin_json(&ep, &["leases", "list"]);
+    assert_eq!(all.as_array().unwrap().len(), 4, "{all}");
+    let one = admin_json(
+        &ep,
+        &["leases", "list", "--job", "job-a", "--state", "active"],
+    );
+    assert_eq!(one[0]["lease_id"], ids["job-a"].as_str(), "{one}");
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    let paged = admin_json(&ep, &["leases", "list", "--limit", "3"]);
+    assert_eq!(paged.as_array().unwrap().len(), 3);
+
+    let (ok, table, err) = admin(&ep, &["leases", "show", &ids["job-a"]]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains("job-a") && table.contains("events:") && table.contains("issued"),
+        "{table}"
+    );
+
+    let (ok, out, err) = admin(
+        &ep,
+        &[
+            "leases",
+            "revoke",
+            "--lease",
+            &ids["job-a"],
+            "--reason",
+            "user asked",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("revoked lease") && out.contains("user asked"),
+        "{out}"
+    );
+    let job = admin_json(
+        &ep,
+        &[
+            "leases", "revoke", "--job", "job-b", "--tenant", "acme", "--reason", "r",
+        ],
+    );
+    assert_eq!(job["revoked_count"], 1);
+    let (ok, out, err) = admin(
+        &ep,
+        &[
+            "leases", "revoke", "--user", "alice", "--tenant", "acme", "--reason", "left",
+        ],
+    );
+    assert!(
+        ok && out.contains("revoked 2 active lease(s) of that user"),
+        "{out}{err}"
+    );
+    let module = admin_json(
+        &ep,
+        &["leases", "revoke", "--module", "importer", "--reason", "r"],
+    );
+    assert_eq!(module["revoked_count"], 0);
+    let shown = admin_json(&ep, &["leases", "show", &ids["job-a"]]);
+    assert_eq!(shown["end_reason"], "revoked");
+    assert_eq!(shown["ended_by"], "admin");
+    assert!(
+        shown["end_detail"].as_str().unwrap().contains("user asked"),
+        "{shown}"
+    );
+
+    let (ok, out, err) = admin(
+        &ep,
+        &[
+            "watch",
+            "--after-cursor",
+            "0",
+            "--count",
+            "4",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let ends: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ends.len(), 4, "{out}");
+    assert!(
+        ends.iter()
+            .all(|e| e["reason"] == "revoked" && e["tenant"] == "acme"),
+        "{out}"
+    );
+
+    let rotated = admin_json(&ep, &["rotate-key"]);
+    assert!(
+        !rotated["new_kid"].as_str().unwrap().is_empty(),
+        "{rotated}"
+    );
+
+    // The key from a file; a wrong one is refused with the reason.
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "ak_wrong\n").unwrap();
+    let (ok, _, err) = admin(
+        &ep,
+        &["--key-file", bad.to_str().unwrap(), "leases", "list"],
+    );
+    assert!(!ok && err.contains("ADMIN_UNAUTHENTICATED"), "{err}");
+    let good = dir.path().join("admin.key");
+    std::fs::write(&good, format!("{ADMIN_KEY}\n")).unwrap();
+    let (ok, _, err) = admin(
+        &ep,
+        &["--key-file", good.to_str().unwrap(), "leases", "list"],
+    );
+    assert!(ok, "{err}");
+}

@@ -11,7 +11,7 @@ use pb::job_token_service_server::JobTokenService;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
-use super::{Observer, authenticate, convert, observe};
+use super::{ADMIN_KEY_HEADER, Observer, authenticate, convert, observe};
 use crate::auth::Module;
 use crate::error::Error;
 use crate::limits::{Spend, StreamSlot};
@@ -22,6 +22,8 @@ use crate::service::{IssueRequest, LeaseService, MAX_ID_LEN};
 const WATCH_BATCH: usize = 500;
 /// Most tenants one revocation stream may name.
 const MAX_STREAM_TENANTS: usize = 1000;
+/// Whom administrators' revocation streams count against in `streams_per_module`.
+const ADMIN_STREAM_HOLDER: &str = "@admin";
 /// How often an idle revocation stream sends a heartbeat with its cursor.
 const WATCH_HEARTBEAT: Duration = Duration::from_secs(30);
 
@@ -78,9 +80,12 @@ impl JobTokenApi {
 
 /// Which tenants' ends a stream carries: those asked for (each must be served), else
 /// every tenant the module serves (`None`: all).
-fn stream_tenants(module: &Module, asked: Vec<String>) -> Result<Option<HashSet<String>>, Error> {
+fn stream_tenants(
+    served: Option<&HashSet<String>>,
+    asked: Vec<String>,
+) -> Result<Option<HashSet<String>>, Error> {
     if asked.is_empty() {
-        return Ok(module.tenants.clone());
+        return Ok(served.cloned());
     }
     if asked.len() > MAX_STREAM_TENANTS {
         return Err(Error::invalid(
@@ -90,7 +95,7 @@ fn stream_tenants(module: &Module, asked: Vec<String>) -> Result<Option<HashSet<
     }
     for t in &asked {
         crate::ident::check(t, MAX_ID_LEN).map_err(|p| Error::invalid("tenants", p.to_string()))?;
-        if !module.serves(t) {
+        if served.is_some_and(|served| !served.contains(t)) {
             return Err(Error::TenantNotServed(t.clone()));
         }
     }
@@ -280,10 +285,24 @@ impl JobTokenService for JobTokenApi {
         let poll = self.watch_poll;
         let peer = request.remote_addr();
         let (start, tenants, slot) = observe(&self.observer, "WatchRevocations", peer, async {
-            let module = authenticate(&self.live.modules.load(), &request)?;
+            // An administrator (x-admin-key) may watch every tenant's ends; the streams
+            // of all administrators share one module's cap.
+            let (holder, served) = match request.metadata().get(ADMIN_KEY_HEADER) {
+                Some(key) => {
+                    let key = key.to_str().map_err(|_| Error::AdminUnauthenticated)?;
+                    if !self.live.admin.load().check(key) {
+                        return Err(Error::AdminUnauthenticated);
+                    }
+                    (ADMIN_STREAM_HOLDER.to_owned(), None)
+                }
+                None => {
+                    let module = authenticate(&self.live.modules.load(), &request)?;
+                    (module.id.clone(), module.tenants.clone())
+                }
+            };
             let request = request.into_inner();
-            let tenants = stream_tenants(&module, request.tenants)?;
-            let slot: StreamSlot = self.live.limits.load_full().open_stream(&module.id)?;
+            let tenants = stream_tenants(served.as_ref(), request.tenants)?;
+            let slot: StreamSlot = self.live.limits.load_full().open_stream(&holder)?;
             let start = match request.after_cursor {
                 Some(cursor) => {
                     // A cursor from the future would wait silently forever.
