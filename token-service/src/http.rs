@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
 use crate::ready::Readiness;
 use crate::service::LeaseService;
 
@@ -64,12 +64,14 @@ async fn jwks(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
+async fn metrics_text(State(s): State<HttpState>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        s.metrics.encode(format),
     )
 }

@@ -147,6 +147,11 @@ impl Server {
         );
         let subjects = SubjectVerifier::from_config(&config.trusted_issuers)?;
         let metrics = Arc::new(Metrics::new());
+        {
+            let metrics = Arc::clone(&metrics);
+            store.observe_batches(Arc::new(move |kind, size| metrics.store_batch(kind, size)));
+        }
+        let pool_source = Arc::clone(&store);
         let service = Arc::new(LeaseService::new(
             store,
             Arc::clone(&keys),
@@ -272,6 +277,7 @@ impl Server {
             Arc::clone(&service),
             Arc::clone(&keys),
             Arc::clone(&readiness),
+            (pool_source, Arc::clone(&metrics)),
             config.store.retention,
             shutdown.subscribe(),
         ));
@@ -364,6 +370,7 @@ async fn background(
     service: Arc<LeaseService>,
     keys: Arc<KeyRing>,
     readiness: Arc<Readiness>,
+    (store, metrics): (Arc<dyn Store>, Arc<Metrics>),
     retention: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -381,6 +388,9 @@ async fn background(
             _ = sweep.tick() => {
                 if let Err(e) = service.sweep().await {
                     tracing::warn!(error = %e, "sweeping ended leases failed");
+                }
+                if let Some(pool) = store.pool_status() {
+                    metrics.set_store_pool(&pool);
                 }
                 match service.count_active_leases().await {
                     Ok(_) => readiness.record(Check::Store, None),

@@ -23,7 +23,7 @@ use tokio_postgres::{AsyncMessage, Row};
 
 use super::batch::Batcher;
 use super::pg_tls::{self, MakeRustls};
-use super::{LeaseFilter, Store, StoreError, StoredKey};
+use super::{BatchHook, BatchObserver, LeaseFilter, PoolStatus, Store, StoreError, StoredKey};
 use crate::clock::{from_millis, to_millis};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent};
 
@@ -147,6 +147,7 @@ pub struct PostgresStore {
     ends: watch::Receiver<u64>,
     reads: Batcher<String, Option<Lease>>,
     renewals: Batcher<Lease, bool>,
+    batches: BatchHook,
 }
 
 /// Most rows one batched statement carries.
@@ -541,23 +542,35 @@ impl PostgresStore {
         // Waiting for a pooled connection, then the statement: each bounded by the
         // statement timeout.
         let batch_timeout = options.statement_timeout * 2;
+        let batches = BatchHook::default();
         let reads = {
             let pool = pool.clone();
-            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, batch_timeout, move |ids| {
-                read_leases(pool.clone(), ids)
-            })
+            let kind = ("postgres_lease_reads", batches.clone());
+            Batcher::spawn(
+                MAX_BATCH,
+                PARALLEL_BATCHES,
+                batch_timeout,
+                kind,
+                move |ids| read_leases(pool.clone(), ids),
+            )
         };
         let renewals = {
             let pool = pool.clone();
-            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, batch_timeout, move |leases| {
-                write_leases(pool.clone(), leases)
-            })
+            let kind = ("postgres_lease_writes", batches.clone());
+            Batcher::spawn(
+                MAX_BATCH,
+                PARALLEL_BATCHES,
+                batch_timeout,
+                kind,
+                move |leases| write_leases(pool.clone(), leases),
+            )
         };
         Ok(Self {
             pool,
             ends,
             reads,
             renewals,
+            batches,
         })
     }
 
@@ -655,6 +668,20 @@ async fn listen(config: tokio_postgres::Config, tls: MakeRustls, tx: watch::Send
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn observe_batches(&self, observer: BatchObserver) {
+        self.batches.set(observer);
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let status = self.pool.status();
+        Some(PoolStatus {
+            max: status.max_size,
+            open: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        })
+    }
+
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let permissions = serde_json::to_string(&lease.permissions)
