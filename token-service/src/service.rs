@@ -313,9 +313,9 @@ impl LeaseService {
         &self,
         lease: &Lease,
         now: SystemTime,
-    ) -> Result<Option<Option<EndReason>>> {
+    ) -> Result<Option<Option<(EndReason, String)>>> {
         if let Some(end) = &lease.end {
-            return Ok(Some(Some(end.reason)));
+            return Ok(Some(Some((end.reason, end.detail.clone()))));
         }
         let Some(reason) = lease.due_end(now) else {
             return Ok(None);
@@ -324,7 +324,7 @@ impl LeaseService {
         let at = now.min(lease.deadline());
         ended.finish(reason, at, "system", reason.describe());
         if self.write_end(&ended).await? {
-            Ok(Some(Some(reason)))
+            Ok(Some(Some((reason, reason.describe().to_owned()))))
         } else {
             Ok(Some(None))
         }
@@ -480,7 +480,7 @@ impl LeaseService {
             check_holder(module, &lease)?;
             match self.end_if_due(&lease, now).await? {
                 None => {}
-                Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
+                Some(Some((reason, detail))) => return Err(Error::LeaseEnded(reason, detail)),
                 Some(None) => continue,
             }
             if !self
@@ -577,7 +577,7 @@ impl LeaseService {
                 .ok_or(Error::LeaseNotFound)?;
             match self.end_if_due(&lease, now).await? {
                 None => {}
-                Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
+                Some(Some((reason, detail))) => return Err(Error::LeaseEnded(reason, detail)),
                 Some(None) => continue,
             }
             // A new seed invalidates every refresh token issued before.

@@ -725,8 +725,11 @@ async fn the_admin_cli_lists_shows_revokes_watches_and_rotates() {
     let service = Proc::start(dir.path(), &["serve", "--config", path.to_str().unwrap()]);
     let ep = service.grpc.clone();
     let mut ids = HashMap::new();
+    let mut tokens = HashMap::new();
     for job in ["job-a", "job-b", "job-c", "job-d"] {
-        ids.insert(job, issue(&ep, dir.path(), job).await.0);
+        let (lease, token) = issue(&ep, dir.path(), job).await;
+        ids.insert(job, lease);
+        tokens.insert(job, token);
     }
 
     let all = admin_json(&ep, &["leases", "list"]);
@@ -763,6 +766,19 @@ async fn the_admin_cli_lists_shows_revokes_watches_and_rotates() {
         out.contains("revoked lease") && out.contains("user asked"),
         "{out}"
     );
+    // The holder's next renewal carries the admin's reason.
+    let refused = token_sdk::connect(&ep, MODULE_KEY)
+        .await
+        .unwrap()
+        .refresh_job_token(RefreshJobTokenRequest {
+            lease_id: ids["job-a"].clone(),
+            refresh_token: tokens["job-a"].clone(),
+        })
+        .await
+        .unwrap_err();
+    let info = tonic_types::StatusExt::get_details_error_info(&refused).unwrap();
+    assert_eq!(info.reason, "LEASE_REVOKED");
+    assert_eq!(info.metadata["end_detail"], "user asked", "{info:?}");
     let job = admin_json(
         &ep,
         &[

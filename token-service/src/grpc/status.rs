@@ -10,6 +10,21 @@ use crate::error::Error;
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "jobtoken.v1";
 
+/// Longest `end_detail` an ended-lease error carries, in bytes.
+const MAX_END_DETAIL: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` if cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// The gRPC code of a domain error.
 pub fn code(e: &Error) -> Code {
     match e {
@@ -32,7 +47,7 @@ pub fn code(e: &Error) -> Code {
         Error::RateLimited { .. } | Error::TooManyStreams { .. } => Code::ResourceExhausted,
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseAlreadyExists(_) => Code::AlreadyExists,
-        Error::LeaseEnded(_) => Code::FailedPrecondition,
+        Error::LeaseEnded(..) => Code::FailedPrecondition,
         Error::Unavailable(_) => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     }
@@ -50,8 +65,11 @@ pub fn to_status(e: &Error) -> Status {
         Error::InvalidArgument { field, .. } => {
             metadata.insert("field".to_owned(), (*field).to_owned());
         }
-        Error::LeaseEnded(reason) => {
+        Error::LeaseEnded(reason, detail) => {
             metadata.insert("end_reason".to_owned(), reason.as_str().to_owned());
+            if !detail.is_empty() {
+                metadata.insert("end_detail".to_owned(), bounded(detail, MAX_END_DETAIL));
+            }
         }
         Error::Internal(source) => {
             tracing::error!(error = %source, cause = ?source.source(), "internal error");
@@ -151,8 +169,35 @@ mod tests {
             Error::Unavailable(StoreError::Unavailable("db down at 10.0.0.5".into())),
             Error::internal(std::io::Error::other("secret detail")),
         ];
-        all.extend(EndReason::ALL.into_iter().map(Error::LeaseEnded));
+        all.extend(
+            EndReason::ALL
+                .into_iter()
+                .map(|r| Error::LeaseEnded(r, "user asked".into())),
+        );
         all
+    }
+
+    #[test]
+    fn an_ended_lease_carries_its_end_detail_bounded() {
+        let status = to_status(&Error::LeaseEnded(EndReason::Revoked, "user asked".into()));
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["end_reason"], "revoked");
+        assert_eq!(info.metadata["end_detail"], "user asked");
+        let long = "é".repeat(300);
+        let status = to_status(&Error::LeaseEnded(EndReason::Revoked, long));
+        let detail = &status.get_details_error_info().unwrap().metadata["end_detail"];
+        assert!(
+            detail.len() <= MAX_END_DETAIL && detail.ends_with('…'),
+            "{detail}"
+        );
+        let status = to_status(&Error::LeaseEnded(EndReason::Expired, String::new()));
+        assert!(
+            !status
+                .get_details_error_info()
+                .unwrap()
+                .metadata
+                .contains_key("end_detail")
+        );
     }
 
     #[test]
