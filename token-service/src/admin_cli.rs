@@ -314,13 +314,13 @@ impl Client {
                         if let Some(lease) = &lease {
                             doc["lease"] = lease_json(lease);
                         }
-                        println!("{doc}");
+                        out!("{doc}");
                     }
                     Output::Table => match lease {
                         Some(lease) => {
-                            println!("revoked lease {} ({})", lease.lease_id, end_text(&lease))
+                            out!("revoked lease {} ({})", lease.lease_id, end_text(&lease))
                         }
-                        None => println!("revoked {count} active lease(s) of that {what}"),
+                        None => out!("revoked {count} active lease(s) of that {what}"),
                     },
                 }
             }
@@ -333,7 +333,7 @@ impl Client {
                     .into_inner();
                 let starts = time_text(r.signing_starts_at.as_ref());
                 match self.output {
-                    Output::Json => println!(
+                    Output::Json => out!(
                         "{}",
                         json!({
                             "new_kid": r.new_kid,
@@ -341,9 +341,10 @@ impl Client {
                             "signing_starts_at": starts,
                         })
                     ),
-                    Output::Table => println!(
+                    Output::Table => out!(
                         "new key {} is published; it signs from {starts}, when {} retires",
-                        r.new_kid, r.retired_kid
+                        r.new_kid,
+                        r.retired_kid
                     ),
                 }
             }
@@ -372,9 +373,13 @@ impl Client {
             .map_err(failed)?
             .into_inner();
         if self.output == Output::Table {
-            println!(
+            out!(
                 "{:<8} {:<36} {:<16} {:<22} {:<20} TOKENS VALID UNTIL",
-                "CURSOR", "LEASE", "TENANT", "REASON", "ENDED"
+                "CURSOR",
+                "LEASE",
+                "TENANT",
+                "REASON",
+                "ENDED"
             );
         }
         let mut seen = 0;
@@ -390,7 +395,7 @@ impl Client {
             let ended = time_text(event.ended_at.as_ref());
             let until = time_text(event.tokens_valid_until.as_ref());
             match self.output {
-                Output::Json => println!(
+                Output::Json => out!(
                     "{}",
                     json!({
                         "cursor": event.cursor,
@@ -401,9 +406,13 @@ impl Client {
                         "tokens_valid_until": until,
                     })
                 ),
-                Output::Table => println!(
+                Output::Table => out!(
                     "{:<8} {:<36} {:<16} {:<22} {:<20} {until}",
-                    event.cursor, event.lease_id, event.tenant, reason, ended
+                    event.cursor,
+                    event.lease_id,
+                    event.tenant,
+                    reason,
+                    ended
                 ),
             }
         }
@@ -412,14 +421,20 @@ impl Client {
 
     fn print_leases(&self, leases: &[pb::Lease]) {
         match self.output {
-            Output::Json => println!("{}", Value::Array(leases.iter().map(lease_json).collect())),
+            Output::Json => out!("{}", Value::Array(leases.iter().map(lease_json).collect())),
             Output::Table => {
-                println!(
+                out!(
                     "{:<36} {:<12} {:<20} {:<12} {:<16} {:<6} {:<20} END",
-                    "LEASE", "TENANT", "JOB", "USER", "MODULE", "STATE", "CREATED"
+                    "LEASE",
+                    "TENANT",
+                    "JOB",
+                    "USER",
+                    "MODULE",
+                    "STATE",
+                    "CREATED"
                 );
                 for l in leases {
-                    println!(
+                    out!(
                         "{:<36} {:<12} {:<20} {:<12} {:<16} {:<6} {:<20} {}",
                         l.lease_id,
                         l.tenant,
@@ -457,7 +472,7 @@ impl Client {
                 doc["last_refreshed_at"] = json!(time_text(got.last_refreshed_at.as_ref()));
                 doc["resume_count"] = json!(got.resume_count);
                 doc["events"] = Value::Array(events);
-                println!("{doc}");
+                out!("{doc}");
             }
             Output::Table => {
                 let rows = [
@@ -477,11 +492,11 @@ impl Client {
                     ("resumes", got.resume_count.to_string()),
                 ];
                 for (k, v) in rows {
-                    println!("{k:<13} {v}");
+                    out!("{k:<13} {v}");
                 }
-                println!("events:");
+                out!("events:");
                 for e in &got.events {
-                    println!(
+                    out!(
                         "  {:>4} {:<20} {:<8} {:<24} {}",
                         e.sequence,
                         time_text(e.at.as_ref()),

@@ -6,6 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `println!` that ends the process quietly when stdout is closed (`… | head -1`)
+/// instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
 mod admin_cli;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -95,11 +103,39 @@ enum Command {
     },
 }
 
+/// Writes one line to stdout. A closed pipe ends the process with success, as other
+/// Unix tools do; another write error ends it with failure.
+fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("token-service: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (https://no-color.org).
+fn use_colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = use_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -226,24 +262,32 @@ fn main() -> ExitCode {
                     .collect::<BTreeSet<_>>(),
                 ttl,
             };
-            dev::mint_dev_token(&data_dir, &request, SystemClock.now())
-                .map(|token| println!("{token}"))
+            dev::require_issuer_key(&data_dir)
+                .and_then(|()| dev::mint_dev_token(&data_dir, &request, SystemClock.now()))
+                .map(|token| out!("{token}"))
                 .map_err(|e| e.to_string())
         }
         Command::HashKey => {
             let mut key = String::new();
-            std::io::stdin()
-                .read_to_string(&mut key)
-                .map(|_| println!("{}", key_hash(key.trim())))
-                .map_err(|e| format!("reading standard input: {e}"))
+            match std::io::stdin().read_to_string(&mut key) {
+                Err(e) => Err(format!("reading standard input: {e}")),
+                Ok(_) if key.trim().is_empty() => Err("standard input is empty: pipe the key \
+                     in, e.g. `echo \"$KEY\" | token-service hash-key`"
+                    .to_owned()),
+                Ok(_) => {
+                    out!("{}", key_hash(key.trim()));
+                    Ok(())
+                }
+            }
         }
         Command::GenMasterKey => {
-            println!("{}", token_service::secrets::MasterKey::generate().1);
+            out!("{}", token_service::secrets::MasterKey::generate().1);
             Ok(())
         }
         Command::GenKey { admin } => {
             let key = generate_key_text(if admin { "ak" } else { "mk" });
-            println!("{key}\n{}", key_hash(&key));
+            out!("{key}");
+            out!("{}", key_hash(&key));
             Ok(())
         }
     };
@@ -260,6 +304,15 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
+    }
 
     #[test]
     fn cli_is_well_formed() {

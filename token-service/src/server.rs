@@ -315,8 +315,11 @@ impl Server {
             tls = config.tls.is_some(),
             dev_mode = config.dev_mode,
             store = ?config.store.kind,
-            sqlite_path = %config.store_path().display(),
-            pg_schema = %config.store.schema,
+            // The SQLite file, or the PostgreSQL schema: only the one in use.
+            store_location = %match config.store.kind {
+                StoreKind::Sqlite => config.store_path().display().to_string(),
+                StoreKind::Postgres => format!("schema {}", config.store.schema),
+            },
             modules = config.modules.len(),
             trusted_issuers = config.trusted_issuers.len(),
             access_token_ttl_secs = config.access_token_ttl.as_secs(),

@@ -855,3 +855,82 @@ async fn the_admin_cli_lists_shows_revokes_watches_and_rotates() {
     );
     assert!(ok, "{err}");
 }
+
+/// The small things: a closed pipe is not a panic, empty input is not a key, `dev-token`
+/// away from the service's data refuses instead of making a key nobody trusts, logs to a
+/// file have no colour codes, and the start-up line names only the store in use.
+#[test]
+fn command_line_edges() {
+    // `gen-key | head -0`: stdout is closed before anything is written.
+    let mut child = Command::new(BIN)
+        .arg("gen-key")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+
+    let mut child = Command::new(BIN)
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"\n").unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success() && out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("standard input is empty"));
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["dev-token", "--user", "alice", "--tenant", "acme"])
+        .current_dir(elsewhere.path())
+        .env_remove("JOBTOKEN_DATA_DIR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no dev issuer key"),
+        "{err}"
+    );
+    assert!(!elsewhere.path().join("data").exists(), "no key was made");
+
+    // Text logs into a pipe: no ANSI escapes; the start-up line names the SQLite file
+    // and no PostgreSQL schema.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("JOBTOKEN_GRPC_LISTEN", "127.0.0.1:0")
+        .env("JOBTOKEN_HTTP_LISTEN", "127.0.0.1:0")
+        .env("JOBTOKEN_LOG_FORMAT", "text")
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("token service serving") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(log.contains("token service serving"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+    assert!(
+        log.contains("jobtoken.db") && !log.contains("schema"),
+        "{log}"
+    );
+}
