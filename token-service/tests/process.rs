@@ -300,7 +300,7 @@ async fn dev_mode_from_an_empty_directory() {
         tokens.access_token.clone(),
         tokens.refresh_token.clone(),
     ];
-    secrets.extend(exercise_every_path(&mut client, &subject_token).await);
+    secrets.extend(exercise_every_path(&mut client, &subject_token, "t1").await);
     let log = proc.log();
     for event in [
         "DEV MODE",
@@ -366,6 +366,7 @@ async fn dev_mode_from_an_empty_directory() {
 async fn exercise_every_path(
     client: &mut token_sdk::JobTokenClient,
     subject_token: &str,
+    tenant: &str,
 ) -> Vec<String> {
     let issued = client
         .issue_job_token(IssueJobTokenRequest {
@@ -418,7 +419,7 @@ async fn exercise_every_path(
     let resumed = client
         .resume_job_token(ResumeJobTokenRequest {
             job_id: "resumed".into(),
-            tenant: "acme".into(),
+            tenant: tenant.into(),
         })
         .await
         .unwrap()
