@@ -84,12 +84,12 @@ impl Readiness {
             _ => {}
         }
         let ready = !failing.store && !failing.keys;
-        self.ready.send_if_modified(|r| {
+        let changed = self.ready.send_if_modified(|r| {
             let changed = *r != ready;
             *r = ready;
             changed
         });
-        if ready && was && error.is_none() {
+        if changed && ready {
             tracing::info!("ready");
         }
     }
