@@ -225,12 +225,15 @@ step "14. Operations: health, metrics"
 grpcurl -plaintext -d '{"service": "jobtoken.v1.JobTokenService"}' $GRPC grpc.health.v1.Health/Check | grep -q SERVING ||
     fail "gRPC health is not SERVING"
 [[ $(curl -s http://$HTTP/healthz) == ok ]] || fail "/healthz is not ok"
+[[ $(curl -s http://$HTTP/readyz) == ready ]] || fail "/readyz is not ready"
 METRICS=$(curl -s http://$HTTP/metrics)
+grep -q '^# TYPE jobtoken_renewals_total counter$' <<<"$METRICS" || fail "plain /metrics is not Prometheus text 0.0.4"
+METRICS=$(curl -s -H 'Accept: application/openmetrics-text' http://$HTTP/metrics)
 grep -E '^jobtoken_(grants|renewals|lease_ends)_total' <<<"$METRICS"
 grep -q '^jobtoken_renewals_total{result="REFRESH_TOKEN_REUSED"} 2$' <<<"$METRICS" || fail "renewal metrics"
 grep -q '^jobtoken_lease_ends_total{reason="revoked"} 1$' <<<"$METRICS" || fail "lease end metrics"
 grep -q '^# EOF$' <<<"$METRICS" || fail "metrics are not OpenMetrics"
-ok "health SERVING, metrics count the walk-through"
+ok "health SERVING, ready, metrics count the walk-through in both formats"
 
 step "15. Graceful shutdown on SIGTERM"
 kill -TERM "$SERVER_PID"

@@ -204,6 +204,11 @@ pub struct StoreConfig {
     /// logged.
     #[serde(default)]
     pub url: Option<SecretString>,
+    /// PostgreSQL: CA certificates (PEM) the server's certificate must chain to, for
+    /// `sslmode=verify-ca`/`verify-full` (and checked with `prefer`/`require` when set).
+    /// `sslrootcert` in the URL overrides it.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// PostgreSQL schema for the tables, created if missing. Default `jobtoken`.
     #[serde(default = "default_pg_schema")]
     pub schema: String,
@@ -226,6 +231,7 @@ impl Default for StoreConfig {
             sync: SyncMode::default(),
             lease_cache: default_lease_cache(),
             url: None,
+            ca_file: None,
             schema: default_pg_schema(),
             max_connections: default_pg_pool(),
             statement_timeout: default_pg_timeout(),
@@ -645,6 +651,26 @@ impl Config {
                     m.id
                 ));
             }
+            let client_certs = self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca_file.is_some());
+            if m.key_sha256.is_none() && !client_certs {
+                return bad(format!(
+                    "module {:?} authenticates only by mtls_subject, but no client \
+                     certificate can be checked without [tls] client_ca_file: it could \
+                     never call",
+                    m.id
+                ));
+            }
+            for pattern in &m.delegable {
+                if let Some(problem) = crate::permissions::pattern_problem(pattern) {
+                    return bad(format!(
+                        "module {:?}: delegable {pattern:?} {problem}",
+                        m.id
+                    ));
+                }
+            }
             if let Some(h) = &m.key_sha256
                 && !is_sha256_hex(h)
             {
@@ -893,5 +919,42 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("shares"));
         c.modules[1].key_sha256 = Some("cd".repeat(32));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn modules_that_could_never_work_are_refused() {
+        let with_module = |extra: &str| {
+            Config::from_toml(
+                &format!("[[modules]]\nid = \"m\"\n{extra}"),
+                Path::new("c.toml"),
+            )
+            .unwrap()
+            .validate()
+        };
+        let key =
+            "key_sha256 = \"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\"";
+        for pattern in ["inventory*", "*.write", ""] {
+            let e = with_module(&format!("{key}\ndelegable = [{pattern:?}]")).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("delegable {pattern:?}")),
+                "{e}"
+            );
+        }
+        with_module(&format!(
+            "{key}\ndelegable = [\"*\", \"inventory.*\", \"users.read\"]"
+        ))
+        .unwrap();
+        // mTLS only, and nothing checks client certificates.
+        let e = with_module("mtls_subject = \"m.svc\"").unwrap_err();
+        assert!(e.to_string().contains("client_ca_file"), "{e}");
+        let mut c = Config::from_toml(
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\n\
+             [[modules]]\nid = \"m\"\nmtls_subject = \"m.svc\"",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        c.tls.as_mut().unwrap().client_ca_file = None;
+        assert!(c.validate().is_err());
     }
 }

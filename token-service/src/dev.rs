@@ -108,6 +108,23 @@ pub fn ensure_issuer_key(data_dir: &Path) -> Result<(), StartupError> {
     std::fs::write(&public, pem("PUBLIC KEY", &spki)).map_err(io_err(&public))
 }
 
+/// Fails unless the dev issuer's key exists under `data_dir`: `dev-token` must sign with
+/// the key the dev-mode service trusts, not make a new one nobody trusts.
+pub fn require_issuer_key(data_dir: &Path) -> Result<(), StartupError> {
+    let (private, public) = issuer_key_paths(data_dir);
+    if private.exists() && public.exists() {
+        return Ok(());
+    }
+    Err(StartupError::Key {
+        path: private,
+        problem: format!(
+            "no dev issuer key here: run `dev-token` from the directory where the dev-mode \
+             `serve` runs, or pass the same --data-dir (now {})",
+            data_dir.display()
+        ),
+    })
+}
+
 /// The dev-mode config for `data_dir`, creating its keys on first use.
 pub fn dev_config(data_dir: &Path) -> Result<Config, StartupError> {
     ensure_issuer_key(data_dir)?;

@@ -62,9 +62,10 @@ pub enum Error {
     /// The lease belongs to another module.
     #[error("the lease is held by another module")]
     ActorMismatch,
-    /// The lease has ended and cannot renew.
+    /// The lease has ended and cannot renew: why, and the end's detail (the holder's
+    /// outcome, an administrator's reason), which the holder may read.
     #[error("the lease has ended: {}", .0.describe())]
-    LeaseEnded(EndReason),
+    LeaseEnded(EndReason, String),
     /// The refresh token is not one this lease issued (wrong, or superseded by a resume).
     #[error("refresh token is not valid for this lease")]
     RefreshTokenInvalid,
@@ -118,7 +119,7 @@ impl Error {
             Error::LeaseNotFound => "LEASE_NOT_FOUND",
             Error::LeaseAlreadyExists(_) => "LEASE_ALREADY_EXISTS",
             Error::ActorMismatch => "ACTOR_MISMATCH",
-            Error::LeaseEnded(reason) => reason.error_reason(),
+            Error::LeaseEnded(reason, _) => reason.error_reason(),
             Error::RefreshTokenInvalid => "REFRESH_TOKEN_INVALID",
             Error::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
             Error::TenantNotServed(_) => "TENANT_NOT_SERVED",

@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
+use crate::ready::Readiness;
 use crate::service::LeaseService;
 
 /// Path of the JWKS document.
@@ -18,15 +19,38 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 struct HttpState {
     service: Arc<LeaseService>,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 }
 
-/// The routes: `/.well-known/jwks.json`, `/metrics`, `/healthz`.
-pub fn router(service: Arc<LeaseService>, metrics: Arc<Metrics>) -> Router {
+/// The routes: `/.well-known/jwks.json`, `/metrics`, `/healthz` (liveness: the process
+/// answers) and `/readyz` (readiness: 503 while the store or the keys fail).
+pub fn router(
+    service: Arc<LeaseService>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+) -> Router {
     Router::new()
         .route(JWKS_PATH, get(jwks))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(HttpState { service, metrics })
+        .route("/readyz", get(ready))
+        .with_state(HttpState {
+            service,
+            metrics,
+            readiness,
+        })
+}
+
+async fn ready(State(s): State<HttpState>) -> impl IntoResponse {
+    let problems = s.readiness.problems();
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join(", ")),
+        )
+    }
 }
 
 async fn jwks(State(s): State<HttpState>) -> impl IntoResponse {
@@ -40,12 +64,14 @@ async fn jwks(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
+async fn metrics_text(State(s): State<HttpState>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        s.metrics.encode(format),
     )
 }

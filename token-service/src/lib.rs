@@ -29,6 +29,8 @@ pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod permissions;
+pub mod ready;
+pub mod reload;
 pub mod secrets;
 pub mod server;
 pub mod service;

@@ -52,7 +52,8 @@ fn bucket(per_second: u32) -> DefaultDirectRateLimiter {
 pub struct Limits {
     buckets: HashMap<String, Buckets>,
     streams_per_module: usize,
-    open_streams: Mutex<HashMap<String, usize>>,
+    /// Shared with the limits a reload replaces, so streams opened before it still count.
+    open_streams: Arc<Mutex<HashMap<String, usize>>>,
     clock: DefaultClock,
 }
 
@@ -73,8 +74,17 @@ impl Limits {
         Self {
             buckets,
             streams_per_module: config.streams_per_module,
-            open_streams: Mutex::new(HashMap::new()),
+            open_streams: Arc::new(Mutex::new(HashMap::new())),
             clock: DefaultClock::default(),
+        }
+    }
+
+    /// New limits for a reloaded config. Open streams keep counting against their
+    /// module; rate buckets start full.
+    pub fn reconfigured(&self, modules: &[ModuleConfig], config: &LimitsConfig) -> Self {
+        Self {
+            open_streams: Arc::clone(&self.open_streams),
+            ..Self::new(modules, config)
         }
     }
 

@@ -2,16 +2,26 @@
 
 use std::collections::BTreeSet;
 use std::io::Read as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// `println!` that ends the process quietly when stdout is closed (`… | head -1`)
+/// instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
+mod admin_cli;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use token_service::clock::{Clock, SystemClock};
 use token_service::config::{Config, DEFAULT_DATA_DIR};
 use token_service::dev::{self, DEV_ADMIN_KEY_FILE, DEV_MODULE_KEY_FILE, DevTokenRequest};
 use token_service::secrets::{generate_key_text, key_hash};
-use token_service::server::Server;
+use token_service::server::{RunningServer, Server};
 
 // A renewal allocates a few dozen small buffers across two threads (the gRPC task and
 // the store's writer); mimalloc's per-thread free lists make that measurably cheaper
@@ -36,6 +46,10 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Administer a running service over its gRPC admin API: list, show and revoke
+    /// leases, rotate the signing key, watch lease ends. The admin key comes from
+    /// --key-file or JOBTOKEN_ADMIN_KEY.
+    Admin(admin_cli::AdminArgs),
     /// Run the service. Without --config it starts in DEV MODE: SQLite under the data
     /// directory, a generated signing key, a dev issuer (see `dev-token`), and a dev module
     /// key and admin key written to <data-dir>/dev-module.key and dev-admin.key.
@@ -89,11 +103,39 @@ enum Command {
     },
 }
 
+/// Writes one line to stdout. A closed pipe ends the process with success, as other
+/// Unix tools do; another write error ends it with failure.
+fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("token-service: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (https://no-color.org).
+fn use_colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = use_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -122,31 +164,77 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: Option<PathBuf>, data_dir: PathBuf) -> Result<(), String> {
-    let mut config = match &config {
+/// The config as `serve` reads it: the file (or dev mode), then the environment.
+fn load_config(config: Option<&Path>, data_dir: &Path) -> Result<Config, String> {
+    let mut config = match config {
         Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
-        None => dev::dev_config(&data_dir).map_err(|e| e.to_string())?,
+        None => dev::dev_config(data_dir).map_err(|e| e.to_string())?,
     };
     config
         .apply_env(|k| std::env::var(k).ok())
         .map_err(|e| e.to_string())?;
-    if config.dev_mode {
+    Ok(config)
+}
+
+/// SIGHUP: re-read the config and apply what can change live. A config that doesn't
+/// load or validate is refused with a log line; the running one stays.
+fn reload(running: &RunningServer, config: Option<&Path>, data_dir: &Path) {
+    tracing::info!("SIGHUP: reloading the config");
+    let result = load_config(config, data_dir)
+        .and_then(|new| running.reload(new).map_err(|e| e.to_string()));
+    match result {
+        Ok(done) => {
+            tracing::info!(applied = ?done.applied, "config reloaded");
+            if !done.need_restart.is_empty() {
+                tracing::warn!(
+                    settings = ?done.need_restart,
+                    "changed settings need a restart to apply; they keep their running values"
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+    }
+}
+
+async fn serve(config: Option<PathBuf>, data_dir: PathBuf) -> Result<(), String> {
+    let initial = load_config(config.as_deref(), &data_dir)?;
+    if initial.dev_mode {
         tracing::warn!(
             module_id = dev::DEV_MODULE,
-            module_key_file = %config.data_dir.join(DEV_MODULE_KEY_FILE).display(),
-            admin_key_file = %config.data_dir.join(DEV_ADMIN_KEY_FILE).display(),
+            module_key_file = %initial.data_dir.join(DEV_MODULE_KEY_FILE).display(),
+            admin_key_file = %initial.data_dir.join(DEV_ADMIN_KEY_FILE).display(),
             issuer = dev::DEV_ISSUER,
             "DEV MODE: no --config given; using a dev issuer and dev keys. Not for production."
         );
     }
-    let running = Server::start(config).await.map_err(|e| e.to_string())?;
-    running.run_until(shutdown_signal()).await;
+    let running = Server::start(initial).await.map_err(|e| e.to_string())?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = hup => reload(&running, config.as_deref(), &data_dir),
+        }
+    }
+    running.run_until(async {}).await;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Admin(args) => admin_cli::run(args),
         Command::Serve {
             config,
             data_dir,
@@ -174,24 +262,32 @@ fn main() -> ExitCode {
                     .collect::<BTreeSet<_>>(),
                 ttl,
             };
-            dev::mint_dev_token(&data_dir, &request, SystemClock.now())
-                .map(|token| println!("{token}"))
+            dev::require_issuer_key(&data_dir)
+                .and_then(|()| dev::mint_dev_token(&data_dir, &request, SystemClock.now()))
+                .map(|token| out!("{token}"))
                 .map_err(|e| e.to_string())
         }
         Command::HashKey => {
             let mut key = String::new();
-            std::io::stdin()
-                .read_to_string(&mut key)
-                .map(|_| println!("{}", key_hash(key.trim())))
-                .map_err(|e| format!("reading standard input: {e}"))
+            match std::io::stdin().read_to_string(&mut key) {
+                Err(e) => Err(format!("reading standard input: {e}")),
+                Ok(_) if key.trim().is_empty() => Err("standard input is empty: pipe the key \
+                     in, e.g. `echo \"$KEY\" | token-service hash-key`"
+                    .to_owned()),
+                Ok(_) => {
+                    out!("{}", key_hash(key.trim()));
+                    Ok(())
+                }
+            }
         }
         Command::GenMasterKey => {
-            println!("{}", token_service::secrets::MasterKey::generate().1);
+            out!("{}", token_service::secrets::MasterKey::generate().1);
             Ok(())
         }
         Command::GenKey { admin } => {
             let key = generate_key_text(if admin { "ak" } else { "mk" });
-            println!("{key}\n{}", key_hash(&key));
+            out!("{key}");
+            out!("{}", key_hash(&key));
             Ok(())
         }
     };
@@ -208,6 +304,15 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
+    }
 
     #[test]
     fn cli_is_well_formed() {

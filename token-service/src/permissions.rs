@@ -23,6 +23,32 @@ pub fn validate_name(p: &str) -> Result<()> {
     Ok(())
 }
 
+/// Why a module's `delegable` pattern could never match a permission, if it couldn't:
+/// a pattern is `*`, `prefix.*`, or an exact name without `*`.
+pub fn pattern_problem(pattern: &str) -> Option<&'static str> {
+    if pattern.is_empty() {
+        return Some("is empty: it matches nothing");
+    }
+    if pattern.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("holds white space or control characters: no permission name does");
+    }
+    if pattern == "*" {
+        return None;
+    }
+    let prefix = pattern.strip_suffix(".*").unwrap_or(pattern);
+    if prefix.contains('*') {
+        return Some(
+            "can never match: `*` works only alone or after a dot at the end (`*`, \
+             `inventory.*`); suffix and partial wildcards such as `*.write` or \
+             `inventory*` are not supported",
+        );
+    }
+    if prefix.is_empty() || prefix.ends_with('.') {
+        return Some("can never match: a dotted prefix needs a name before `.*`");
+    }
+    None
+}
+
 /// Whether a module pattern (`name`, `prefix.*`, `*`) covers `permission`.
 pub fn pattern_covers(pattern: &str, permission: &str) -> bool {
     match pattern.strip_suffix('*') {
@@ -92,6 +118,33 @@ mod tests {
     }
     fn vec(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn patterns_that_can_never_match_are_named() {
+        for ok in [
+            "*",
+            "inventory.*",
+            "inventory.items.*",
+            "inventory.read",
+            "a",
+        ] {
+            assert_eq!(pattern_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "inventory*",
+            "*.write",
+            "inv*.read",
+            ".*",
+            "a..*",
+            "a b",
+            "**",
+        ] {
+            let problem = pattern_problem(bad);
+            assert!(problem.is_some(), "{bad:?} was accepted");
+            assert!(!pattern_covers(bad, "inventory.read") && !pattern_covers(bad, "a.write"));
+        }
     }
 
     #[test]

@@ -12,15 +12,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::auth::{AdminAuth, Modules};
 use crate::clock::{Clock, SystemClock};
 use crate::config::StoreKind;
 use crate::config::{Config, StartupError};
 use crate::dev::load_or_create_master_key;
 use crate::grpc::{AdminApi, JobTokenApi, Observer};
 use crate::keys::KeyRing;
-use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::ready::{Check, Readiness};
+use crate::reload::{Live, Reloaded};
 use crate::service::{LeaseService, MAX_MESSAGE_BYTES, Settings};
 use crate::store::postgres::PostgresOptions;
 use crate::store::{PostgresStore, SqliteStore, Store};
@@ -47,6 +47,9 @@ pub struct RunningServer {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     service: Arc<LeaseService>,
+    live: Arc<Live>,
+    /// The config running now (reloads compare against it).
+    config: std::sync::Mutex<Config>,
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, StartupError> {
@@ -122,6 +125,7 @@ impl Server {
                     schema: config.store.schema.clone(),
                     max_connections: config.store.max_connections,
                     statement_timeout: config.store.statement_timeout,
+                    ca_file: config.store.ca_file.clone(),
                 };
                 Arc::new(PostgresStore::connect(&options).await?)
             }
@@ -143,6 +147,11 @@ impl Server {
         );
         let subjects = SubjectVerifier::from_config(&config.trusted_issuers)?;
         let metrics = Arc::new(Metrics::new());
+        {
+            let metrics = Arc::clone(&metrics);
+            store.observe_batches(Arc::new(move |kind, size| metrics.store_batch(kind, size)));
+        }
+        let pool_source = Arc::clone(&store);
         let service = Arc::new(LeaseService::new(
             store,
             Arc::clone(&keys),
@@ -152,10 +161,7 @@ impl Server {
             Settings::from_config(&config),
             Arc::clone(&metrics),
         ));
-        let modules = Arc::new(Modules::from_config(
-            &config.modules,
-            &config.default_audience,
-        ));
+        let live = Arc::new(Live::new(&config));
 
         let grpc_listener = bind(config.listen.grpc).await?;
         let http_listener = bind(config.listen.http).await?;
@@ -172,13 +178,13 @@ impl Server {
                 source,
             })?;
 
+        // Set to SERVING (or not) by `report_health`, from readiness.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<JobTokenServiceServer<JobTokenApi>>()
-            .await;
-        health_reporter
-            .set_serving::<AdminServiceServer<AdminApi>>()
-            .await;
+        for name in HEALTH_NAMES {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
         // Both reflection versions describe everything served, including each other and
         // google.rpc error details, so any grpcurl lists all services and decodes ErrorInfo.
         let reflection = |b: tonic_reflection::server::Builder<'static>| {
@@ -199,21 +205,16 @@ impl Server {
             .map_err(|e| StartupError::Invalid(format!("reflection: {e}")))?;
 
         let (shutdown, _) = watch::channel(false);
+        let readiness = Arc::new(Readiness::new());
         let observer = Arc::new(Observer::new(Arc::clone(&metrics)));
-        let limits = Arc::new(Limits::new(&config.modules, &config.limits));
         let job_api = JobTokenApi::new(
             Arc::clone(&service),
-            Arc::clone(&modules),
-            limits,
+            Arc::clone(&live),
             Arc::clone(&observer),
             WATCH_POLL,
             shutdown.subscribe(),
         );
-        let admin_api = AdminApi::new(
-            Arc::clone(&service),
-            AdminAuth::new(config.admin_key_sha256.clone()),
-            observer,
-        );
+        let admin_api = AdminApi::new(Arc::clone(&service), Arc::clone(&live), observer);
 
         // A client whose calls timed out together over a stalled connection cancels them
         // together when it resumes; past h2's default guard (20 cancelled streams not yet
@@ -265,7 +266,11 @@ impl Server {
             }
         });
         let http_stop = stopped(shutdown.subscribe());
-        let http_app = crate::http::router(Arc::clone(&service), Arc::clone(&metrics));
+        let http_app = crate::http::router(
+            Arc::clone(&service),
+            Arc::clone(&metrics),
+            Arc::clone(&readiness),
+        );
         tasks.spawn(async move {
             if let Err(e) = axum::serve(http_listener, http_app)
                 .with_graceful_shutdown(http_stop)
@@ -277,7 +282,14 @@ impl Server {
         tasks.spawn(background(
             Arc::clone(&service),
             Arc::clone(&keys),
+            Arc::clone(&readiness),
+            (pool_source, Arc::clone(&metrics)),
             config.store.retention,
+            shutdown.subscribe(),
+        ));
+        tasks.spawn(report_health(
+            health_reporter,
+            readiness.subscribe(),
             shutdown.subscribe(),
         ));
         if let Some(mut remote) = remote_ends {
@@ -309,8 +321,11 @@ impl Server {
             tls = config.tls.is_some(),
             dev_mode = config.dev_mode,
             store = ?config.store.kind,
-            sqlite_path = %config.store_path().display(),
-            pg_schema = %config.store.schema,
+            // The SQLite file, or the PostgreSQL schema: only the one in use.
+            store_location = %match config.store.kind {
+                StoreKind::Sqlite => config.store_path().display().to_string(),
+                StoreKind::Postgres => format!("schema {}", config.store.schema),
+            },
             modules = config.modules.len(),
             trusted_issuers = config.trusted_issuers.len(),
             access_token_ttl_secs = config.access_token_ttl.as_secs(),
@@ -322,15 +337,49 @@ impl Server {
             shutdown,
             tasks,
             service,
+            live,
+            config: std::sync::Mutex::new(config),
         })
     }
 }
 
-/// Sweeps ended leases, keeps the active-lease gauge current, reloads keys and deletes
-/// leases ended longer than `retention` ago.
+/// The gRPC health names that follow readiness: the whole server and each API.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    "jobtoken.v1.JobTokenService",
+    "jobtoken.v1.AdminService",
+];
+
+/// Mirrors readiness into gRPC health: `SERVING` while ready, `NOT_SERVING` otherwise.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut ready: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let status = if *ready.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for name in HEALTH_NAMES {
+            reporter.set_service_status(name, status).await;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            changed = ready.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Sweeps ended leases, keeps the active-lease gauge current (which doubles as the
+/// store's readiness probe), reloads keys and deletes leases ended longer than
+/// `retention` ago.
 async fn background(
     service: Arc<LeaseService>,
     keys: Arc<KeyRing>,
+    readiness: Arc<Readiness>,
+    (store, metrics): (Arc<dyn Store>, Arc<Metrics>),
     retention: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -349,14 +398,29 @@ async fn background(
                 if let Err(e) = service.sweep().await {
                     tracing::warn!(error = %e, "sweeping ended leases failed");
                 }
-                if let Err(e) = service.count_active_leases().await {
-                    tracing::warn!(error = %e, "counting active leases failed");
+                if let Some(pool) = store.pool_status() {
+                    metrics.set_store_pool(&pool);
+                }
+                match service.count_active_leases().await {
+                    Ok(_) => readiness.record(Check::Store, None),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "counting active leases failed");
+                        readiness.record(Check::Store, Some(&e));
+                    }
+                }
+                // Keys that failed to load are retried at every probe, so readiness
+                // comes back within a second of the store.
+                if readiness.failing(Check::Keys) {
+                    let result = keys.reload(service.now()).await;
+                    readiness.record(Check::Keys, result.as_ref().err().map(|e| e as _));
                 }
             }
             _ = reload.tick() => {
-                if let Err(e) = keys.reload(service.now()).await {
+                let result = keys.reload(service.now()).await;
+                if let Err(e) = &result {
                     tracing::warn!(error = %e, "reloading signing keys failed");
                 }
+                readiness.record(Check::Keys, result.as_ref().err().map(|e| e as _));
             }
             _ = cleanup.tick() => {
                 match service.purge_ended(retention).await {
@@ -383,6 +447,15 @@ impl RunningServer {
     /// The domain service, for in-process tests.
     pub fn service(&self) -> &Arc<LeaseService> {
         &self.service
+    }
+
+    /// Applies a re-read config: modules, trusted issuers, the admin key and limits
+    /// change at once, without dropping connections. A config that fails validation is
+    /// refused and the running one stays. Changed settings that need a restart are
+    /// reported (and keep their old value).
+    pub fn reload(&self, new: Config) -> Result<Reloaded, StartupError> {
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        crate::reload::apply(&mut current, new, &self.live, &self.service)
     }
 
     /// Stops accepting, lets in-flight calls finish, and waits for every task.

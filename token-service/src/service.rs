@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use tokio::sync::watch;
@@ -147,7 +148,8 @@ pub struct LeaseService {
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
     master: MasterKey,
-    subjects: SubjectVerifier,
+    /// Swapped by a config reload.
+    subjects: ArcSwap<SubjectVerifier>,
     clock: Arc<dyn Clock>,
     settings: Settings,
     /// Bumped whenever this process ends a lease, so revocation streams wake at once.
@@ -233,7 +235,7 @@ impl LeaseService {
             store,
             keys,
             master,
-            subjects,
+            subjects: ArcSwap::from_pointee(subjects),
             clock,
             settings,
             ends: watch::channel(0).0,
@@ -244,6 +246,12 @@ impl LeaseService {
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Replaces the trusted issuers (a config reload); grants in flight finish with the
+    /// issuers they started with.
+    pub fn set_subjects(&self, subjects: SubjectVerifier) {
+        self.subjects.store(Arc::new(subjects));
     }
 
     /// The signing keys.
@@ -305,9 +313,9 @@ impl LeaseService {
         &self,
         lease: &Lease,
         now: SystemTime,
-    ) -> Result<Option<Option<EndReason>>> {
+    ) -> Result<Option<Option<(EndReason, String)>>> {
         if let Some(end) = &lease.end {
-            return Ok(Some(Some(end.reason)));
+            return Ok(Some(Some((end.reason, end.detail.clone()))));
         }
         let Some(reason) = lease.due_end(now) else {
             return Ok(None);
@@ -316,7 +324,7 @@ impl LeaseService {
         let at = now.min(lease.deadline());
         ended.finish(reason, at, "system", reason.describe());
         if self.write_end(&ended).await? {
-            Ok(Some(Some(reason)))
+            Ok(Some(Some((reason, reason.describe().to_owned()))))
         } else {
             Ok(Some(None))
         }
@@ -365,7 +373,7 @@ impl LeaseService {
             return Err(Error::AudienceNotAllowed(audience));
         }
         let now = self.clock.now();
-        let subject = self.subjects.verify(&req.subject_token, now)?;
+        let subject = self.subjects.load().verify(&req.subject_token, now)?;
         if !module.serves(&subject.tenant) {
             return Err(Error::TenantNotServed(subject.tenant));
         }
@@ -477,7 +485,7 @@ impl LeaseService {
             }
             match self.end_if_due(&lease, now).await? {
                 None => {}
-                Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
+                Some(Some((reason, detail))) => return Err(Error::LeaseEnded(reason, detail)),
                 Some(None) => continue,
             }
             if !self
@@ -577,7 +585,7 @@ impl LeaseService {
             }
             match self.end_if_due(&lease, now).await? {
                 None => {}
-                Some(Some(reason)) => return Err(Error::LeaseEnded(reason)),
+                Some(Some((reason, detail))) => return Err(Error::LeaseEnded(reason, detail)),
                 Some(None) => continue,
             }
             // A new seed invalidates every refresh token issued before.

@@ -77,6 +77,7 @@ async fn open_store(
                 schema: schema.name().to_owned(),
                 max_connections: 8,
                 statement_timeout: Duration::from_secs(10),
+                ca_file: None,
             };
             let store = crate::store::PostgresStore::connect(&options)
                 .await
@@ -715,7 +716,7 @@ async fn refresh_rotates_and_reuse_of_an_old_token_revokes(backend: Backend) {
     ));
     assert!(matches!(
         h.refresh(&id, &t2).await,
-        Err(Error::LeaseEnded(EndReason::RefreshTokenReused))
+        Err(Error::LeaseEnded(EndReason::RefreshTokenReused, _))
     ));
     let (lease, events) = h.svc.get_lease(&id).await.unwrap();
     assert_eq!(lease.end.unwrap().reason, EndReason::RefreshTokenReused);
@@ -818,7 +819,7 @@ async fn access_tokens_never_outlive_the_lease_and_expiry_ends_it(backend: Backe
     h.advance(Duration::from_secs(150));
     assert!(matches!(
         h.refresh(&issued.lease.id, &token).await,
-        Err(Error::LeaseEnded(EndReason::Expired))
+        Err(Error::LeaseEnded(EndReason::Expired, _))
     ));
     assert!(
         h.svc
@@ -857,7 +858,7 @@ async fn idle_leases_end_and_the_sweeper_reports_them(backend: Backend) {
     assert_eq!(ends[0].reason, Some(EndReason::IdleTimeout));
     assert!(matches!(
         h.refresh(&idle.lease.id, &rt(&idle.tokens)).await,
-        Err(Error::LeaseEnded(EndReason::IdleTimeout))
+        Err(Error::LeaseEnded(EndReason::IdleTimeout, _))
     ));
     assert_eq!(h.svc.sweep().await.unwrap(), 0, "nothing left to sweep");
 }
@@ -916,7 +917,7 @@ async fn release_ends_the_lease_once_and_only_for_its_holder(backend: Backend) {
     assert_eq!(again.end.unwrap(), end, "idempotent: the first end stands");
     assert!(matches!(
         h.refresh(&issued.lease.id, &rt(&issued.tokens)).await,
-        Err(Error::LeaseEnded(EndReason::Released))
+        Err(Error::LeaseEnded(EndReason::Released, _))
     ));
     assert!(
         h.svc
@@ -980,7 +981,7 @@ async fn administrators_revoke_by_lease_job_subject_and_actor(backend: Backend) 
     assert_eq!(h.svc.count_active_leases().await.unwrap(), 0);
     assert!(matches!(
         h.refresh(&a.lease.id, &rt(&a.tokens)).await,
-        Err(Error::LeaseEnded(EndReason::Revoked))
+        Err(Error::LeaseEnded(EndReason::Revoked, _))
     ));
 }
 

@@ -6,7 +6,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jwt_simple::prelude::*;
 use token_sdk::proto::{GetJwksRequest, RotateSigningKeyRequest};
 
-use crate::support::{TestServer, http_get};
+use crate::support::{TestServer, http_get, http_get_with};
 
 fn verify(
     jwks: &serde_json::Value,
@@ -117,5 +117,101 @@ async fn jwks_over_http_verifies_tokens_with_an_independent_library() {
     );
     let (status, body) = http_get(server.http_addr(), "/healthz").await;
     assert!(status.contains("200") && body.starts_with("ok"));
+    server.stop().await;
+}
+
+/// `/metrics` speaks what the scraper asks for: OpenMetrics to Prometheus, the classic
+/// text format (0.0.4) to everything else, with process, build and store metrics.
+#[tokio::test]
+async fn metrics_follow_the_accept_header() {
+    let server = TestServer::start().await;
+    server.issue("job").await;
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                      version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (head, open) =
+        http_get_with(server.http_addr(), "/metrics", &[("Accept", prometheus)]).await;
+    assert!(
+        head.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(open.contains("# TYPE jobtoken_grants counter\n"), "{open}");
+    assert!(open.contains("# TYPE jobtoken_build info\n"), "{open}");
+
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+        let (head, text) = http_get_with(server.http_addr(), "/metrics", &headers).await;
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4"),
+            "{accept:?}: {head}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        // A classic parser reads the TYPE line's name as the sample's name.
+        assert!(
+            text.contains("# TYPE jobtoken_grants_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP jobtoken_grants_total "), "{text}");
+        assert!(
+            text.contains(r#"jobtoken_grants_total{result="OK"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE jobtoken_build_info gauge\n"),
+            "{text}"
+        );
+        let version = format!(
+            r#"jobtoken_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&version), "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{text}"
+        );
+        for name in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} gauge\n")),
+                "{name}: {text}"
+            );
+        }
+        // Every sample line's family was declared under its own name.
+        for sample in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let name = sample.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{sample} has no TYPE"
+            );
+        }
+    }
+
+    // The SQLite group commit reported its batch (the grant), and the pool its size
+    // (updated every second).
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let (_, text) = http_get(server.http_addr(), "/metrics").await;
+    assert!(
+        text.contains(r#"jobtoken_store_batch_size_count{kind="sqlite_group_commit"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("jobtoken_store_pool_max_connections "),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"jobtoken_store_pool_connections{state="idle"}"#),
+        "{text}"
+    );
     server.stop().await;
 }

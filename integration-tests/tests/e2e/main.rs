@@ -8,6 +8,7 @@ mod limits;
 mod load;
 mod malformed;
 mod outage;
+mod pg_tls;
 mod postgres;
 mod reflection;
 mod sdk;

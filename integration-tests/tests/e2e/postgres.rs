@@ -16,7 +16,10 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::support::{TestServer, postgres_url, reason, use_postgres};
+use crate::support::{TestServer, http_get, postgres_url, reason, use_postgres};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Two replicas on one PostgreSQL schema; `None` when PostgreSQL tests skip.
 async fn pair() -> Option<(TestServer, TestServer)> {
@@ -229,5 +232,66 @@ async fn an_outage_fails_fast_with_unavailable_and_heals_by_itself() {
         .await
         .expect("heals");
     assert!(renewed.tokens.is_some());
+    server.stop().await;
+}
+
+/// The gRPC health status of the whole server and `/readyz`'s status line.
+async fn readiness(server: &TestServer) -> (ServingStatus, String) {
+    let mut health = HealthClient::new(server.channel().await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    let (line, _) = http_get(server.http_addr(), "/readyz").await;
+    (status, line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database_while_liveness_stays_ok() {
+    let Some(real) = postgres_url() else { return };
+    let upstream = token_service::testing::postgres_addr(&real)
+        .expect("the test URL names the server by IP address and port");
+    let proxy = Proxy::start(upstream).await;
+    let url = real.replacen(&upstream.to_string(), &proxy.addr.to_string(), 1);
+    let server = TestServer::start_with(|c| use_postgres(c, &url)).await;
+    let (status, line) = readiness(&server).await;
+    assert_eq!(status, ServingStatus::Serving);
+    assert!(line.contains("200"), "{line}");
+
+    proxy.cut().await;
+    let down = async {
+        loop {
+            let (status, line) = readiness(&server).await;
+            if status == ServingStatus::NotServing && line.contains("503") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), down)
+        .await
+        .expect("not ready within 10 s of the database going away");
+    let (_, body) = http_get(server.http_addr(), "/readyz").await;
+    assert!(body.contains("store unreachable"), "{body}");
+    let (live, body) = http_get(server.http_addr(), "/healthz").await;
+    assert!(live.contains("200") && body == "ok\n", "{live} {body}");
+
+    proxy.restore();
+    let up = async {
+        loop {
+            let (status, line) = readiness(&server).await;
+            if status == ServingStatus::Serving && line.contains("200") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), up)
+        .await
+        .expect("ready again within 10 s of the database coming back");
     server.stop().await;
 }

@@ -328,14 +328,29 @@ pub(crate) fn reason(status: &tonic::Status) -> String {
 
 /// A minimal HTTP/1.1 GET over a plain TCP socket: the status line and the body.
 pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let (head, body) = http_get_with(addr, path, &[]).await;
+    (head.lines().next().unwrap().to_owned(), body)
+}
+
+/// A GET with extra request headers: the whole response head and the body.
+pub(crate) async fn http_get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+    (head.to_owned(), body.to_owned())
 }
 
 impl TestServer {

@@ -7,8 +7,8 @@ use pb::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use super::{ADMIN_KEY_HEADER, Observer, convert, observe};
-use crate::auth::AdminAuth;
 use crate::error::Error;
+use crate::reload::Live;
 use crate::service::LeaseService;
 use crate::store::LeaseFilter;
 
@@ -16,16 +16,17 @@ use crate::store::LeaseFilter;
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     service: Arc<LeaseService>,
-    auth: AdminAuth,
+    /// The admin key is read from here at every call (a reload swaps it).
+    live: Arc<Live>,
     observer: Arc<Observer>,
 }
 
 impl AdminApi {
     /// Wires the API to the domain.
-    pub fn new(service: Arc<LeaseService>, auth: AdminAuth, observer: Arc<Observer>) -> Self {
+    pub fn new(service: Arc<LeaseService>, live: Arc<Live>, observer: Arc<Observer>) -> Self {
         Self {
             service,
-            auth,
+            live,
             observer,
         }
     }
@@ -36,7 +37,7 @@ impl AdminApi {
             .get(ADMIN_KEY_HEADER)
             .and_then(|v| v.to_str().ok())
             .ok_or(Error::AdminUnauthenticated)?;
-        if self.auth.check(key) {
+        if self.live.admin.load().check(key) {
             Ok(())
         } else {
             Err(Error::AdminUnauthenticated)

@@ -11,16 +11,19 @@ use pb::job_token_service_server::JobTokenService;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
-use super::{Observer, authenticate, convert, observe};
-use crate::auth::{Module, Modules};
+use super::{ADMIN_KEY_HEADER, Observer, authenticate, convert, observe};
+use crate::auth::Module;
 use crate::error::Error;
-use crate::limits::{Limits, Spend, StreamSlot};
+use crate::limits::{Spend, StreamSlot};
+use crate::reload::Live;
 use crate::service::{IssueRequest, LeaseService, MAX_ID_LEN};
 
 /// Events sent per store query by a revocation stream.
 const WATCH_BATCH: usize = 500;
 /// Most tenants one revocation stream may name.
 const MAX_STREAM_TENANTS: usize = 1000;
+/// Whom administrators' revocation streams count against in `streams_per_module`.
+const ADMIN_STREAM_HOLDER: &str = "@admin";
 /// How often an idle revocation stream sends a heartbeat with its cursor.
 const WATCH_HEARTBEAT: Duration = Duration::from_secs(30);
 
@@ -37,8 +40,8 @@ fn heartbeat(cursor: u64, covered: &[String]) -> pb::WatchRevocationsResponse {
 #[derive(Debug, Clone)]
 pub struct JobTokenApi {
     service: Arc<LeaseService>,
-    modules: Arc<Modules>,
-    limits: Arc<Limits>,
+    /// Modules and limits, read at every call (a reload swaps them).
+    live: Arc<Live>,
     observer: Arc<Observer>,
     /// How often a revocation stream re-reads the store without a local wake-up (ends
     /// written by other replicas or the sweeper of another process).
@@ -52,16 +55,14 @@ impl JobTokenApi {
     /// Wires the API to the domain.
     pub fn new(
         service: Arc<LeaseService>,
-        modules: Arc<Modules>,
-        limits: Arc<Limits>,
+        live: Arc<Live>,
         observer: Arc<Observer>,
         watch_poll: Duration,
         stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
             service,
-            modules,
-            limits,
+            live,
             observer,
             watch_poll,
             stop,
@@ -72,17 +73,20 @@ impl JobTokenApi {
 impl JobTokenApi {
     /// The calling module, if it may make one more call of `spend`.
     fn admit<T>(&self, request: &Request<T>, spend: Spend) -> Result<Arc<Module>, Error> {
-        let module = authenticate(&self.modules, request)?;
-        self.limits.spend(&module.id, spend)?;
+        let module = authenticate(&self.live.modules.load(), request)?;
+        self.live.limits.load().spend(&module.id, spend)?;
         Ok(module)
     }
 }
 
 /// Which tenants' ends a stream carries: those asked for (each must be served), else
 /// every tenant the module serves (`None`: all).
-fn stream_tenants(module: &Module, asked: Vec<String>) -> Result<Option<HashSet<String>>, Error> {
+fn stream_tenants(
+    served: Option<&HashSet<String>>,
+    asked: Vec<String>,
+) -> Result<Option<HashSet<String>>, Error> {
     if asked.is_empty() {
-        return Ok(module.tenants.clone());
+        return Ok(served.cloned());
     }
     if asked.len() > MAX_STREAM_TENANTS {
         return Err(Error::invalid(
@@ -92,7 +96,7 @@ fn stream_tenants(module: &Module, asked: Vec<String>) -> Result<Option<HashSet<
     }
     for t in &asked {
         crate::ident::check(t, MAX_ID_LEN).map_err(|p| Error::invalid("tenants", p.to_string()))?;
-        if !module.serves(t) {
+        if served.is_some_and(|served| !served.contains(t)) {
             return Err(Error::TenantNotServed(t.clone()));
         }
     }
@@ -283,11 +287,25 @@ impl JobTokenService for JobTokenApi {
         let poll = self.watch_poll;
         let peer = request.remote_addr();
         let (start, tenants, slot) = observe(&self.observer, "WatchRevocations", peer, async {
-            // Each open reads the store: opens count as grants.
-            let module = self.admit(&request, Spend::Grant)?;
+            // An administrator (x-admin-key) may watch every tenant's ends; the streams
+            // of all administrators share one module's cap.
+            let (holder, served) = match request.metadata().get(ADMIN_KEY_HEADER) {
+                Some(key) => {
+                    let key = key.to_str().map_err(|_| Error::AdminUnauthenticated)?;
+                    if !self.live.admin.load().check(key) {
+                        return Err(Error::AdminUnauthenticated);
+                    }
+                    (ADMIN_STREAM_HOLDER.to_owned(), None)
+                }
+                None => {
+                    // Each open reads the store: opens count as grants.
+                    let module = self.admit(&request, Spend::Grant)?;
+                    (module.id.clone(), module.tenants.clone())
+                }
+            };
             let request = request.into_inner();
-            let tenants = stream_tenants(&module, request.tenants)?;
-            let slot: StreamSlot = self.limits.open_stream(&module.id)?;
+            let tenants = stream_tenants(served.as_ref(), request.tenants)?;
+            let slot: StreamSlot = self.live.limits.load_full().open_stream(&holder)?;
             let start = match request.after_cursor {
                 Some(cursor) => {
                     // A cursor from the future would wait silently forever.

@@ -13,6 +13,21 @@ pub const STREAM_CAP_RETRY: std::time::Duration = std::time::Duration::from_secs
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "jobtoken.v1";
 
+/// Longest `end_detail` an ended-lease error carries, in bytes.
+const MAX_END_DETAIL: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` if cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// The gRPC code of a domain error.
 pub fn code(e: &Error) -> Code {
     match e {
@@ -35,7 +50,7 @@ pub fn code(e: &Error) -> Code {
         Error::RateLimited { .. } | Error::TooManyStreams { .. } => Code::ResourceExhausted,
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseAlreadyExists(_) => Code::AlreadyExists,
-        Error::LeaseEnded(_) => Code::FailedPrecondition,
+        Error::LeaseEnded(..) => Code::FailedPrecondition,
         Error::Unavailable(_) => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     }
@@ -53,8 +68,11 @@ pub fn to_status(e: &Error) -> Status {
         Error::InvalidArgument { field, .. } => {
             metadata.insert("field".to_owned(), (*field).to_owned());
         }
-        Error::LeaseEnded(reason) => {
+        Error::LeaseEnded(reason, detail) => {
             metadata.insert("end_reason".to_owned(), reason.as_str().to_owned());
+            if !detail.is_empty() {
+                metadata.insert("end_detail".to_owned(), bounded(detail, MAX_END_DETAIL));
+            }
         }
         Error::Internal(source) => {
             tracing::error!(error = %source, cause = ?source.source(), "internal error");
@@ -161,8 +179,35 @@ mod tests {
             Error::Unavailable(StoreError::Unavailable("db down at 10.0.0.5".into())),
             Error::internal(std::io::Error::other("secret detail")),
         ];
-        all.extend(EndReason::ALL.into_iter().map(Error::LeaseEnded));
+        all.extend(
+            EndReason::ALL
+                .into_iter()
+                .map(|r| Error::LeaseEnded(r, "user asked".into())),
+        );
         all
+    }
+
+    #[test]
+    fn an_ended_lease_carries_its_end_detail_bounded() {
+        let status = to_status(&Error::LeaseEnded(EndReason::Revoked, "user asked".into()));
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["end_reason"], "revoked");
+        assert_eq!(info.metadata["end_detail"], "user asked");
+        let long = "é".repeat(300);
+        let status = to_status(&Error::LeaseEnded(EndReason::Revoked, long));
+        let detail = &status.get_details_error_info().unwrap().metadata["end_detail"];
+        assert!(
+            detail.len() <= MAX_END_DETAIL && detail.ends_with('…'),
+            "{detail}"
+        );
+        let status = to_status(&Error::LeaseEnded(EndReason::Expired, String::new()));
+        assert!(
+            !status
+                .get_details_error_info()
+                .unwrap()
+                .metadata
+                .contains_key("end_detail")
+        );
     }
 
     #[test]

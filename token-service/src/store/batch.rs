@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::StoreError;
+use super::{BatchHook, StoreError};
 
 type Waiting<Q, A> = (Q, oneshot::Sender<Result<A, StoreError>>);
 
@@ -26,7 +26,14 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     /// answer per request, in order, within `timeout` (else every request of the batch
     /// fails as unavailable). At most `parallel` batches run at once; requests arriving
     /// meanwhile form the next batch. The task ends when the batcher is dropped.
-    pub(crate) fn spawn<F, Fut>(max: usize, parallel: usize, timeout: Duration, run: F) -> Self
+    /// Each batch's size is reported to `hook` as `kind`.
+    pub(crate) fn spawn<F, Fut>(
+        max: usize,
+        parallel: usize,
+        timeout: Duration,
+        (kind, hook): (&'static str, BatchHook),
+        run: F,
+    ) -> Self
     where
         F: Fn(Vec<Q>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<A>, StoreError>> + Send + 'static,
@@ -47,6 +54,7 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
                         Err(_) => break,
                     }
                 }
+                hook.observe(kind, batch.len());
                 let run = Arc::clone(&run);
                 tokio::spawn(async move {
                     let (requests, replies): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
@@ -104,6 +112,10 @@ fn copy(e: &StoreError) -> StoreError {
         StoreError::Database(source) => {
             StoreError::Database(Box::new(std::io::Error::other(source.to_string())))
         }
+        StoreError::Open { target, problem } => StoreError::Open {
+            target: target.clone(),
+            problem: problem.clone(),
+        },
     }
 }
 
@@ -118,10 +130,17 @@ mod tests {
     async fn concurrent_requests_share_batches_and_each_gets_its_own_answer() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&sizes);
+        let hook = BatchHook::default();
+        let observed = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&observed);
+        hook.set(Arc::new(move |kind, n| {
+            sink.lock().unwrap().push((kind, n))
+        }));
         let batcher = Arc::new(Batcher::spawn(
             16,
             1,
             Duration::from_secs(5),
+            ("test", hook),
             move |xs: Vec<u32>| {
                 seen.lock().unwrap().push(xs.len());
                 async move {
@@ -143,24 +162,39 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 40);
         assert!(sizes.iter().all(|&n| n <= 16), "{sizes:?}");
         assert!(sizes.len() < 40, "requests were batched: {sizes:?}");
+        let observed: Vec<(&str, usize)> = observed.lock().unwrap().clone();
+        let want: Vec<(&str, usize)> = sizes.iter().map(|&n| ("test", n)).collect();
+        assert_eq!(observed, want, "each batch's size is reported");
     }
 
     #[tokio::test]
     async fn a_failed_batch_fails_each_request_with_the_same_kind_of_error() {
-        let batcher = Batcher::spawn(8, 2, Duration::from_secs(5), |_: Vec<u32>| async {
-            Err::<Vec<u32>, _>(StoreError::Unavailable("db down".into()))
-        });
+        let batcher = Batcher::spawn(
+            8,
+            2,
+            Duration::from_secs(5),
+            ("test", BatchHook::default()),
+            |_: Vec<u32>| async { Err::<Vec<u32>, _>(StoreError::Unavailable("db down".into())) },
+        );
         assert!(matches!(
             batcher.call(1).await,
             Err(StoreError::Unavailable(why)) if why == "db down"
         ));
-        let short = Batcher::spawn(8, 2, Duration::from_secs(5), |_: Vec<u32>| async {
-            Ok(Vec::<u32>::new())
-        });
+        let short = Batcher::spawn(
+            8,
+            2,
+            Duration::from_secs(5),
+            ("test", BatchHook::default()),
+            |_: Vec<u32>| async { Ok(Vec::<u32>::new()) },
+        );
         assert!(matches!(short.call(1).await, Err(StoreError::Corrupt(_))));
-        let hung = Batcher::spawn(8, 2, Duration::from_millis(50), |_: Vec<u32>| {
-            std::future::pending::<Result<Vec<u32>, StoreError>>()
-        });
+        let hung = Batcher::spawn(
+            8,
+            2,
+            Duration::from_millis(50),
+            ("test", BatchHook::default()),
+            |_: Vec<u32>| std::future::pending::<Result<Vec<u32>, StoreError>>(),
+        );
         assert!(matches!(
             hung.call(1).await,
             Err(StoreError::Unavailable(why)) if why.contains("no answer")

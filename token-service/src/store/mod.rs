@@ -5,6 +5,7 @@
 //! replicas) never lose a rotation: the loser re-reads and decides again.
 
 mod batch;
+mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -30,9 +31,19 @@ pub enum StoreError {
     /// Stored data could not be read back (corruption or a bug).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-    /// Any other failure of the database driver.
-    #[error("database error")]
+    /// Any other failure of the database driver (its text carries the cause: SQLSTATE
+    /// and message, never a password).
+    #[error("database error: {0}")]
     Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store could not be opened at start-up: where (host, port, user, database;
+    /// never the password) and why.
+    #[error("cannot open {target}: {problem}")]
+    Open {
+        /// Where it connects.
+        target: String,
+        /// Why it failed.
+        problem: String,
+    },
 }
 
 /// Which leases to list. `None` fields match everything.
@@ -155,9 +166,50 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many leases it deleted. Safe to run on several replicas at once.
     async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError>;
 
+    /// Gives the store where to report the size of each batch it commits or sends
+    /// (group commit): `(kind, requests in the batch)`. Stores that don't batch ignore it.
+    fn observe_batches(&self, _observer: BatchObserver) {}
+
+    /// Its connection pool now, for metrics.
+    fn pool_status(&self) -> Option<PoolStatus> {
+        None
+    }
+
     /// Changes whenever *another process* sharing this store records a lease end, so
     /// revocation streams wake at once. `None` for a store only one process uses.
     fn remote_ends(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+}
+
+/// Receives `(kind, size)` of every batch a store runs.
+pub type BatchObserver = std::sync::Arc<dyn Fn(&'static str, usize) + Send + Sync>;
+
+/// Where a store's batching code reports, once an observer is set.
+#[derive(Clone, Default)]
+pub(crate) struct BatchHook(std::sync::Arc<std::sync::OnceLock<BatchObserver>>);
+
+impl BatchHook {
+    pub(crate) fn set(&self, observer: BatchObserver) {
+        let _ = self.0.set(observer);
+    }
+
+    pub(crate) fn observe(&self, kind: &'static str, size: usize) {
+        if let Some(observer) = self.0.get() {
+            observer(kind, size);
+        }
+    }
+}
+
+/// A store's connection pool at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Most connections it opens.
+    pub max: usize,
+    /// Connections open now.
+    pub open: usize,
+    /// Open connections not in use.
+    pub idle: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
 }

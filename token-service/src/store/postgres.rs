@@ -19,10 +19,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
 
 use super::batch::Batcher;
-use super::{LeaseFilter, Store, StoreError, StoredKey};
+use super::pg_tls::{self, MakeRustls};
+use super::{BatchHook, BatchObserver, LeaseFilter, PoolStatus, Store, StoreError, StoredKey};
 use crate::clock::{from_millis, to_millis};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent};
 
@@ -32,6 +33,8 @@ const MIGRATION_LOCK: i64 = 0x6a6f_6274_6f6b_0001;
 const EVENT_LOCK: i64 = 0x6a6f_6274_6f6b_0002;
 /// Lock key serialising key rotations.
 const KEY_LOCK: i64 = 0x6a6f_6274_6f6b_0003;
+/// Connection option that keeps NOTICEs off the wire.
+const QUIET: &str = "-c client_min_messages=warning";
 /// Channel on which lease ends are announced.
 const CHANNEL: &str = "jobtoken_lease_ends";
 
@@ -121,6 +124,9 @@ pub struct PostgresOptions {
     pub max_connections: usize,
     /// Statement timeout (and the longest wait for a pooled connection).
     pub statement_timeout: Duration,
+    /// CA certificates (PEM) that the server's certificate must chain to; `sslrootcert`
+    /// in the URL overrides it.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for PostgresOptions {
@@ -130,6 +136,7 @@ impl fmt::Debug for PostgresOptions {
             .field("schema", &self.schema)
             .field("max_connections", &self.max_connections)
             .field("statement_timeout", &self.statement_timeout)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -140,6 +147,7 @@ pub struct PostgresStore {
     ends: watch::Receiver<u64>,
     reads: Batcher<String, Option<Lease>>,
     renewals: Batcher<Lease, bool>,
+    batches: BatchHook,
 }
 
 /// Most rows one batched statement carries.
@@ -269,9 +277,9 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
                 || *c == SqlState::T_R_DEADLOCK_DETECTED
         );
     if unavailable {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Unavailable(pg_tls::describe(&e))
     } else {
-        StoreError::Database(Box::new(e))
+        StoreError::Database(pg_tls::describe(&e).into())
     }
 }
 
@@ -282,19 +290,45 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
-fn pg_config(options: &PostgresOptions) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config: tokio_postgres::Config = options
-        .url
+/// The driver's config, the TLS connector `sslmode` asks for, and where it connects (for
+/// error texts).
+fn pg_config(
+    options: &PostgresOptions,
+) -> Result<(tokio_postgres::Config, MakeRustls, String), StoreError> {
+    let invalid = |problem: String| StoreError::Open {
+        target: "PostgreSQL".into(),
+        problem,
+    };
+    let split = pg_tls::split_url(&options.url).map_err(|e| invalid(format!("store.url: {e}")))?;
+    let mut config: tokio_postgres::Config = split
+        .rest
         .parse()
-        .map_err(|_| StoreError::Unavailable("store.url is not a valid PostgreSQL URL".into()))?;
+        .map_err(|_| invalid("store.url is not a valid PostgreSQL URL".into()))?;
+    let target = pg_tls::target(&config);
+    let ca_file = split.root_cert.as_deref().or(options.ca_file.as_deref());
+    let tls = pg_tls::client_config(split.mode, ca_file).map_err(|problem| StoreError::Open {
+        target: target.clone(),
+        problem,
+    })?;
+    config.ssl_mode(split.mode.ssl_mode());
     let timeout_ms = options.statement_timeout.as_millis();
+    // NOTICEs ("schema already exists, skipping") would reach the log at INFO through
+    // the driver; the server sends none below WARNING.
     config.options(format!(
-        "-c search_path={} -c statement_timeout={timeout_ms}",
+        "-c search_path={} -c statement_timeout={timeout_ms} {QUIET}",
         options.schema
     ));
     config.connect_timeout(options.statement_timeout);
     config.application_name("token-service");
-    Ok(config)
+    Ok((config, tls, target))
+}
+
+/// A failure to open the store, with where and why.
+fn open_err(target: &str, e: StoreError) -> StoreError {
+    StoreError::Open {
+        target: target.to_owned(),
+        problem: e.to_string(),
+    }
 }
 
 fn u64_to_i64(v: u64) -> i64 {
@@ -462,12 +496,16 @@ impl PostgresStore {
     /// Connects, creates the schema if needed, applies migrations (once, even when
     /// replicas start together) and starts listening for lease ends.
     pub async fn connect(options: &PostgresOptions) -> Result<Self, StoreError> {
-        let config = pg_config(options)?;
+        let (config, tls, target) = pg_config(options)?;
+        let opened = |e: StoreError| open_err(&target, e);
         // The schema must exist before pooled connections use it as search_path.
         {
             let mut bootstrap = config.clone();
-            bootstrap.options("");
-            let (client, connection) = bootstrap.connect(NoTls).await.map_err(db_err)?;
+            bootstrap.options(QUIET);
+            let (client, connection) = bootstrap
+                .connect(tls.clone())
+                .await
+                .map_err(|e| opened(db_err(e)))?;
             let driver = tokio::spawn(connection);
             client
                 .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", options.schema))
@@ -477,7 +515,7 @@ impl PostgresStore {
                     if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
                         Ok(())
                     } else {
-                        Err(db_err(e))
+                        Err(opened(db_err(e)))
                     }
                 })?;
             drop(client);
@@ -485,7 +523,7 @@ impl PostgresStore {
         }
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -497,30 +535,42 @@ impl PostgresStore {
             .create_timeout(Some(options.statement_timeout))
             .recycle_timeout(Some(options.statement_timeout))
             .build()
-            .map_err(|e| StoreError::Database(Box::new(e)))?;
-        migrate(&pool).await?;
+            .map_err(|e| opened(StoreError::Database(Box::new(e))))?;
+        migrate(&pool).await.map_err(opened)?;
         let (tx, ends) = watch::channel(0);
-        tokio::spawn(listen(config, tx));
+        tokio::spawn(listen(config, tls, tx));
         // Waiting for a pooled connection, then the statement: each bounded by the
         // statement timeout.
         let batch_timeout = options.statement_timeout * 2;
+        let batches = BatchHook::default();
         let reads = {
             let pool = pool.clone();
-            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, batch_timeout, move |ids| {
-                read_leases(pool.clone(), ids)
-            })
+            let kind = ("postgres_lease_reads", batches.clone());
+            Batcher::spawn(
+                MAX_BATCH,
+                PARALLEL_BATCHES,
+                batch_timeout,
+                kind,
+                move |ids| read_leases(pool.clone(), ids),
+            )
         };
         let renewals = {
             let pool = pool.clone();
-            Batcher::spawn(MAX_BATCH, PARALLEL_BATCHES, batch_timeout, move |leases| {
-                write_leases(pool.clone(), leases)
-            })
+            let kind = ("postgres_lease_writes", batches.clone());
+            Batcher::spawn(
+                MAX_BATCH,
+                PARALLEL_BATCHES,
+                batch_timeout,
+                kind,
+                move |leases| write_leases(pool.clone(), leases),
+            )
         };
         Ok(Self {
             pool,
             ends,
             reads,
             renewals,
+            batches,
         })
     }
 
@@ -573,10 +623,10 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
 
 /// Keeps one connection `LISTEN`ing for lease ends, reconnecting after failures; bumps
 /// `tx` on every notification (and after each reconnect, in case one was missed).
-async fn listen(config: tokio_postgres::Config, tx: watch::Sender<u64>) {
+async fn listen(config: tokio_postgres::Config, tls: MakeRustls, tx: watch::Sender<u64>) {
     let mut attempt = 0u32;
     while !tx.is_closed() {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let listening = async { client.batch_execute(&format!("LISTEN {CHANNEL}")).await };
@@ -604,7 +654,10 @@ async fn listen(config: tokio_postgres::Config, tx: watch::Sender<u64>) {
                 drop(client);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot reach PostgreSQL to listen for lease ends")
+                tracing::warn!(
+                    error = %pg_tls::describe(&e),
+                    "cannot reach PostgreSQL to listen for lease ends"
+                )
             }
         }
         attempt = attempt.saturating_add(1);
@@ -615,6 +668,20 @@ async fn listen(config: tokio_postgres::Config, tx: watch::Sender<u64>) {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn observe_batches(&self, observer: BatchObserver) {
+        self.batches.set(observer);
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let status = self.pool.status();
+        Some(PoolStatus {
+            max: status.max_size,
+            open: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        })
+    }
+
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let permissions = serde_json::to_string(&lease.permissions)

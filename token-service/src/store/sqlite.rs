@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params};
 use tokio::sync::{Semaphore, oneshot};
 
-use super::{LeaseFilter, Store, StoreError, StoredKey};
+use super::{BatchHook, BatchObserver, LeaseFilter, PoolStatus, Store, StoreError, StoredKey};
 use crate::clock::{from_millis, to_millis};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent};
 
@@ -135,6 +135,10 @@ struct Inner {
     /// Idle read connections; `read_slots` has one permit per connection.
     readers: Mutex<Vec<Connection>>,
     read_slots: Arc<Semaphore>,
+    /// Number of read connections.
+    readers_max: usize,
+    /// Where the writer reports the size of each group commit.
+    batches: BatchHook,
     /// Active leases as of the last commit that touched them.
     cache: Arc<Mutex<LeaseCache>>,
     /// A directory to delete on drop (a [`SqliteStore::temporary`] store).
@@ -206,15 +210,21 @@ impl SqliteStore {
             .map(|_| open_connection(path))
             .collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel();
+        let batches = BatchHook::default();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(conn, rx))
+            .spawn({
+                let batches = batches.clone();
+                move || write_loop(conn, rx, batches)
+            })
             .map_err(|e| StoreError::Database(Box::new(e)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: tx,
                 readers: Mutex::new(readers),
                 read_slots: Arc::new(Semaphore::new(pool)),
+                readers_max: pool,
+                batches,
                 cache: Arc::new(Mutex::new(LeaseCache::new(lease_cache))),
                 temporary,
                 _exclusive: exclusive,
@@ -436,7 +446,7 @@ fn in_savepoint<T>(
 /// The writer thread: takes every write queued so far, applies them in one transaction,
 /// commits once, updates the lease cache for all of them, then answers them all (so no
 /// caller can observe one commit of the group while the cache still lacks another).
-fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>) {
+fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>, batches: BatchHook) {
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -445,6 +455,7 @@ fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>) {
                 Err(_) => break,
             }
         }
+        batches.observe("sqlite_group_commit", group.len());
         let committed = run_group(&conn, &mut group);
         if committed.is_ok() {
             for job in &mut group {
@@ -652,6 +663,21 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<StoredKey> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn observe_batches(&self, observer: BatchObserver) {
+        self.inner.batches.set(observer);
+    }
+
+    /// The read connections (writes go to the one writer thread).
+    fn pool_status(&self) -> Option<PoolStatus> {
+        let idle = self.inner.read_slots.available_permits();
+        Some(PoolStatus {
+            max: self.inner.readers_max,
+            open: self.inner.readers_max,
+            idle,
+            waiting: 0,
+        })
+    }
+
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
         let cache = Arc::clone(&self.inner.cache);
         // One copy, shared by the write and the cache: by the time the hook runs the
