@@ -429,9 +429,18 @@ impl Lease {
 
 fn end_from(status: &Status) -> LeaseEnd {
     let reason = crate::error_reason(status).unwrap_or_default();
+    // Who ended it and why (an administrator's reason, say), when the service says.
+    let said = <Status as tonic_types::StatusExt>::get_error_details(status)
+        .error_info()
+        .and_then(|info| info.metadata.get("end_detail").cloned())
+        .filter(|d| !d.is_empty());
+    let detail = match said {
+        Some(said) => format!("{reason}: {}; {said}", status.message()),
+        None => format!("{reason}: {}", status.message()),
+    };
     LeaseEnd {
         reason: EndReason::from_error_reason(&reason),
-        detail: format!("{}: {}", reason, status.message()),
+        detail,
     }
 }
 
@@ -867,6 +876,26 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(lease.state(), LeaseState::Active);
         assert!(fake.calls().len() >= 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_administrators_reason_reaches_the_job_once() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let fake = Fake::new(Duration::from_secs(4));
+        let metadata = std::collections::HashMap::from([(
+            "end_detail".to_owned(),
+            "stolen laptop".to_owned(),
+        )]);
+        fake.then(Err(Status::with_error_details(
+            tonic::Code::FailedPrecondition,
+            "the lease has ended: revoked by an administrator",
+            ErrorDetails::with_error_info("LEASE_REVOKED", "jobtoken.v1", metadata),
+        )));
+        let lease = hold(&fake, no_jitter());
+        let end = lease.ended().await;
+        assert_eq!(end.reason, EndReason::Revoked);
+        assert!(end.detail.contains("stolen laptop"), "{}", end.detail);
+        assert_eq!(end.detail.matches("revoked").count(), 1, "{}", end.detail);
     }
 
     #[tokio::test(start_paused = true)]

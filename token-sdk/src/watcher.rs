@@ -233,7 +233,7 @@ impl EndSink for Watcher {
         if let Some(shared) = lease.and_then(|l| l.upgrade()) {
             shared.finish(LeaseEnd {
                 reason: EndReason::from_proto(event.reason()),
-                detail: format!("ended by the service ({:?})", event.reason()),
+                detail: "reported by the revocation stream (the reason an administrator gave is in GetLease)".into(),
             });
         }
     }
