@@ -53,10 +53,22 @@ impl fmt::Debug for RefreshToken {
 
 impl RefreshToken {
     /// Parses `jrt1.<generation>.<base64url mac>`; `None` if it is not of that shape.
+    /// Only the spelling [`MasterKey::refresh_token`] writes is accepted: the generation
+    /// in canonical decimal (no sign, no leading zero) and the MAC in canonical base64url,
+    /// so one token has one spelling.
     pub fn parse(s: &str) -> Option<Self> {
         let mut parts = s.split('.');
         let (prefix, generation, mac) = (parts.next()?, parts.next()?, parts.next()?);
         if prefix != REFRESH_PREFIX || parts.next().is_some() || mac.len() != 43 {
+            return None;
+        }
+        // `u64::from_str` also takes `+1` and `01`.
+        let canonical = match generation.as_bytes() {
+            [b'0'] => true,
+            [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+            _ => false,
+        };
+        if !canonical {
             return None;
         }
         let generation = generation.parse().ok()?;
@@ -242,6 +254,43 @@ mod tests {
         ] {
             assert!(RefreshToken::parse(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn refresh_tokens_have_one_spelling() {
+        let m = master();
+        for generation in [0, 1, 7, 10, u64::MAX] {
+            let t = m.refresh_token("l", b"s", generation);
+            let parsed = RefreshToken::parse(t.expose()).expect("canonical");
+            assert_eq!(parsed.generation, generation);
+            assert!(m.verify_refresh_token("l", b"s", &parsed));
+            let mac = t.expose().rsplit('.').next().unwrap();
+            for spelling in [
+                format!("0{generation}"),
+                format!("00{generation}"),
+                format!("+{generation}"),
+                format!("-{generation}"),
+                format!(" {generation}"),
+                format!("{generation} "),
+                format!("{generation}\n"),
+            ] {
+                let other = format!("jrt1.{spelling}.{mac}");
+                assert!(RefreshToken::parse(&other).is_none(), "{spelling:?}");
+            }
+        }
+        let mac = "A".repeat(43);
+        assert!(RefreshToken::parse(&format!("jrt1.18446744073709551615.{mac}")).is_some());
+        assert!(RefreshToken::parse(&format!("jrt1.18446744073709551616.{mac}")).is_none());
+        assert!(RefreshToken::parse(&format!("jrt1..{mac}")).is_none());
+        assert!(RefreshToken::parse(&format!("jrt1.\u{661}.{mac}")).is_none());
+        // The MAC's last character with a trailing bit set decodes to the same bytes in a
+        // lax decoder: a second spelling.
+        let t = m.refresh_token("l", b"s", 3);
+        let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut other = t.expose().to_owned();
+        let last = alphabet.find(other.pop().unwrap()).unwrap();
+        other.push(alphabet.as_bytes()[last ^ 1].into());
+        assert!(RefreshToken::parse(&other).is_none());
     }
 
     #[test]

@@ -1,30 +1,46 @@
 //! Verification of subject tokens: the user's access token, from a trusted issuer.
 //!
+//! Parse once, then decide (RFC 8725 §2–3): the header and the payload are each decoded
+//! by one strict parser (no member named twice, at any depth) into one value; the
+//! signature is checked over the exact bytes received; every decision reads that one
+//! value, against the injected clock. jsonwebtoken supplies keys and the signature
+//! primitive only: its `Validation` checks `aud` and `nbf` only when present and well
+//! typed, which is how malformed claims used to skip their checks.
+//!
 //! The algorithm is fixed by the configured key, never taken from the token header: a
 //! token whose header names another algorithm than its issuer's key is refused, which
-//! rules out `alg: none` and HS/RS confusion. `exp` and `nbf` are checked against the
-//! injected clock, not the wall clock jsonwebtoken would read.
+//! rules out `alg: none` and HS/RS confusion. A token that marks any header parameter
+//! critical (`crit`) is refused, as no extension is implemented; other unknown header
+//! parameters are ignored.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fmt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde_json::Value;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
+use serde_json::{Map, Number, Value};
 
 use crate::clock::to_unix_secs;
 use crate::config::{IssuerConfig, StartupError};
 use crate::error::{Error, Result};
+use crate::ident;
+use crate::permissions::MAX_PERMISSION_LEN;
 
 /// Longest subject token accepted, in bytes.
 pub const MAX_SUBJECT_TOKEN_LEN: usize = 16 * 1024;
 
 /// Longest `sub` or tenant accepted.
 pub const MAX_CLAIM_LEN: usize = 200;
+
+/// Latest NumericDate accepted (9999-12-31T23:59:59Z): a date beyond it is garbage, and
+/// the bound keeps every sum with a leeway far from overflow.
+pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
 
 /// The verified user behind a subject token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,8 +74,8 @@ pub struct SubjectVerifier {
     issuers: HashMap<String, TrustedIssuer>,
 }
 
-impl std::fmt::Debug for SubjectVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for SubjectVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SubjectVerifier")
             .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
             .finish()
@@ -166,9 +182,315 @@ fn load_keys(c: &IssuerConfig) -> Result<Vec<IssuerKey>, StartupError> {
     )))
 }
 
+/// A compact JWS, split and parsed once, not yet verified. Every later check reads these
+/// two maps; nothing parses the token's bytes again.
+struct ParsedToken<'t> {
+    /// `header.payload` exactly as received: what the signature covers.
+    signed: &'t str,
+    /// The signature, base64url.
+    signature: &'t str,
+    header: Map<String, Value>,
+    claims: Map<String, Value>,
+}
+
+impl<'t> ParsedToken<'t> {
+    fn parse(token: &'t str) -> Result<Self> {
+        let malformed = || invalid("not a well-formed JWT (three base64url parts)");
+        let (signed, signature) = token.rsplit_once('.').ok_or_else(malformed)?;
+        let (header, payload) = signed.split_once('.').ok_or_else(malformed)?;
+        if payload.contains('.') {
+            return Err(malformed());
+        }
+        Ok(Self {
+            signed,
+            signature,
+            header: json_object("header", header)?,
+            claims: json_object("payload", payload)?,
+        })
+    }
+}
+
+fn invalid(problem: impl Into<String>) -> Error {
+    Error::SubjectTokenInvalid(problem.into())
+}
+
+/// A name taken from the token, cut short for an error message (which escapes it).
+fn shorten(name: &str) -> String {
+    name.chars().take(64).collect()
+}
+
+/// Decodes one base64url part into a JSON object, strictly (see [`StrictValue`]).
+fn json_object(part: &str, b64: &str) -> Result<Map<String, Value>> {
+    let bytes = B64
+        .decode(b64)
+        .map_err(|_| invalid(format!("the {part} is not base64url")))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(StrictValue(Value::Object(members))) => Ok(members),
+        Ok(_) => Err(invalid(format!("the {part} is not a JSON object"))),
+        Err(e) => Err(invalid(format!("the {part} is not strict JSON: {e}"))),
+    }
+}
+
+/// A JSON value whose objects, at every depth, name no member twice. serde_json keeps
+/// the last of two equal names, and derived structs refuse duplicates of known fields
+/// only: two readers of one token could disagree on which `tenant` counts.
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number is not finite"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            match members.entry(name) {
+                Entry::Occupied(e) => {
+                    return Err(de::Error::custom(format_args!(
+                        "member {:?} appears twice",
+                        shorten(e.key())
+                    )));
+                }
+                Entry::Vacant(e) => {
+                    let StrictValue(value) = map.next_value()?;
+                    e.insert(value);
+                }
+            }
+        }
+        Ok(Value::Object(members))
+    }
+}
+
 /// Reads a claim by dotted path (`realm_access.roles`).
-fn claim<'a>(claims: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(claims, |v, part| v.get(part))
+fn claim<'c>(claims: &'c Map<String, Value>, path: &str) -> Option<&'c Value> {
+    let mut parts = path.split('.');
+    let first = claims.get(parts.next()?)?;
+    parts.try_fold(first, |v, part| v.get(part))
+}
+
+/// Reads a string claim held to the identifier rule: subject and tenant are stored,
+/// logged and compared, so each must have one printable spelling.
+fn identifier<'c>(claims: &'c Map<String, Value>, name: &str) -> Result<&'c str> {
+    match claim(claims, name) {
+        None => Err(invalid(format!("the {name} claim is missing"))),
+        Some(Value::String(s)) => ident::check(s, MAX_CLAIM_LEN)
+            .map(|()| s.as_str())
+            .map_err(|problem| invalid(format!("the {name} claim {problem}"))),
+        Some(_) => Err(invalid(format!("the {name} claim is not a string"))),
+    }
+}
+
+/// Reads a NumericDate (RFC 7519 §2): integer or fractional seconds since the epoch, from
+/// 1970 to 9999. `round` takes a fraction to the stricter side of the claim's check.
+fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &str,
+    round: fn(f64) -> f64,
+) -> Result<Option<i64>> {
+    let Some(value) = claims.get(name) else {
+        return Ok(None);
+    };
+    let Value::Number(n) = value else {
+        return Err(invalid(format!(
+            "the {name} claim is not a NumericDate (a number of seconds)"
+        )));
+    };
+    let secs = match n.as_i64() {
+        Some(secs) => Some(secs),
+        // A fraction; a whole number beyond i64 is out of range below either way.
+        None => n
+            .as_f64()
+            .filter(|f| n.is_f64() && (0.0..=MAX_NUMERIC_DATE as f64).contains(f))
+            .map(|f| round(f) as i64),
+    };
+    match secs {
+        Some(secs) if (0..=MAX_NUMERIC_DATE).contains(&secs) => Ok(Some(secs)),
+        _ => Err(invalid(format!(
+            "the {name} claim is not a date between 1970 and 9999"
+        ))),
+    }
+}
+
+/// RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` names a header
+/// extension it does not implement. This service implements none, so any `crit`, well
+/// formed or not, is a refusal.
+fn refuse_crit(header: &Map<String, Value>) -> Result<()> {
+    let Some(crit) = header.get("crit") else {
+        return Ok(());
+    };
+    let first = crit
+        .as_array()
+        .and_then(|names| names.first())
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("the crit header is not a non-empty list of names"))?;
+    Err(invalid(format!(
+        "the token requires header extension {:?} (crit), which this service does not implement",
+        shorten(first)
+    )))
+}
+
+impl TrustedIssuer {
+    /// Checks the signature over the exact bytes received, with a key of this issuer
+    /// whose pinned algorithm the header names.
+    fn verify_signature(&self, token: &ParsedToken<'_>) -> Result<()> {
+        let alg = match token.header.get("alg") {
+            Some(Value::String(alg)) => alg,
+            _ => return Err(invalid("the alg header is missing or not a string")),
+        };
+        let kid = match token.header.get("kid") {
+            None => None,
+            Some(Value::String(kid)) => Some(kid.as_str()),
+            Some(_) => return Err(invalid("the kid header is not a string")),
+        };
+        refuse_crit(&token.header)?;
+        // The key fixes the algorithm; the header may only agree with it. `none` and
+        // unknown names parse to nothing and match no key.
+        let named: Option<Algorithm> = alg.parse().ok();
+        let mut candidates = self
+            .keys
+            .iter()
+            .filter(|k| Some(k.algorithm) == named)
+            .filter(|k| match (kid, &k.kid) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            })
+            .peekable();
+        if candidates.peek().is_none() {
+            return Err(invalid(format!(
+                "algorithm {:?} (or key id) is not the one this issuer signs with",
+                shorten(alg)
+            )));
+        }
+        for key in candidates {
+            let message = token.signed.as_bytes();
+            if jsonwebtoken::crypto::verify(token.signature, message, &key.key, key.algorithm)
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+        }
+        Err(invalid("signature does not verify"))
+    }
+
+    /// Whether `aud` is well formed (a string or a list of strings, RFC 7519 §4.1.3) and,
+    /// when this issuer names audiences, names one of them. Without `aud` a token passes
+    /// only an issuer that names none.
+    fn audience_accepted(&self, aud: Option<&Value>) -> bool {
+        let ours =
+            |name: &str| self.audiences.is_empty() || self.audiences.iter().any(|a| a == name);
+        match aud {
+            None => self.audiences.is_empty(),
+            Some(Value::String(name)) => ours(name),
+            Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+                self.audiences.is_empty() || items.iter().filter_map(Value::as_str).any(ours)
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// The user's permissions: a list of strings, or one space-separated string.
+    fn permissions(&self, claims: &Map<String, Value>) -> Result<BTreeSet<String>> {
+        let name = &self.permissions_claim;
+        let entry = |p: &str| {
+            ident::check(p, MAX_PERMISSION_LEN)
+                .map(|()| p.to_owned())
+                .map_err(|problem| invalid(format!("an entry of the {name} claim {problem}")))
+        };
+        match claim(claims, name) {
+            None | Some(Value::Null) => Ok(BTreeSet::new()),
+            Some(Value::String(s)) => s.split_whitespace().map(entry).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| invalid(format!("the {name} claim holds a non-string")))
+                        .and_then(entry)
+                })
+                .collect(),
+            Some(_) => Err(invalid(format!(
+                "the {name} claim is neither a list nor a string"
+            ))),
+        }
+    }
+
+    /// Every claim decision, read from the one verified payload, at `now`.
+    fn decide(&self, iss: &str, claims: &Map<String, Value>, now: SystemTime) -> Result<Subject> {
+        // Read every claim into its type first: a malformed claim is refused, never skipped.
+        let exp = numeric_date(claims, "exp", f64::floor)?
+            .ok_or_else(|| invalid("the exp claim is missing"))?;
+        let nbf = numeric_date(claims, "nbf", f64::ceil)?;
+        // `iat` decides nothing here, but a malformed one makes a malformed token.
+        numeric_date(claims, "iat", f64::floor)?;
+        let subject = identifier(claims, "sub")?;
+        let tenant = identifier(claims, &self.tenant_claim)?;
+        let permissions = self.permissions(claims)?;
+
+        if !self.audience_accepted(claims.get("aud")) {
+            return Err(Error::SubjectTokenAudience);
+        }
+        let now = to_unix_secs(now);
+        let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX);
+        if now > exp.saturating_add(leeway) {
+            return Err(Error::SubjectTokenExpired);
+        }
+        if nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
+            return Err(Error::SubjectTokenNotYetValid);
+        }
+        Ok(Subject {
+            issuer: iss.to_owned(),
+            subject: subject.to_owned(),
+            tenant: tenant.to_owned(),
+            permissions,
+        })
+    }
 }
 
 impl SubjectVerifier {
@@ -204,126 +526,20 @@ impl SubjectVerifier {
                 format!("is longer than {MAX_SUBJECT_TOKEN_LEN} bytes"),
             ));
         }
-        let malformed = || Error::SubjectTokenInvalid("not a well-formed JWT".into());
-        let payload = token.split('.').nth(1).ok_or_else(malformed)?;
-        let unverified: Value =
-            serde_json::from_slice(&B64.decode(payload).map_err(|_| malformed())?)
-                .map_err(|_| malformed())?;
-        let iss = unverified
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::SubjectTokenInvalid("the token has no iss claim".into()))?;
+        let token = ParsedToken::parse(token)?;
+        // The issuer picks the keys, so it is read before the signature is checked; it is
+        // only looked up, and everything else waits for the signature.
+        let iss = match token.claims.get("iss") {
+            Some(Value::String(iss)) => iss.as_str(),
+            None => return Err(invalid("the token has no iss claim")),
+            Some(_) => return Err(invalid("the iss claim is not a string")),
+        };
         let issuer = self
             .issuers
             .get(iss)
             .ok_or_else(|| Error::UntrustedIssuer(iss.chars().take(200).collect()))?;
-        let header = jsonwebtoken::decode_header(token).map_err(|_| malformed())?;
-        let candidates: Vec<&IssuerKey> = issuer
-            .keys
-            .iter()
-            .filter(|k| k.algorithm == header.alg)
-            .filter(|k| match (&header.kid, &k.kid) {
-                (Some(want), Some(have)) => want == have,
-                _ => true,
-            })
-            .collect();
-        if candidates.is_empty() {
-            return Err(Error::SubjectTokenInvalid(format!(
-                "algorithm {:?} (or key id) is not the one this issuer signs with",
-                header.alg
-            )));
-        }
-        let mut validation = Validation::new(header.alg);
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.required_spec_claims.clear();
-        validation.set_issuer(&[iss]);
-        if issuer.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&issuer.audiences);
-        }
-        let mut last = Error::SubjectTokenInvalid("signature does not verify".into());
-        let mut verified = None;
-        for key in candidates {
-            match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
-                Ok(data) => {
-                    verified = Some(data.claims);
-                    break;
-                }
-                Err(e) => {
-                    last = match e.kind() {
-                        ErrorKind::InvalidAudience | ErrorKind::MissingRequiredClaim(_)
-                            if !issuer.audiences.is_empty() =>
-                        {
-                            Error::SubjectTokenAudience
-                        }
-                        ErrorKind::InvalidSignature => {
-                            Error::SubjectTokenInvalid("signature does not verify".into())
-                        }
-                        _ => Error::SubjectTokenInvalid("the token could not be decoded".into()),
-                    }
-                }
-            }
-        }
-        let claims = verified.ok_or(last)?;
-        self.check_time(&claims, issuer.leeway, now)?;
-        // Subject and tenant are stored and logged: keep them short and printable.
-        let text = |name: &str| {
-            claim(&claims, name)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .ok_or_else(|| Error::SubjectTokenInvalid(format!("the {name} claim is missing")))
-                .and_then(|s| {
-                    if s.len() > MAX_CLAIM_LEN || s.chars().any(char::is_control) {
-                        Err(Error::SubjectTokenInvalid(format!(
-                            "the {name} claim is longer than {MAX_CLAIM_LEN} bytes or has control characters"
-                        )))
-                    } else {
-                        Ok(s)
-                    }
-                })
-        };
-        let permissions = match claim(&claims, &issuer.permissions_claim) {
-            None | Some(Value::Null) => BTreeSet::new(),
-            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_str().map(str::to_owned))
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    Error::SubjectTokenInvalid("the permissions claim holds a non-string".into())
-                })?,
-            Some(_) => {
-                return Err(Error::SubjectTokenInvalid(
-                    "the permissions claim is neither a list nor a string".into(),
-                ));
-            }
-        };
-        Ok(Subject {
-            issuer: iss.to_owned(),
-            subject: text("sub")?,
-            tenant: text(&issuer.tenant_claim)?,
-            permissions,
-        })
-    }
-
-    fn check_time(&self, claims: &Value, leeway: Duration, now: SystemTime) -> Result<()> {
-        let now = to_unix_secs(now);
-        let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
-        let number = |name| claims.get(name).and_then(Value::as_i64);
-        let exp = number("exp")
-            .ok_or_else(|| Error::SubjectTokenInvalid("the exp claim is missing".into()))?;
-        if now > exp.saturating_add(leeway) {
-            return Err(Error::SubjectTokenExpired);
-        }
-        if let Some(nbf) = number("nbf")
-            && now.saturating_add(leeway) < nbf
-        {
-            return Err(Error::SubjectTokenNotYetValid);
-        }
-        Ok(())
+        issuer.verify_signature(&token)?;
+        issuer.decide(iss, &token.claims, now)
     }
 }
 
@@ -558,5 +774,250 @@ mod tests {
             SubjectVerifier::from_config(&[config]),
             Err(StartupError::Io { .. })
         ));
+    }
+
+    const ISS: &str = "https://hs";
+    const HS_SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
+
+    /// An HS256 issuer `ISS` (leeway 30 s), adjusted by `adjust`.
+    fn hs_verifier(adjust: impl FnOnce(&mut IssuerConfig)) -> (SubjectVerifier, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, HS_SECRET).unwrap();
+        let mut config = issuer(ISS);
+        config.hs256_secret_file = Some(path);
+        adjust(&mut config);
+        (SubjectVerifier::from_config(&[config]).unwrap(), dir)
+    }
+
+    /// A token from header and payload text as given, signed with `HS_SECRET`: tests can
+    /// send what serde_json would never write, such as a member named twice.
+    fn raw(header: &str, payload: &str) -> String {
+        let input = format!("{}.{}", B64.encode(header), B64.encode(payload));
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, HS_SECRET);
+        let sig = aws_lc_rs::hmac::sign(&key, input.as_bytes());
+        format!("{input}.{}", B64.encode(sig))
+    }
+
+    const HS_HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+
+    fn signed(claims: &Value) -> String {
+        raw(HS_HEADER, &claims.to_string())
+    }
+
+    /// The message of a SUBJECT_TOKEN_INVALID refusal.
+    fn refusal(result: Result<Subject>) -> String {
+        match result {
+            Err(Error::SubjectTokenInvalid(message)) => message,
+            other => panic!("expected SubjectTokenInvalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn audience_must_be_a_string_or_string_list_naming_us_when_required() {
+        let (verifier, _dir) = hs_verifier(|c| c.audiences = vec!["platform".into()]);
+        let with_aud = |aud: Option<Value>| {
+            let mut c = claims(ISS);
+            if let Some(aud) = aud {
+                c["aud"] = aud;
+            }
+            verifier.verify(&signed(&c), now())
+        };
+        for bad in [
+            None,
+            Some(json!(null)),
+            Some(json!(7)),
+            Some(json!(true)),
+            Some(json!({"platform": true})),
+            Some(json!(["platform", 7])),
+            Some(json!([])),
+            Some(json!(["other"])),
+        ] {
+            assert!(
+                matches!(with_aud(bad.clone()), Err(Error::SubjectTokenAudience)),
+                "aud {bad:?}"
+            );
+        }
+        for good in [json!("platform"), json!(["other", "platform"])] {
+            with_aud(Some(good)).unwrap();
+        }
+
+        // An issuer that names no audience takes any well-formed aud, or none.
+        let (open, _dir) = hs_verifier(|_| {});
+        let mut c = claims(ISS);
+        open.verify(&signed(&c), now()).unwrap();
+        c["aud"] = json!(["anyone"]);
+        open.verify(&signed(&c), now()).unwrap();
+        c["aud"] = json!(7);
+        assert!(matches!(
+            open.verify(&signed(&c), now()),
+            Err(Error::SubjectTokenAudience)
+        ));
+    }
+
+    #[test]
+    fn numeric_dates_take_both_number_forms_and_refuse_anything_else() {
+        let (verifier, _dir) = hs_verifier(|_| {});
+        let at = |name: &str, value: Value| {
+            let mut c = claims(ISS);
+            c[name] = value;
+            verifier.verify(&signed(&c), now())
+        };
+        let n = NOW as f64;
+        at("exp", json!(n + 300.5)).unwrap();
+        at("nbf", json!(n - 0.5)).unwrap();
+        at("iat", json!(n - 0.25)).unwrap();
+        at("nbf", json!(NOW)).unwrap();
+        // A fraction rounds to the stricter side: just beyond the 30 s leeway is beyond.
+        assert!(matches!(
+            at("exp", json!(n - 30.5)),
+            Err(Error::SubjectTokenExpired)
+        ));
+        assert!(matches!(
+            at("nbf", json!(n + 30.5)),
+            Err(Error::SubjectTokenNotYetValid)
+        ));
+        assert!(matches!(
+            at("nbf", json!(n + 3600.0)),
+            Err(Error::SubjectTokenNotYetValid)
+        ));
+        // Any other type, or a date beyond the horizon, is refused naming the claim.
+        for name in ["exp", "nbf", "iat"] {
+            for bad in [
+                json!(NOW.to_string()),
+                json!(true),
+                json!(null),
+                json!([NOW]),
+                json!({ "secs": NOW }),
+                json!(-1),
+                json!(-0.5),
+                json!(1u64 << 63),
+                json!(u64::MAX),
+                json!(1e300),
+                json!(MAX_NUMERIC_DATE + 1),
+                json!(MAX_NUMERIC_DATE as f64 + 0.5),
+            ] {
+                let message = refusal(at(name, bad.clone()));
+                assert!(
+                    message.contains(&format!("the {name} claim")),
+                    "{name}: {bad}: {message}"
+                );
+            }
+        }
+        let mut c = claims(ISS);
+        c.as_object_mut().unwrap().remove("exp");
+        assert_eq!(
+            refusal(verifier.verify(&signed(&c), now())),
+            "the exp claim is missing"
+        );
+    }
+
+    #[test]
+    fn a_member_named_twice_anywhere_is_refused() {
+        let (verifier, _dir) = hs_verifier(|c| c.permissions_claim = "realm_access.roles".into());
+        let base = format!(r#""iss":"{ISS}","sub":"alice","exp":{}"#, NOW + 300);
+        let ok = format!(r#"{{{base},"tenant":"acme","realm_access":{{"roles":["a.read"]}}}}"#);
+        let subject = verifier.verify(&raw(HS_HEADER, &ok), now()).unwrap();
+        assert_eq!(subject.permissions, ["a.read".to_owned()].into());
+        for payload in [
+            format!(r#"{{{base},"tenant":"acme","tenant":"globex"}}"#),
+            // The same name spelled with an escape is the same name.
+            format!(r#"{{{base},"tenant":"acme","ten\u0061nt":"globex"}}"#),
+            format!(r#"{{{base},"tenant":"acme","sub":"mallory"}}"#),
+            format!(
+                r#"{{{base},"tenant":"acme","realm_access":{{"roles":["a.read"]}},"realm_access":{{"roles":["a.admin"]}}}}"#
+            ),
+            format!(
+                r#"{{{base},"tenant":"acme","realm_access":{{"roles":["a.read"],"roles":["a.admin"]}}}}"#
+            ),
+            format!(r#"{{{base},"tenant":"acme","ext":[{{"a":1,"a":2}}]}}"#),
+        ] {
+            let message = refusal(verifier.verify(&raw(HS_HEADER, &payload), now()));
+            assert!(message.contains("appears twice"), "{payload}: {message}");
+        }
+        let payload = claims(ISS).to_string();
+        for header in [
+            r#"{"alg":"HS256","alg":"HS256"}"#,
+            r#"{"alg":"HS256","kid":"a","kid":"b"}"#,
+            r#"{"alg":"HS256","x":{"y":1,"y":1}}"#,
+        ] {
+            let message = refusal(verifier.verify(&raw(header, &payload), now()));
+            assert!(message.contains("appears twice"), "{header}: {message}");
+        }
+    }
+
+    #[test]
+    fn crit_is_refused_and_other_unknown_header_parameters_are_ignored() {
+        let (verifier, _dir) = hs_verifier(|_| {});
+        let payload = claims(ISS).to_string();
+        for header in [
+            r#"{"alg":"HS256","crit":["x-policy"],"x-policy":1}"#,
+            r#"{"alg":"HS256","b64":false,"crit":["b64"]}"#,
+            r#"{"alg":"HS256","crit":["x-policy", 7],"x-policy":1}"#,
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"alg":"HS256","crit":"x-policy","x-policy":1}"#,
+            r#"{"alg":"HS256","crit":null}"#,
+        ] {
+            let message = refusal(verifier.verify(&raw(header, &payload), now()));
+            assert!(message.contains("crit"), "{header}: {message}");
+        }
+        let header = r#"{"alg":"HS256","typ":"JWT","x-n":5,"x-o":{"a":[1,null]},"x-z":null,"x-b":true,"jku":7}"#;
+        verifier.verify(&raw(header, &payload), now()).unwrap();
+    }
+
+    #[test]
+    fn identifiers_read_from_the_token_follow_the_identifier_rule() {
+        let (verifier, _dir) = hs_verifier(|_| {});
+        for (name, value) in [
+            ("tenant", json!("acme\u{200B}")),
+            ("tenant", json!(" acme")),
+            ("tenant", json!("")),
+            ("tenant", json!(7)),
+            ("sub", json!("\u{202E}alice")),
+            ("sub", json!("ali\u{200D}ce")),
+            ("sub", json!("x".repeat(MAX_CLAIM_LEN + 1))),
+            ("permissions", json!(["a.read\u{200B}"])),
+            ("permissions", json!("a.read b\u{2066}")),
+            ("permissions", json!([""])),
+        ] {
+            let mut c = claims(ISS);
+            c[name] = value.clone();
+            let message = refusal(verifier.verify(&signed(&c), now()));
+            assert!(
+                message.contains(&format!("the {name} claim")),
+                "{name}: {value}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_compact_jws_of_json_objects_is_read() {
+        let (verifier, _dir) = hs_verifier(|_| {});
+        let good = signed(&claims(ISS));
+        verifier.verify(&good, now()).unwrap();
+        let (header, rest) = good.split_once('.').unwrap();
+        for bad in [
+            format!("{good}.x"),
+            format!("{header}=.{rest}"),
+            format!("{header}.."),
+            raw("[]", &claims(ISS).to_string()),
+            raw(HS_HEADER, "null"),
+            raw(HS_HEADER, &format!("{} x", claims(ISS))),
+            raw(r#"{"alg":"none"}"#, &claims(ISS).to_string()),
+            raw(r#"{"alg":5}"#, &claims(ISS).to_string()),
+            raw(r#"{"alg":"HS256","kid":5}"#, &claims(ISS).to_string()),
+        ] {
+            refusal(verifier.verify(&bad, now()));
+        }
+        // The signature's last character with a trailing bit set: the same bytes to a
+        // lax decoder, a second spelling of one token to us.
+        let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut tampered = good.clone();
+        let last = alphabet.find(tampered.pop().unwrap()).unwrap();
+        tampered.push(alphabet.as_bytes()[last ^ 1].into());
+        assert_eq!(
+            refusal(verifier.verify(&tampered, now())),
+            "signature does not verify"
+        );
     }
 }

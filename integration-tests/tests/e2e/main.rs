@@ -2,6 +2,7 @@
 //! HTTP. One test binary (each extra test file is another slow link).
 
 mod flow;
+mod forged;
 mod jwks;
 mod limits;
 mod load;
