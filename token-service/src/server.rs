@@ -18,9 +18,11 @@ use crate::config::StoreKind;
 use crate::config::{Config, StartupError};
 use crate::dev::load_or_create_master_key;
 use crate::grpc::{AdminApi, JobTokenApi, Observer};
+use crate::idp::{HttpClient, HttpGet};
 use crate::keys::KeyRing;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::platform::HttpPermissionSources;
 use crate::service::{LeaseService, MAX_MESSAGE_BYTES, Settings};
 use crate::store::postgres::PostgresOptions;
 use crate::store::{PostgresStore, SqliteStore, Store};
@@ -141,17 +143,31 @@ impl Server {
             )
             .await?,
         );
-        let subjects = SubjectVerifier::from_config(&config.trusted_issuers)?;
         let metrics = Arc::new(Metrics::new());
-        let service = Arc::new(LeaseService::new(
-            store,
-            Arc::clone(&keys),
-            master,
-            subjects,
-            Arc::clone(&clock),
-            Settings::from_config(&config),
+        let http: Arc<dyn HttpGet> = Arc::new(HttpClient::new()?);
+        let subjects = SubjectVerifier::with_http(
+            &config.trusted_issuers,
+            Arc::clone(&http),
             Arc::clone(&metrics),
-        ));
+        )?;
+        let permission_source = HttpPermissionSources::from_config(
+            &config.trusted_issuers,
+            http,
+            Arc::clone(&clock),
+            Arc::clone(&metrics),
+        )?;
+        let service = Arc::new(
+            LeaseService::new(
+                store,
+                Arc::clone(&keys),
+                master,
+                subjects,
+                Arc::clone(&clock),
+                Settings::from_config(&config),
+                Arc::clone(&metrics),
+            )
+            .with_permission_source(Arc::new(permission_source)),
+        );
         let modules = Arc::new(Modules::from_config(
             &config.modules,
             &config.default_audience,

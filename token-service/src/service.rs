@@ -17,6 +17,7 @@ use crate::keys::{AccessClaims, Actor, KeyRing};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEvent};
 use crate::metrics::Metrics;
 use crate::permissions;
+use crate::platform::{NoPermissionSource, PermissionQuery, PermissionSource};
 use crate::secrets::{IssuedRefreshToken, MasterKey, RefreshToken, random_bytes};
 use crate::store::{LeaseFilter, Store, StoreError};
 use crate::subject::SubjectVerifier;
@@ -148,6 +149,8 @@ pub struct LeaseService {
     keys: Arc<KeyRing>,
     master: MasterKey,
     subjects: SubjectVerifier,
+    /// The platform's permissions, for issuers whose tokens do not carry them.
+    permission_source: Arc<dyn PermissionSource>,
     clock: Arc<dyn Clock>,
     settings: Settings,
     /// Bumped whenever this process ends a lease, so revocation streams wake at once.
@@ -234,11 +237,19 @@ impl LeaseService {
             keys,
             master,
             subjects,
+            permission_source: Arc::new(NoPermissionSource),
             clock,
             settings,
             ends: watch::channel(0).0,
             metrics,
         }
+    }
+
+    /// Reads the permissions of users whose issuer has a permission source from
+    /// `source` (by default none is configured).
+    pub fn with_permission_source(mut self, source: Arc<dyn PermissionSource>) -> Self {
+        self.permission_source = source;
+        self
     }
 
     /// The settings in force.
@@ -365,12 +376,29 @@ impl LeaseService {
             return Err(Error::AudienceNotAllowed(audience));
         }
         let now = self.clock.now();
-        let subject = self.subjects.verify(&req.subject_token, now)?;
+        let subject = self
+            .subjects
+            .verify_fetching(&req.subject_token, now)
+            .await?;
         if !module.serves(&subject.tenant) {
             return Err(Error::TenantNotServed(subject.tenant));
         }
-        let granted =
-            permissions::grant(&req.permissions, &subject.permissions, &module.delegable)?;
+        let held = match &subject.permission_source {
+            None => None,
+            Some(source) => Some(
+                self.permission_source
+                    .permissions(&PermissionQuery {
+                        source,
+                        tenant: &subject.tenant,
+                        user_id: &subject.subject,
+                        sub: subject.sub.as_deref(),
+                        token: &req.subject_token,
+                    })
+                    .await?,
+            ),
+        };
+        let held = held.as_ref().unwrap_or(&subject.permissions);
+        let granted = permissions::grant(&req.permissions, held, &module.delegable)?;
         let (lifetime, clamped) = match req.max_lifetime {
             None => (module.default_lifetime, false),
             // A lease shorter than one access token would mint tokens born expired.
