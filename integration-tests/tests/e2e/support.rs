@@ -67,7 +67,9 @@ impl TestServer {
         }
         // Dropped through the test server's own URL, not a test proxy that may be gone.
         let schema = (config.store.kind == StoreKind::Postgres)
-            .then(|| postgres_url().map(|url| Arc::new(TestSchema::adopt(&url, &config.store.schema))))
+            .then(|| {
+                postgres_url().map(|url| Arc::new(TestSchema::adopt(&url, &config.store.schema)))
+            })
             .flatten();
         let running = launch(config.clone(), failure_rate).await;
         Self {
