@@ -247,7 +247,7 @@ fn invalid(problem: impl Into<String>) -> Error {
 
 /// A name taken from the token, cut short for an error message (which escapes it).
 fn shorten(name: &str) -> String {
-    name.chars().take(64).collect()
+    name.chars().take(32).collect()
 }
 
 /// Decodes one base64url part into a JSON object, strictly (see [`StrictValue`]).
@@ -673,7 +673,11 @@ impl SubjectVerifier {
             }
             Some(_) => return Err(invalid("the iss claim is not a string")),
         };
-        let untrusted = || Error::UntrustedIssuer(iss.chars().take(200).collect());
+        // Named back only when it is a printable identifier: the message is logged too.
+        let untrusted = || match ident::check(iss, MAX_CLAIM_LEN) {
+            Ok(()) => Error::UntrustedIssuer(iss.to_owned()),
+            Err(problem) => invalid(format!("the iss claim {problem}")),
+        };
         if let Some(issuer) = self.issuers.get(iss) {
             return Ok(Resolved {
                 issuer,
@@ -1202,6 +1206,28 @@ mod tests {
                 "{name}: {value}: {message}"
             );
         }
+    }
+
+    #[test]
+    fn an_untrusted_issuer_is_named_back_only_when_printable() {
+        let (verifier, _dir) = hs_verifier(|_| {});
+        let with_iss = |iss: Value| {
+            let mut c = claims(ISS);
+            c["iss"] = iss;
+            verifier.verify(&signed(&c), now())
+        };
+        assert!(matches!(
+            with_iss(json!("https://evil")),
+            Err(Error::UntrustedIssuer(iss)) if iss == "https://evil"
+        ));
+        for bad in [
+            json!("\u{7f}".repeat(300)),
+            json!("https://hs\u{200B}"),
+            json!(format!("https://{}", "x".repeat(MAX_CLAIM_LEN))),
+        ] {
+            assert!(refusal(with_iss(bad)).starts_with("the iss claim"));
+        }
+        assert_eq!(refusal(with_iss(json!(7))), "the iss claim is not a string");
     }
 
     #[test]
