@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use token_sdk::proto::{IssueJobTokenRequest, IssueJobTokenResponse};
-use token_service::config::{IssuerConfig, PermissionSourceConfig};
+use token_service::config::{Config, IssuerConfig, PermissionSourceKind};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::Code;
@@ -29,6 +29,45 @@ const CLIENTS: &str = r#"{
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The TOML examples of the README's "Connecting your identity provider" section.
+fn readme_examples() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("## Connecting your identity provider")
+        .expect("the README has the section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    section
+        .split("```toml\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap().to_owned())
+        .collect()
+}
+
+/// Parses and validates one example as a whole config file.
+fn example_config(toml: &str) -> Config {
+    let config = Config::from_toml(toml, Path::new("README.md")).unwrap();
+    config.validate().unwrap();
+    config
+}
+
+#[test]
+fn the_readme_examples_are_valid_configs() {
+    let examples = readme_examples();
+    assert_eq!(examples.len(), 3, "Eureka, Okapi, plain JWKS");
+    let eureka = &example_config(&examples[0]).trusted_issuers[0];
+    assert!(eureka.issuer_pattern.is_some() && eureka.discovery);
+    assert_eq!(eureka.subject_claim, "user_id");
+    let okapi = &example_config(&examples[1]).trusted_issuers[0];
+    assert!(okapi.tokens_without_iss);
+    let source = okapi.permission_source.as_ref().unwrap();
+    assert_eq!(source.kind, PermissionSourceKind::Http);
+    assert_eq!(source.pointer, "/permissionNames");
+    assert_eq!(source.token_header.as_deref(), Some("x-okapi-token"));
+    let plain = &example_config(&examples[2]).trusted_issuers[0];
+    assert!(plain.jwks_uri.is_some() && plain.permission_source.is_none());
 }
 
 /// The provider as a child process on `port`, killed when dropped.
@@ -190,19 +229,23 @@ async fn eureka_realms_discovery_platform_permissions_and_key_rotation() {
     let provider = Provider::start(port, &keys_file, false).await;
     let platform = platform().await;
 
-    // The README's Eureka example, with local addresses.
-    let eureka = IssuerConfig {
-        issuer_pattern: Some(format!("http://127.0.0.1:{port}/realms/{{tenant}}")),
-        discovery: true,
-        subject_claim: "user_id".into(),
-        audiences: vec![RESOURCE.into()],
-        jwks_refetch_interval: Duration::from_secs(1),
-        permission_source: Some(PermissionSourceConfig::http(&format!(
-            "http://{}/permissions/users/{{user_id}}",
-            platform.addr
-        ))),
-        ..IssuerConfig::default()
-    };
+    // The README's Eureka example, with local addresses (and a refetch interval short
+    // enough for the test).
+    let toml = readme_examples()[0]
+        .replace(
+            "https://keycloak.example.org",
+            &format!("http://127.0.0.1:{port}"),
+        )
+        .replace(
+            "https://kong.example.org",
+            &format!("http://{}", platform.addr),
+        )
+        .replace(
+            "jwks_refetch_interval = \"10s\"",
+            "jwks_refetch_interval = \"1s\"",
+        );
+    let eureka: IssuerConfig = example_config(&toml).trusted_issuers.remove(0);
+    assert_eq!(eureka.jwks_refetch_interval, Duration::from_secs(1));
     let server = TestServer::start_with(|c| c.trusted_issuers.push(eureka)).await;
 
     // A grant from realm diku: tenant from iss, user from user_id, permissions from the
