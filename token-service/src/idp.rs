@@ -832,6 +832,121 @@ mod tests {
     }
 
     #[test]
+    fn the_fetch_decision_as_a_table() {
+        let b = Bounds {
+            refetch_interval: Duration::from_secs(10),
+            min_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(900),
+            max_stale: Duration::from_secs(3600),
+            max_realms: 10,
+        };
+        let held = |fetched: u64, ttl: u64| Held {
+            keys: Vec::new().into(),
+            kids: ["k1".to_owned()].into(),
+            fetched_at: at(fetched),
+            fresh_until: at(fetched + ttl),
+            refresh_at: at(fetched + ttl * 8 / 10),
+        };
+        let state = |held: Option<Held>, attempt: Option<u64>, refreshing: bool| RealmState {
+            held,
+            last_attempt: attempt.map(at),
+            failing: None,
+            refreshing,
+            last_used: None,
+        };
+        use Action::*;
+        for (case, s, kid, now, want) in [
+            ("never fetched", state(None, None, false), None, 0, Fetch),
+            (
+                "failed 5 s ago",
+                state(None, Some(0), false),
+                None,
+                5,
+                Unavailable,
+            ),
+            (
+                "failed 10 s ago",
+                state(None, Some(0), false),
+                None,
+                10,
+                Fetch,
+            ),
+            (
+                "fresh",
+                state(Some(held(0, 100)), Some(0), false),
+                Some("k1"),
+                50,
+                Use,
+            ),
+            (
+                "no kid, fresh",
+                state(Some(held(0, 100)), Some(0), false),
+                None,
+                50,
+                Use,
+            ),
+            (
+                "unknown kid",
+                state(Some(held(0, 100)), Some(0), false),
+                Some("k2"),
+                50,
+                Fetch,
+            ),
+            (
+                "unknown kid, just fetched",
+                state(Some(held(0, 100)), Some(0), false),
+                Some("k2"),
+                9,
+                Use,
+            ),
+            (
+                "80% of max-age",
+                state(Some(held(0, 100)), Some(0), false),
+                Some("k1"),
+                80,
+                UseAndRefresh,
+            ),
+            (
+                "refresh running",
+                state(Some(held(0, 100)), Some(0), true),
+                Some("k1"),
+                80,
+                Use,
+            ),
+            (
+                "stale, refresh failing",
+                state(Some(held(0, 100)), Some(150), false),
+                Some("k1"),
+                155,
+                Use,
+            ),
+            (
+                "stale, retry due",
+                state(Some(held(0, 100)), Some(150), false),
+                Some("k1"),
+                160,
+                UseAndRefresh,
+            ),
+            (
+                "beyond max_stale",
+                state(Some(held(0, 100)), Some(3600), false),
+                None,
+                3601,
+                Unavailable,
+            ),
+            (
+                "beyond max_stale, retry due",
+                state(Some(held(0, 100)), Some(3590), false),
+                None,
+                3601,
+                Fetch,
+            ),
+        ] {
+            assert_eq!(decide(&s, kid, at(now), &b), want, "{case}");
+        }
+    }
+
+    #[test]
     fn cache_control_gives_the_keys_age() {
         assert_eq!(
             max_age(Some("public, max-age=120")),
