@@ -138,6 +138,22 @@ pub trait HttpGet: Send + Sync + 'static {
     async fn get(&self, request: GetRequest<'_>) -> std::result::Result<Fetched, FetchError>;
 }
 
+/// TLS for outgoing HTTPS: rustls on aws-lc-rs (the provider tonic uses too, so the
+/// process has one crypto library and no ambiguity about rustls' default provider),
+/// servers verified against the Mozilla roots (webpki-roots). Any reqwest client in this
+/// process must be built with it (`ClientBuilder::use_preconfigured_tls`).
+pub fn tls_config() -> std::result::Result<rustls::ClientConfig, crate::config::StartupError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| crate::config::StartupError::Invalid(format!("tls: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// [`HttpGet`] over reqwest with rustls: no redirects are followed, every call has a
 /// timeout and a body limit.
 #[derive(Debug, Clone)]
@@ -146,14 +162,19 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    /// A client with a 5 s connect timeout that follows no redirect.
+    /// A client with a 5 s connect timeout that follows no redirect, with [`tls_config`].
     pub fn new() -> std::result::Result<Self, crate::config::StartupError> {
+        let invalid = |e: &dyn fmt::Display| {
+            crate::config::StartupError::Invalid(format!("http client: {e}"))
+        };
+        let tls = tls_config()?;
         let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .user_agent(concat!("jobtoken/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| crate::config::StartupError::Invalid(format!("http client: {e}")))?;
+            .map_err(|e| invalid(&e))?;
         Ok(Self { client })
     }
 }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::Code;
 
-use crate::support::{OTHER_KEY, TestServer, reason};
+use crate::support::{OTHER_KEY, TestServer, http_client, http_text, reason};
 
 const RESOURCE: &str = "https://jobtoken.example.org";
 const CLIENTS: &str = r#"{
@@ -121,7 +121,7 @@ impl Provider {
 async fn access_token(port: u16, tenant: &str, client: &str) -> String {
     let clients: serde_json::Value = serde_json::from_str(CLIENTS).unwrap();
     let secret = clients[client]["secret"].as_str().unwrap();
-    let response = reqwest::Client::new()
+    let response = http_client()
         .post(format!("http://127.0.0.1:{port}/realms/{tenant}/token"))
         .basic_auth(client, Some(secret))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -327,12 +327,7 @@ async fn eureka_realms_discovery_platform_permissions_and_key_rotation() {
         .unwrap();
 
     // The issuer's state is visible in the metrics.
-    let metrics = reqwest::get(format!("http://{}/metrics", server.http_addr()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http_text(&format!("http://{}/metrics", server.http_addr())).await;
     let entry = format!("issuer=\"http://127.0.0.1:{port}/realms/{{tenant}}\"");
     for line in [
         format!("jobtoken_issuer_key_fetches_total{{{entry},result=\"ok\"}} 3"),

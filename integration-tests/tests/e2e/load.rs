@@ -6,7 +6,7 @@ use std::time::Duration;
 use token_load::{Load, Scale, Scenario};
 use token_service::config::{IssuerConfig, PermissionSourceConfig};
 
-use crate::support::{OTHER_KEY, TestServer};
+use crate::support::{OTHER_KEY, TestServer, http_text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_reports() {
@@ -76,12 +76,7 @@ async fn the_issue_idp_scenario_grants_through_discovery_and_the_permission_sour
     let report = load.run().await.unwrap();
     assert!(report.ok > 0, "{report}");
     assert!(report.errors.is_empty(), "{report}");
-    let metrics = reqwest::get(format!("http://{}/metrics", server.http_addr()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http_text(&format!("http://{}/metrics", server.http_addr())).await;
     // Two realms, each fetched once; permissions mostly from the cache.
     let fetched = format!(
         "jobtoken_issuer_key_fetches_total{{issuer=\"http://{idp_listen}/realms/{{tenant}}\",result=\"ok\"}} 2"
