@@ -1018,6 +1018,10 @@ fn validate_issuer(i: &IssuerConfig) -> Result<(), StartupError> {
     if i.subject_claim.is_empty() || i.tenant_claim.is_empty() {
         return bad("subject_claim and tenant_claim must not be empty".into());
     }
+    // Zero would let every token naming an unknown kid cause a fetch.
+    if i.jwks_refetch_interval < Duration::from_secs(1) {
+        return bad("jwks_refetch_interval must be at least 1s".into());
+    }
     if i.jwks_min_ttl > i.jwks_max_ttl {
         return bad("jwks_min_ttl must not exceed jwks_max_ttl".into());
     }
@@ -1193,6 +1197,10 @@ mod tests {
         refused(
             "[[trusted_issuers]]\ndiscovery = true",
             "set issuer or issuer_pattern",
+        );
+        refused(
+            "[[trusted_issuers]]\nissuer = \"https://kc\"\ndiscovery = true\njwks_refetch_interval = \"0s\"",
+            "at least 1s",
         );
     }
 
