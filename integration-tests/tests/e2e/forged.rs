@@ -93,10 +93,11 @@ async fn audience_is_required_and_well_typed_when_the_issuer_names_one() {
     })
     .await;
     let forger = Forger::new(&server);
-    let mut missing = forger.claims();
-    missing.as_object_mut().unwrap().remove("aud");
     let cases = [
-        ("aud-missing", forger.sign(HEADER, &missing.to_string())),
+        (
+            "aud-missing",
+            forger.sign(HEADER, &forger.claims().to_string()),
+        ),
         ("aud-null", forger.with("aud", json!(null))),
         ("aud-number", forger.with("aud", json!(7))),
         ("aud-bool", forger.with("aud", json!(true))),
