@@ -1007,10 +1007,13 @@ fn validate_issuer(i: &IssuerConfig) -> Result<(), StartupError> {
             "tokens_without_iss needs hs256_secret_file and an issuer (the entry's name)".into(),
         );
     }
-    if let Some(uri) = &i.jwks_uri
-        && !(uri.starts_with("https://") || uri.starts_with("http://"))
-    {
-        return bad("jwks_uri must be an http(s) URL".into());
+    if let Some(uri) = &i.jwks_uri {
+        if !(uri.starts_with("https://") || uri.starts_with("http://")) {
+            return bad("jwks_uri must be an http(s) URL".into());
+        }
+        if uri.contains("{tenant}") && i.issuer_pattern.is_none() {
+            return bad("{tenant} in jwks_uri goes with issuer_pattern".into());
+        }
     }
     if i.discovery && !(name.starts_with("https://") || name.starts_with("http://")) {
         return bad("discovery needs an http(s) issuer".into());

@@ -967,6 +967,72 @@ mod tests {
         }
     }
 
+    /// The real client against an in-process server: bodies over the limit (declared or
+    /// streamed) and slow answers are errors, redirects are not followed, and the
+    /// Cache-Control header comes back.
+    #[tokio::test]
+    async fn the_http_client_bounds_size_and_time_and_follows_no_redirect() {
+        use axum::routing::get;
+        let app = axum::Router::new()
+            .route(
+                "/small",
+                get(|| async { ([("cache-control", "max-age=42")], "{}") }),
+            )
+            .route("/big", get(|| async { "x".repeat(10_000) }))
+            .route(
+                "/streamed",
+                get(|| async {
+                    let chunks = (0..10).map(|_| Ok::<_, std::io::Error>("x".repeat(1000)));
+                    axum::body::Body::from_stream(futures::stream::iter(chunks))
+                }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "{}"
+                }),
+            )
+            .route(
+                "/redirect",
+                get(|| async { (http::StatusCode::FOUND, [("location", "/small")]) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = HttpClient::new().unwrap();
+        let get = |path: &'static str, timeout_ms: u64| {
+            let client = client.clone();
+            async move {
+                let url = format!("http://{addr}{path}");
+                client
+                    .get(GetRequest {
+                        url: &url,
+                        headers: &[],
+                        timeout: Duration::from_millis(timeout_ms),
+                        max_bytes: 5000,
+                    })
+                    .await
+            }
+        };
+        let small = get("/small", 2000).await.unwrap();
+        assert_eq!((small.status, small.body.as_ref()), (200, &b"{}"[..]));
+        assert_eq!(small.cache_control.as_deref(), Some("max-age=42"));
+        assert!(matches!(
+            get("/big", 2000).await,
+            Err(FetchError::TooLarge(5000))
+        ));
+        assert!(matches!(
+            get("/streamed", 2000).await,
+            Err(FetchError::TooLarge(5000))
+        ));
+        assert!(matches!(
+            get("/slow", 200).await,
+            Err(FetchError::Transport(_))
+        ));
+        assert_eq!(get("/redirect", 2000).await.unwrap().status, 302);
+    }
+
     #[test]
     fn cache_control_gives_the_keys_age() {
         assert_eq!(
