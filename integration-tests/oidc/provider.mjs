@@ -11,11 +11,13 @@
 //              still verify), and write the file back: Keycloak's active/passive rotation
 //   CLIENTS    JSON {"<client_id>": {"secret": "…", "user_id": "…"}}
 //   RESOURCE   the resource indicator (and `aud` of the access tokens)
+//   TLS_CERT, TLS_KEY  PEM files: serve HTTPS with them (the issuers are then https://…)
 //
 // Prints "ready <port>" on stdout once listening.
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import Provider from 'oidc-provider';
 
 const port = Number(process.env.PORT);
@@ -23,6 +25,10 @@ const tenants = (process.env.TENANTS || 'diku').split(',');
 const keysFile = process.env.KEYS_FILE;
 const clients = JSON.parse(process.env.CLIENTS || '{}');
 const resource = process.env.RESOURCE || 'https://jobtoken.example.org';
+const tls = process.env.TLS_CERT
+  ? { cert: readFileSync(process.env.TLS_CERT), key: readFileSync(process.env.TLS_KEY) }
+  : null;
+const scheme = tls ? 'https' : 'http';
 
 function newKey() {
   const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
@@ -35,7 +41,7 @@ writeFileSync(keysFile, JSON.stringify({ keys }));
 
 const mounts = new Map();
 for (const tenant of tenants) {
-  const issuer = `http://127.0.0.1:${port}/realms/${tenant}`;
+  const issuer = `${scheme}://127.0.0.1:${port}/realms/${tenant}`;
   const provider = new Provider(issuer, {
     jwks: { keys },
     ttl: { ClientCredentials: 300 },
@@ -66,7 +72,7 @@ for (const tenant of tenants) {
   mounts.set(`/realms/${tenant}`, provider.callback());
 }
 
-const server = http.createServer((req, res) => {
+const handler = (req, res) => {
   for (const [prefix, handle] of mounts) {
     if (req.url === prefix || req.url.startsWith(`${prefix}/`)) {
       req.originalUrl = req.url;
@@ -76,6 +82,7 @@ const server = http.createServer((req, res) => {
   }
   res.statusCode = 404;
   res.end();
-});
+};
+const server = tls ? https.createServer(tls, handler) : http.createServer(handler);
 server.listen(port, '127.0.0.1', () => console.log(`ready ${server.address().port}`));
 for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => server.close(() => process.exit(0)));

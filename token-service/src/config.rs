@@ -136,6 +136,10 @@ pub struct Config {
     /// TLS for the gRPC listener; absent means plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// PEM file of CA certificates trusted, besides the Mozilla roots, when fetching
+    /// identity providers' keys and asking permission sources over HTTPS.
+    #[serde(default)]
+    pub idp_ca_file: Option<PathBuf>,
     /// Modules allowed to hold leases.
     #[serde(default)]
     pub modules: Vec<ModuleConfig>,
@@ -966,6 +970,7 @@ impl Config {
             },
             store: StoreConfig::default(),
             tls: None,
+            idp_ca_file: None,
             modules: Vec::new(),
             trusted_issuers: Vec::new(),
             limits: LimitsConfig::default(),

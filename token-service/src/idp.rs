@@ -140,13 +140,40 @@ pub trait HttpGet: Send + Sync + 'static {
 
 /// TLS for outgoing HTTPS: rustls on aws-lc-rs (the provider tonic uses too, so the
 /// process has one crypto library and no ambiguity about rustls' default provider),
-/// servers verified against the Mozilla roots (webpki-roots). Any reqwest client in this
-/// process must be built with it (`ClientBuilder::use_preconfigured_tls`).
-pub fn tls_config() -> std::result::Result<rustls::ClientConfig, crate::config::StartupError> {
+/// servers verified against the Mozilla roots (webpki-roots) and the certificates of
+/// `extra_ca` (a PEM file: a private CA of the identity provider). Any reqwest client in
+/// this process must be built with it (`ClientBuilder::use_preconfigured_tls`).
+pub fn tls_config(
+    extra_ca: Option<&std::path::Path>,
+) -> std::result::Result<rustls::ClientConfig, crate::config::StartupError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let roots = rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    if let Some(path) = extra_ca {
+        let problem = |problem: String| crate::config::StartupError::Key {
+            path: path.to_owned(),
+            problem,
+        };
+        let pem = std::fs::read(path).map_err(|source| crate::config::StartupError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut added = 0;
+        for block in x509_parser::pem::Pem::iter_from_buffer(&pem) {
+            let block = block.map_err(|e| problem(format!("not PEM: {e}")))?;
+            if block.label != "CERTIFICATE" {
+                continue;
+            }
+            roots
+                .add(rustls::pki_types::CertificateDer::from(block.contents))
+                .map_err(|e| problem(format!("not a CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(problem("holds no CERTIFICATE".into()));
+        }
+    }
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| crate::config::StartupError::Invalid(format!("tls: {e}")))?
@@ -162,12 +189,15 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    /// A client with a 5 s connect timeout that follows no redirect, with [`tls_config`].
-    pub fn new() -> std::result::Result<Self, crate::config::StartupError> {
+    /// A client with a 5 s connect timeout that follows no redirect, with
+    /// [`tls_config`]`(extra_ca)`.
+    pub fn new(
+        extra_ca: Option<&std::path::Path>,
+    ) -> std::result::Result<Self, crate::config::StartupError> {
         let invalid = |e: &dyn fmt::Display| {
             crate::config::StartupError::Invalid(format!("http client: {e}"))
         };
-        let tls = tls_config()?;
+        let tls = tls_config(extra_ca)?;
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .redirect(reqwest::redirect::Policy::none())
@@ -1000,7 +1030,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = HttpClient::new().unwrap();
+        let client = HttpClient::new(None).unwrap();
         let get = |path: &'static str, timeout_ms: u64| {
             let client = client.clone();
             async move {

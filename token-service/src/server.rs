@@ -144,7 +144,7 @@ impl Server {
             .await?,
         );
         let metrics = Arc::new(Metrics::new());
-        let http: Arc<dyn HttpGet> = Arc::new(HttpClient::new()?);
+        let http: Arc<dyn HttpGet> = Arc::new(HttpClient::new(config.idp_ca_file.as_deref())?);
         let subjects = SubjectVerifier::with_http(
             &config.trusted_issuers,
             Arc::clone(&http),

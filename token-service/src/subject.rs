@@ -580,7 +580,7 @@ impl SubjectVerifier {
     /// Loads every trusted issuer's keys; keys on the network are fetched with a default
     /// HTTP client when first needed.
     pub fn from_config(issuers: &[IssuerConfig]) -> Result<Self, StartupError> {
-        let http = Arc::new(crate::idp::HttpClient::new()?);
+        let http = Arc::new(crate::idp::HttpClient::new(None)?);
         Self::with_http(issuers, http, Arc::new(Metrics::new()))
     }
 

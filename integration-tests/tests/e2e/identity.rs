@@ -77,6 +77,16 @@ struct Provider {
 
 impl Provider {
     async fn start(port: u16, keys_file: &Path, rotate: bool) -> Self {
+        Self::start_with(port, keys_file, rotate, None).await
+    }
+
+    /// With `tls` (certificate and key PEM files), over HTTPS.
+    async fn start_with(
+        port: u16,
+        keys_file: &Path,
+        rotate: bool,
+        tls: Option<(&Path, &Path)>,
+    ) -> Self {
         let root = repo_root();
         assert!(
             root.join("node_modules/oidc-provider").is_dir(),
@@ -92,6 +102,11 @@ impl Provider {
             .env("ROTATE", if rotate { "1" } else { "0" })
             .env("CLIENTS", CLIENTS)
             .env("RESOURCE", RESOURCE)
+            .envs(
+                tls.map(|(cert, key)| [("TLS_CERT", cert), ("TLS_KEY", key)])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -119,10 +134,20 @@ impl Provider {
 /// An access token of `client` from the realm of `tenant`: client credentials with a
 /// resource indicator, which oidc-provider answers with a JWT (RFC 9068).
 async fn access_token(port: u16, tenant: &str, client: &str) -> String {
+    access_token_from(&http_client(), "http", port, tenant, client).await
+}
+
+async fn access_token_from(
+    http: &reqwest::Client,
+    scheme: &str,
+    port: u16,
+    tenant: &str,
+    client: &str,
+) -> String {
     let clients: serde_json::Value = serde_json::from_str(CLIENTS).unwrap();
     let secret = clients[client]["secret"].as_str().unwrap();
-    let response = http_client()
-        .post(format!("http://127.0.0.1:{port}/realms/{tenant}/token"))
+    let response = http
+        .post(format!("{scheme}://127.0.0.1:{port}/realms/{tenant}/token"))
         .basic_auth(client, Some(secret))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(format!(
@@ -339,4 +364,83 @@ async fn eureka_realms_discovery_platform_permissions_and_key_rotation() {
 
     provider.stop().await;
     server.stop().await;
+}
+
+/// The provider over HTTPS with a certificate from a private CA: trusted through
+/// `idp_ca_file`, and not without it (the Mozilla roots don't know that CA).
+#[tokio::test]
+async fn an_identity_provider_behind_a_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "idp test CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (ca_file, cert, key) = (
+        write("ca.pem", &ca_pem),
+        write("idp.pem", &leaf.pem()),
+        write("idp.key", &key.serialize_pem()),
+    );
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let provider = Provider::start_with(
+        port,
+        &dir.path().join("keys.json"),
+        false,
+        Some((&cert, &key)),
+    )
+    .await;
+    let platform = platform().await;
+    let entry = IssuerConfig {
+        issuer_pattern: Some(format!("https://127.0.0.1:{port}/realms/{{tenant}}")),
+        discovery: true,
+        subject_claim: "user_id".into(),
+        permission_source: Some(token_service::config::PermissionSourceConfig::http(
+            &format!("http://{}/permissions/users/{{user_id}}", platform.addr),
+        )),
+        ..IssuerConfig::default()
+    };
+    let trusting = entry.clone();
+    let ca = ca_file.clone();
+    let server = TestServer::start_with(move |c| {
+        c.idp_ca_file = Some(ca);
+        c.trusted_issuers.push(trusting);
+    })
+    .await;
+    let stranger = TestServer::start_with(move |c| c.trusted_issuers.push(entry)).await;
+
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(token_service::idp::tls_config(Some(&ca_file)).unwrap())
+        .build()
+        .unwrap();
+    let token = access_token_from(&http, "https", port, "diku", "alice-app").await;
+    let issued = grant(&server, token.clone(), "import-1", &["inventory.read"])
+        .await
+        .unwrap();
+    assert_eq!(issued.lease.unwrap().tenant, "diku");
+    // Without the CA the keys cannot be fetched: a retryable UNAVAILABLE.
+    let refused = grant(&stranger, token, "import-1", &["inventory.read"])
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), "ISSUER_UNAVAILABLE");
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    provider.stop().await;
+    server.stop().await;
+    stranger.stop().await;
 }

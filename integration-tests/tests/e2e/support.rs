@@ -326,7 +326,7 @@ pub(crate) fn use_postgres(config: &mut Config, url: &str) {
 /// no default rustls provider).
 pub(crate) fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
-        .use_preconfigured_tls(token_service::idp::tls_config().unwrap())
+        .use_preconfigured_tls(token_service::idp::tls_config(None).unwrap())
         .build()
         .unwrap()
 }
