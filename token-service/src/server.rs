@@ -313,6 +313,26 @@ impl Server {
             });
         }
 
+        for i in &config.trusted_issuers {
+            let keys = match (&i.jwks_uri, i.discovery) {
+                (Some(_), _) => "jwks_uri",
+                (None, true) => "discovery",
+                (None, false) => "file",
+            };
+            let permissions = match &i.permission_source {
+                Some(p) if p.kind == crate::config::PermissionSourceKind::Http => "http",
+                _ => "claim",
+            };
+            tracing::info!(
+                issuer = %i.name(),
+                keys,
+                permissions,
+                subject_claim = %i.subject_claim,
+                tenant_from_iss = i.issuer_pattern.is_some(),
+                tokens_without_iss = i.tokens_without_iss,
+                "trusted issuer"
+            );
+        }
         tracing::info!(
             %grpc_addr,
             %http_addr,
