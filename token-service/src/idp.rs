@@ -460,11 +460,12 @@ impl RemoteKeys {
     fn admit_new_realm(&self, now: SystemTime) -> bool {
         let mut bucket = self.new_realms.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, last) = &mut *bucket;
-        if let Some(last) = *last {
-            let passed = now.duration_since(last).unwrap_or_default().as_secs_f64();
+        if let Some(at) = *last {
+            let passed = now.duration_since(at).unwrap_or_default().as_secs_f64();
             *tokens = (*tokens + passed * NEW_REALMS_PER_SECOND).min(2.0 * NEW_REALMS_PER_SECOND);
         }
-        *last = Some(now);
+        // Callers' clocks are read a moment apart: never move the refill time back.
+        *last = Some(last.map_or(now, |at| at.max(now)));
         if *tokens >= 1.0 {
             *tokens -= 1.0;
             true
