@@ -1064,6 +1064,25 @@ mod tests {
         assert_eq!(get("/redirect", 2000).await.unwrap().status, 302);
     }
 
+    /// Keycloak's certs hold an encryption key beside the signing keys; providers add key
+    /// types we don't know. Those are skipped, not fatal; no signing key at all is.
+    #[test]
+    fn jwks_documents_keep_only_usable_signing_keys() {
+        let k = key("sig-1");
+        let enc = json!({"kid": "enc-1", "kty": "RSA", "alg": "RSA-OAEP", "use": "enc",
+            "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+            "e": "AQAB"});
+        let odd = json!({"kid": "pq-1", "kty": "AKP", "alg": "ML-DSA-44", "pub": "AAAA"});
+        let doc = json!({"keys": [enc, odd, k.jwk]});
+        let keys = keys_from_jwks(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("sig-1"));
+        let only_enc = json!({"keys": [doc["keys"][0]]});
+        assert!(keys_from_jwks(only_enc.to_string().as_bytes()).is_err());
+        assert!(keys_from_jwks(b"{\"keys\": 7}").is_err());
+        assert!(keys_from_jwks(b"<html>").is_err());
+    }
+
     #[test]
     fn cache_control_gives_the_keys_age() {
         assert_eq!(
