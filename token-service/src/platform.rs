@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use http::{HeaderName, HeaderValue};
 use serde_json::Value;
 
@@ -78,6 +80,18 @@ impl PermissionSource for NoPermissionSource {
 /// Cached answers: `(tenant, user)` → (cached until, permissions).
 type AnswerCache = Mutex<HashMap<(String, String), (SystemTime, BTreeSet<String>)>>;
 
+/// What one call to a source found, shared by every caller that waited for it.
+#[derive(Debug, Clone)]
+enum Answer {
+    Names(BTreeSet<String>),
+    UnknownUser,
+    Refused(u16),
+    Unavailable,
+}
+
+/// Calls in flight, by `(tenant, user)`: concurrent grants of one user share one call.
+type InFlight = Mutex<HashMap<(String, String), Shared<BoxFuture<'static, Answer>>>>;
+
 /// One HTTP source.
 struct HttpSource {
     url: String,
@@ -89,11 +103,16 @@ struct HttpSource {
     max_bytes: usize,
     cache_entries: usize,
     cache: AnswerCache,
+    in_flight: InFlight,
     failing: AtomicBool,
 }
 
 /// [`PermissionSource`] over HTTP, one source per trusted-issuer entry that has one.
 pub struct HttpPermissionSources {
+    inner: Arc<Sources>,
+}
+
+struct Sources {
     sources: HashMap<String, HttpSource>,
     http: Arc<dyn HttpGet>,
     clock: Arc<dyn Clock>,
@@ -103,7 +122,7 @@ pub struct HttpPermissionSources {
 impl fmt::Debug for HttpPermissionSources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpPermissionSources")
-            .field("sources", &self.sources.keys().collect::<Vec<_>>())
+            .field("sources", &self.inner.sources.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -186,18 +205,23 @@ impl HttpPermissionSources {
                 max_bytes: p.max_response_bytes,
                 cache_entries: p.cache_entries,
                 cache: Mutex::new(HashMap::new()),
+                in_flight: Mutex::new(HashMap::new()),
                 failing: AtomicBool::new(false),
             };
             sources.insert(c.name().to_owned(), source);
         }
         Ok(Self {
-            sources,
-            http,
-            clock,
-            metrics,
+            inner: Arc::new(Sources {
+                sources,
+                http,
+                clock,
+                metrics,
+            }),
         })
     }
+}
 
+impl Sources {
     fn cached(&self, source: &HttpSource, key: &(String, String)) -> Option<BTreeSet<String>> {
         let now = self.clock.now();
         let cache = source.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -238,43 +262,19 @@ impl HttpPermissionSources {
     }
 }
 
-#[async_trait::async_trait]
-impl PermissionSource for HttpPermissionSources {
-    async fn permissions(&self, q: &PermissionQuery<'_>) -> Result<BTreeSet<String>> {
-        let name = q.source;
-        let source = self.sources.get(name).ok_or_else(|| {
-            Error::internal(std::io::Error::other(format!(
-                "no permission source for issuer {name:?}"
-            )))
-        })?;
-        let key = (q.tenant.to_owned(), q.user_id.to_owned());
-        if let Some(names) = self.cached(source, &key) {
-            self.metrics.permission_lookup(name, "cached", None);
-            return Ok(names);
-        }
-        let unavailable = |problem: &str| {
-            tracing::warn!(
-                issuer = %name, tenant = %q.tenant, user = %q.user_id, error = %problem,
-                "permission source lookup failed"
-            );
-            self.note(name, source, Some(problem));
-            Error::PermissionSourceUnavailable(name.to_owned())
+impl Sources {
+    /// One call to the source `name` for `key`, its outcome recorded (metrics, state-change
+    /// log, cache) once, however many callers share it.
+    async fn call(
+        self: Arc<Self>,
+        name: String,
+        key: (String, String),
+        url: String,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Answer {
+        let Some(source) = self.sources.get(&name) else {
+            return Answer::Unavailable;
         };
-        let mut headers = Vec::with_capacity(source.headers.len() + 1);
-        for (header, template) in &source.headers {
-            let value = HeaderValue::from_str(&fill(template, q, str::to_owned))
-                .map_err(|_| unavailable(&format!("header {header} is not a valid value")))?;
-            headers.push((header.clone(), value));
-        }
-        let (token_header, token_value) = match &source.token_header {
-            Some(h) => (h.clone(), q.token.to_owned()),
-            None => (http::header::AUTHORIZATION, format!("Bearer {}", q.token)),
-        };
-        let mut token_value = HeaderValue::from_str(&token_value)
-            .map_err(|_| Error::SubjectTokenInvalid("the token is not a header value".into()))?;
-        token_value.set_sensitive(true);
-        headers.push((token_header, token_value));
-        let url = fill(&source.url, q, percent_encode);
         let started = self.clock.now();
         let answer = self
             .http
@@ -286,46 +286,109 @@ impl PermissionSource for HttpPermissionSources {
             })
             .await;
         let took = self.clock.now().duration_since(started).ok();
+        let failed = |problem: &str| {
+            tracing::warn!(
+                issuer = %name, tenant = %key.0, user = %key.1, error = %problem,
+                "permission source lookup failed"
+            );
+            self.note(&name, source, Some(problem));
+            self.metrics.permission_lookup(&name, "unavailable", took);
+            Answer::Unavailable
+        };
         let answer = match answer {
             Ok(answer) => answer,
             Err(e @ (FetchError::Transport(_) | FetchError::TooLarge(_))) => {
-                self.metrics.permission_lookup(name, "unavailable", took);
-                return Err(unavailable(&e.to_string()));
+                return failed(&e.to_string());
             }
         };
         match answer.status {
             200 => {}
             404 => {
-                self.metrics.permission_lookup(name, "unknown_user", took);
-                self.note(name, source, None);
-                return Err(Error::SubjectTokenInvalid(format!(
-                    "the platform's permission source does not know user {:?} in tenant {:?}",
-                    q.user_id, q.tenant
-                )));
+                self.metrics.permission_lookup(&name, "unknown_user", took);
+                self.note(&name, source, None);
+                return Answer::UnknownUser;
             }
             status @ (401 | 403) => {
-                self.metrics.permission_lookup(name, "refused", took);
-                self.note(name, source, None);
-                return Err(Error::SubjectTokenInvalid(format!(
-                    "the platform's permission source refused the user's token (HTTP {status})"
-                )));
+                self.metrics.permission_lookup(&name, "refused", took);
+                self.note(&name, source, None);
+                return Answer::Refused(status);
             }
-            status => {
-                self.metrics.permission_lookup(name, "unavailable", took);
-                return Err(unavailable(&format!("HTTP {status}")));
+            status => return failed(&format!("HTTP {status}")),
+        }
+        match names_at(&answer.body, &source.pointer) {
+            Ok(names) => {
+                self.metrics.permission_lookup(&name, "ok", took);
+                self.note(&name, source, None);
+                self.remember(source, key, &names);
+                Answer::Names(names)
+            }
+            Err(problem) => failed(&problem),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PermissionSource for HttpPermissionSources {
+    async fn permissions(&self, q: &PermissionQuery<'_>) -> Result<BTreeSet<String>> {
+        let name = q.source;
+        let sources = &self.inner;
+        let source = sources.sources.get(name).ok_or_else(|| {
+            Error::internal(std::io::Error::other(format!(
+                "no permission source for issuer {name:?}"
+            )))
+        })?;
+        let key = (q.tenant.to_owned(), q.user_id.to_owned());
+        if let Some(names) = sources.cached(source, &key) {
+            sources.metrics.permission_lookup(name, "cached", None);
+            return Ok(names);
+        }
+        let mut headers = Vec::with_capacity(source.headers.len() + 1);
+        for (header, template) in &source.headers {
+            let Ok(value) = HeaderValue::from_str(&fill(template, q, str::to_owned)) else {
+                tracing::warn!(issuer = %name, %header, "permission source header is not a valid value");
+                return Err(Error::PermissionSourceUnavailable(name.to_owned()));
+            };
+            headers.push((header.clone(), value));
+        }
+        let (token_header, token_value) = match &source.token_header {
+            Some(h) => (h.clone(), q.token.to_owned()),
+            None => (http::header::AUTHORIZATION, format!("Bearer {}", q.token)),
+        };
+        let mut token_value = HeaderValue::from_str(&token_value)
+            .map_err(|_| Error::SubjectTokenInvalid("the token is not a header value".into()))?;
+        token_value.set_sensitive(true);
+        headers.push((token_header, token_value));
+        let url = fill(&source.url, q, percent_encode);
+        let call = {
+            let mut in_flight = source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            in_flight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::clone(sources)
+                        .call(name.to_owned(), key.clone(), url, headers)
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        let answer = call.clone().await;
+        {
+            let mut in_flight = source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if in_flight.get(&key).is_some_and(|c| c.ptr_eq(&call)) {
+                in_flight.remove(&key);
             }
         }
-        let names = match names_at(&answer.body, &source.pointer) {
-            Ok(names) => names,
-            Err(problem) => {
-                self.metrics.permission_lookup(name, "unavailable", took);
-                return Err(unavailable(&problem));
-            }
-        };
-        self.metrics.permission_lookup(name, "ok", took);
-        self.note(name, source, None);
-        self.remember(source, key, &names);
-        Ok(names)
+        match answer {
+            Answer::Names(names) => Ok(names),
+            Answer::UnknownUser => Err(Error::SubjectTokenInvalid(format!(
+                "the platform's permission source does not know user {:?} in tenant {:?}",
+                q.user_id, q.tenant
+            ))),
+            Answer::Refused(status) => Err(Error::SubjectTokenInvalid(format!(
+                "the platform's permission source refused the user's token (HTTP {status})"
+            ))),
+            Answer::Unavailable => Err(Error::PermissionSourceUnavailable(name.to_owned())),
+        }
     }
 }
 
@@ -376,6 +439,10 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
                 .collect();
             self.calls.lock().unwrap().push((r.url.to_owned(), headers));
+            // Answer a moment later, as a server would: concurrent callers overlap.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
             match *self.answer.lock().unwrap() {
                 Ok((status, body)) => Ok(crate::idp::Fetched {
                     status,
@@ -464,6 +531,59 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("result=\"unavailable\"} 4"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_grants_of_one_user_share_one_call() {
+        let fake = Arc::new(FakePlatform {
+            answer: Mutex::new(Ok((200, r#"{"permissions":["a.read"]}"#))),
+            calls: Mutex::new(Vec::new()),
+        });
+        let entry = IssuerConfig {
+            issuer: "kc".into(),
+            permission_source: Some(crate::config::PermissionSourceConfig::http(
+                "http://gw/permissions/users/{user_id}",
+            )),
+            ..IssuerConfig::default()
+        };
+        let http: Arc<dyn HttpGet> = fake.clone();
+        let sources = HttpPermissionSources::from_config(
+            &[entry],
+            http,
+            Arc::new(crate::clock::ManualClock::at_fixed_instant()),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let q = |user: &'static str| PermissionQuery {
+            source: "kc",
+            tenant: "diku",
+            user_id: user,
+            sub: None,
+            token: "t",
+        };
+        let (a, b, c) = (q("u-1"), q("u-1"), q("u-2"));
+        let answers = futures::future::join_all([
+            sources.permissions(&a),
+            sources.permissions(&b),
+            sources.permissions(&a),
+            sources.permissions(&c),
+        ])
+        .await;
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert_eq!(fake.calls.lock().unwrap().len(), 2, "one call per user");
+        // A failure is shared too, and nothing stays in flight.
+        *fake.answer.lock().unwrap() = Err(());
+        let (d, e) = (q("u-3"), q("u-3"));
+        let answers =
+            futures::future::join_all([sources.permissions(&d), sources.permissions(&e)]).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Err(Error::PermissionSourceUnavailable(_))))
+        );
+        assert_eq!(fake.calls.lock().unwrap().len(), 3);
+        let source = &sources.inner.sources["kc"];
+        assert!(source.in_flight.lock().unwrap().is_empty());
     }
 
     #[test]
