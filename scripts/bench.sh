@@ -7,7 +7,10 @@
 #   scripts/bench.sh [duration] [warm-up]          # defaults: 10s 2s
 #
 # The service runs in dev mode in a temporary directory on 127.0.0.1:50051/50052 (which
-# must be free): first on SQLite (`store.sync = normal`, then `full`), then on
+# must be free): first on SQLite (`store.sync = normal`, then `full`; then, for `issue`
+# against `issue-idp`, with a config file that also trusts the identity provider
+# token-load serves on 127.0.0.1:50070: Keycloak-shaped realms found by discovery and a
+# platform-shaped HTTP permission source), then on
 # PostgreSQL in a database of its own, `jobtoken_bench`, dropped and created here. Set
 # BENCH_PG_URL to the server (default postgres://postgres@127.0.0.1:5432, database
 # appended), or SKIP_PG=1 to skip those rows. Needs jq, and psql for PostgreSQL.
@@ -48,9 +51,9 @@ stop() {
 }
 
 baseline=
-row() { # scenario store
+row() { # scenario store [token-load options]
     local json
-    json=$(cd "$work" && "$load" --scenario "$1" --duration "$duration" --warmup "$warmup" --json)
+    json=$(cd "$work" && "$load" --scenario "$1" --duration "$duration" --warmup "$warmup" --json "${@:3}")
     local rps errors
     rps=$(jq -r '.rps' <<<"$json")
     errors=$(jq -r '.errors | to_entries | map("\(.key) \(.value)") | join(", ")' <<<"$json")
@@ -65,6 +68,33 @@ echo "|---|---|---:|---:|---:|---:|---:|---:|---|"
 start
 for scenario in noop refresh introspect issue mixed churn; do
     row "$scenario" "SQLite, sync = normal"
+done
+stop
+# The identity-provider rows: one service (config file, SQLite normal) trusting both the
+# dev issuer (`issue`) and token-load's realms (`issue-idp`), so the two compare alike.
+keys=$("$svc" gen-key)
+head -n1 <<<"$keys" >"$work/idp-module.key"
+cat >"$work/idp.toml" <<EOF
+data_dir = "$work/idp-data"
+[[modules]]
+id = "load-module"
+key_sha256 = "$(sed -n 2p <<<"$keys")"
+delegable = ["*"]
+[[trusted_issuers]]
+issuer = "https://dev-issuer.jobtoken.invalid"
+public_key_file = "$work/data/dev-issuer-pub.pem"
+algorithm = "EdDSA"
+[[trusted_issuers]]
+issuer_pattern = "http://127.0.0.1:50070/realms/{tenant}"
+discovery = true
+subject_claim = "user_id"
+[trusted_issuers.permission_source]
+kind = "http"
+url = "http://127.0.0.1:50070/permissions/users/{user_id}"
+EOF
+start JOBTOKEN_CONFIG="$work/idp.toml"
+for scenario in issue issue-idp; do
+    row "$scenario" "SQLite, normal, IdP config" --module-key-file "$work/idp-module.key"
 done
 stop
 start JOBTOKEN_STORE_SYNC=full

@@ -16,11 +16,13 @@
 //!     duration: Duration::from_secs(10),
 //!     warmup: Duration::from_secs(2),
 //!     lease_lifetime: Duration::from_secs(3600),
+//!     idp_listen: "127.0.0.1:50070".parse()?,
 //! };
 //! println!("{}", load.run().await?);
 //! # Ok(()) }
 //! ```
 
+pub mod idp;
 pub mod scale;
 
 pub use scale::{Scale, ScaleReport};
@@ -45,12 +47,16 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// What each virtual client does in a loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     /// The gRPC health check: what one RPC costs on this machine (the baseline).
     Noop,
     /// Grant a new lease each time (subject-token check, lease insert, signing).
     Issue,
+    /// `issue` with a Eureka-shaped user token: keys through OIDC discovery and the
+    /// permissions from an HTTP permission source, both served by token-load on
+    /// `--idp-listen` (see [`idp`]); the service must trust it.
+    IssueIdp,
     /// Renew, chaining refresh tokens as a real holder does.
     Refresh,
     /// Introspect the client's access token.
@@ -86,6 +92,8 @@ pub struct Load {
     pub warmup: Duration,
     /// Lifetime requested for each granted lease.
     pub lease_lifetime: Duration,
+    /// `issue-idp`: where token-load serves the identity provider.
+    pub idp_listen: std::net::SocketAddr,
 }
 
 /// What a run measured.
@@ -263,7 +271,7 @@ impl Worker {
                     })
                     .await?;
             }
-            Scenario::Issue => {
+            Scenario::Issue | Scenario::IssueIdp => {
                 self.issue().await?;
             }
             Scenario::Churn => {
@@ -332,10 +340,12 @@ fn pick(scenario: Scenario, n: u64) -> Scenario {
 impl Load {
     /// Runs the scenario and reports.
     pub async fn run(&self) -> Result<Report, LoadError> {
-        let subject_token = subject_token(
-            &self.data_dir,
-            self.lease_lifetime + self.warmup + self.duration,
-        )?;
+        let ttl = self.lease_lifetime + self.warmup + self.duration;
+        let subject_token = subject_token(&self.data_dir, ttl)?;
+        let idp_base = match self.scenario {
+            Scenario::IssueIdp => Some(idp::serve(self.idp_listen, &self.data_dir).await?),
+            _ => None,
+        };
         let channels = channels(&self.endpoint, self.connections).await?;
         let interceptor =
             token_sdk::KeyInterceptor::module_key(&self.module_key).map_err(setup("module key"))?;
@@ -359,7 +369,10 @@ impl Load {
                     interceptor.clone(),
                 ),
                 health: HealthClient::new(channel),
-                subject_token: Arc::clone(&subject_token),
+                subject_token: match &idp_base {
+                    Some(base) => idp::subject_token(&self.data_dir, base, id, ttl)?,
+                    None => Arc::clone(&subject_token),
+                },
                 lease_lifetime: self.lease_lifetime,
                 holder: None,
                 issued: 0,

@@ -50,6 +50,9 @@ struct Args {
     /// scale: the service's process id, to report its resident memory.
     #[arg(long)]
     service_pid: Option<u32>,
+    /// issue-idp: where to serve the identity provider (discovery, JWKS, permissions).
+    #[arg(long, default_value = "127.0.0.1:50070")]
+    idp_listen: std::net::SocketAddr,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -94,6 +97,7 @@ async fn main() -> ExitCode {
         duration: args.duration,
         warmup: args.warmup,
         lease_lifetime: args.lease_lifetime,
+        idp_listen: args.idp_listen,
     };
     print(load.run().await, args.json)
 }

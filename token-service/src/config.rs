@@ -136,6 +136,10 @@ pub struct Config {
     /// TLS for the gRPC listener; absent means plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// PEM file of CA certificates trusted, besides the Mozilla roots, when fetching
+    /// identity providers' keys and asking permission sources over HTTPS.
+    #[serde(default)]
+    pub idp_ca_file: Option<PathBuf>,
     /// Modules allowed to hold leases.
     #[serde(default)]
     pub modules: Vec<ModuleConfig>,
@@ -374,7 +378,9 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
-    /// Exact `iss` value.
+    /// Exact `iss` value (or, with `tokens_without_iss`, the entry's name). Leave out
+    /// with `issuer_pattern`.
+    #[serde(default)]
     pub issuer: String,
     /// Accepted `aud` values; empty means `aud` is not checked.
     #[serde(default)]
@@ -400,6 +406,196 @@ pub struct IssuerConfig {
     /// Leeway on `exp` and `nbf`. Default 30s.
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
+    /// Instead of `issuer`: the shape of many issuers, with one `{tenant}` placeholder
+    /// standing for a whole path segment (`https://kc.example.org/realms/{tenant}`). Any
+    /// `iss` of that shape is trusted, and its tenant is taken from it.
+    #[serde(default)]
+    pub issuer_pattern: Option<String>,
+    /// With `issuer_pattern`: the only tenants it may match. Absent: any.
+    #[serde(default)]
+    pub tenants: Option<Vec<String>>,
+    /// With `issuer_pattern`: most realms whose keys are cached at once. Default 1000.
+    #[serde(default = "default_max_realms")]
+    pub max_realms: usize,
+    /// Keys from OIDC discovery: `<issuer>/.well-known/openid-configuration` names the
+    /// `jwks_uri`, and its `issuer` must be the token's.
+    #[serde(default)]
+    pub discovery: bool,
+    /// Keys from this JWKS URL (with `issuer_pattern`, `{tenant}` is replaced).
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// The tokens carry no `iss` at all (FOLIO Okapi). Only with `hs256_secret_file`, and
+    /// for one entry at most: a token without `iss` is checked against it.
+    #[serde(default)]
+    pub tokens_without_iss: bool,
+    /// Claim naming the user the lease is for. Default `sub`.
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+    /// A token naming a key id not in the cached keys refetches them at most this often.
+    /// Default 10s.
+    #[serde(default = "default_jwks_refetch_interval", with = "humantime_serde")]
+    pub jwks_refetch_interval: Duration,
+    /// Shortest time fetched keys are kept before a refresh, whatever `Cache-Control`
+    /// says. Default 1m.
+    #[serde(default = "default_jwks_min_ttl", with = "humantime_serde")]
+    pub jwks_min_ttl: Duration,
+    /// Longest time fetched keys are kept before a refresh; also the time without
+    /// `Cache-Control`. Default 15m.
+    #[serde(default = "default_jwks_max_ttl", with = "humantime_serde")]
+    pub jwks_max_ttl: Duration,
+    /// While the identity provider is unreachable, the last good keys keep verifying for
+    /// this long after they were fetched. Default 24h.
+    #[serde(default = "default_jwks_max_stale", with = "humantime_serde")]
+    pub jwks_max_stale: Duration,
+    /// Where the user's permissions come from. Absent: `permissions_claim`.
+    #[serde(default)]
+    pub permission_source: Option<PermissionSourceConfig>,
+}
+
+impl Default for IssuerConfig {
+    /// An entry with every default and no issuer or key: tests and dev mode fill those.
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audiences: Vec::new(),
+            jwks_file: None,
+            public_key_file: None,
+            algorithm: None,
+            hs256_secret_file: None,
+            permissions_claim: default_permissions_claim(),
+            tenant_claim: default_tenant_claim(),
+            leeway: DEFAULT_LEEWAY,
+            issuer_pattern: None,
+            tenants: None,
+            max_realms: default_max_realms(),
+            discovery: false,
+            jwks_uri: None,
+            tokens_without_iss: false,
+            subject_claim: default_subject_claim(),
+            jwks_refetch_interval: DEFAULT_JWKS_REFETCH_INTERVAL,
+            jwks_min_ttl: DEFAULT_JWKS_MIN_TTL,
+            jwks_max_ttl: DEFAULT_JWKS_MAX_TTL,
+            jwks_max_stale: DEFAULT_JWKS_MAX_STALE,
+            permission_source: None,
+        }
+    }
+}
+
+impl IssuerConfig {
+    /// The entry's name in logs and metrics: `issuer`, or else `issuer_pattern`.
+    pub fn name(&self) -> &str {
+        self.issuer_pattern.as_deref().unwrap_or(&self.issuer)
+    }
+
+    /// Whether its keys come from the network.
+    pub fn fetches_keys(&self) -> bool {
+        self.discovery || self.jwks_uri.is_some()
+    }
+}
+
+/// Where an issuer's users' permissions come from.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PermissionSourceKind {
+    /// The token's `permissions_claim` (the default).
+    #[default]
+    Claim,
+    /// The platform's permission service, over HTTP.
+    Http,
+}
+
+/// `[trusted_issuers.permission_source]`: the platform's permission service.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionSourceConfig {
+    /// `claim` or `http`.
+    pub kind: PermissionSourceKind,
+    /// `http`: the URL, with `{user_id}`, `{tenant}` and `{sub}` placeholders (each
+    /// replaced percent-encoded).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// JSON pointer (RFC 6901) to the array of permission names. Default `/permissions`.
+    #[serde(default = "default_pointer")]
+    pub pointer: String,
+    /// Extra request headers; values may hold the same placeholders.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Header that carries the user's own token, raw (e.g. `x-okapi-token`). Default:
+    /// `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token_header: Option<String>,
+    /// How long an answer is reused for the same user. Default 30s; `0s` turns it off.
+    #[serde(default = "default_permission_cache", with = "humantime_serde")]
+    pub cache: Duration,
+    /// Time allowed for one call. Default 2s.
+    #[serde(default = "default_permission_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Largest answer read, in bytes. Default 1 MiB.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// Most users' answers cached at once. Default 10000.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+}
+
+impl PermissionSourceConfig {
+    /// An `http` source at `url` with every default.
+    pub fn http(url: &str) -> Self {
+        Self {
+            kind: PermissionSourceKind::Http,
+            url: Some(url.to_owned()),
+            pointer: default_pointer(),
+            headers: Default::default(),
+            token_header: None,
+            cache: default_permission_cache(),
+            timeout: default_permission_timeout(),
+            max_response_bytes: default_max_response_bytes(),
+            cache_entries: default_cache_entries(),
+        }
+    }
+}
+
+/// Default unknown-`kid` refetch interval.
+pub const DEFAULT_JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Default floor on how long fetched keys are kept.
+pub const DEFAULT_JWKS_MIN_TTL: Duration = Duration::from_secs(60);
+/// Default ceiling on how long fetched keys are kept (and the time without Cache-Control).
+pub const DEFAULT_JWKS_MAX_TTL: Duration = Duration::from_secs(15 * 60);
+/// Default time the last good keys keep verifying while the identity provider is down.
+pub const DEFAULT_JWKS_MAX_STALE: Duration = Duration::from_secs(24 * 3600);
+
+fn default_max_realms() -> usize {
+    1000
+}
+fn default_subject_claim() -> String {
+    "sub".into()
+}
+fn default_jwks_refetch_interval() -> Duration {
+    DEFAULT_JWKS_REFETCH_INTERVAL
+}
+fn default_jwks_min_ttl() -> Duration {
+    DEFAULT_JWKS_MIN_TTL
+}
+fn default_jwks_max_ttl() -> Duration {
+    DEFAULT_JWKS_MAX_TTL
+}
+fn default_jwks_max_stale() -> Duration {
+    DEFAULT_JWKS_MAX_STALE
+}
+fn default_pointer() -> String {
+    "/permissions".into()
+}
+fn default_permission_cache() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_permission_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_response_bytes() -> usize {
+    1024 * 1024
+}
+fn default_cache_entries() -> usize {
+    10_000
 }
 
 fn default_issuer() -> String {
@@ -734,16 +930,25 @@ impl Config {
         {
             return bad("admin_key_sha256 must be 64 hex digits".into());
         }
+        let mut without_iss = 0;
         for i in &self.trusted_issuers {
+            validate_issuer(i)?;
+            without_iss += usize::from(i.tokens_without_iss);
+            if without_iss > 1 {
+                return bad("only one trusted issuer may set tokens_without_iss".into());
+            }
             let sources = [
                 i.jwks_file.is_some(),
                 i.public_key_file.is_some(),
                 i.hs256_secret_file.is_some(),
+                i.jwks_uri.is_some(),
+                i.discovery,
             ];
             if sources.iter().filter(|s| **s).count() != 1 {
                 return bad(format!(
-                    "issuer {:?}: set exactly one of jwks_file, public_key_file, hs256_secret_file",
-                    i.issuer
+                    "issuer {:?}: set exactly one of jwks_file, public_key_file, \
+                     hs256_secret_file, jwks_uri, discovery = true",
+                    i.name()
                 ));
             }
             if i.public_key_file.is_some() != i.algorithm.is_some() {
@@ -791,12 +996,121 @@ impl Config {
             },
             store: StoreConfig::default(),
             tls: None,
+            idp_ca_file: None,
             modules: Vec::new(),
             trusted_issuers: Vec::new(),
             limits: LimitsConfig::default(),
             dev_mode: false,
         }
     }
+}
+
+/// The checks of one `[[trusted_issuers]]` entry that need no other entry.
+fn validate_issuer(i: &IssuerConfig) -> Result<(), StartupError> {
+    let name = i.name();
+    let bad = |m: String| Err(StartupError::Invalid(format!("issuer {name:?}: {m}")));
+    match (&i.issuer_pattern, i.issuer.is_empty()) {
+        (None, true) => return bad("set issuer or issuer_pattern".into()),
+        (Some(_), false) => return bad("set issuer or issuer_pattern, not both".into()),
+        (Some(p), true) => {
+            if let Err(problem) = crate::idp::IssuerPattern::parse(p) {
+                return bad(problem);
+            }
+        }
+        (None, false) => {}
+    }
+    if i.tenants.is_some() && i.issuer_pattern.is_none() {
+        return bad("tenants goes with issuer_pattern".into());
+    }
+    if i.tenants.as_ref().is_some_and(Vec::is_empty) {
+        return bad("tenants = [] would match no tenant; leave it out to match all".into());
+    }
+    for t in i.tenants.iter().flatten() {
+        if let Err(p) = crate::ident::check(t, crate::service::MAX_ID_LEN) {
+            return bad(format!("tenant {t:?} {p}"));
+        }
+    }
+    if i.max_realms == 0 {
+        return bad("max_realms must be at least 1".into());
+    }
+    if i.tokens_without_iss && (i.hs256_secret_file.is_none() || i.issuer_pattern.is_some()) {
+        return bad(
+            "tokens_without_iss needs hs256_secret_file and an issuer (the entry's name)".into(),
+        );
+    }
+    if let Some(uri) = &i.jwks_uri {
+        if !(uri.starts_with("https://") || uri.starts_with("http://")) {
+            return bad("jwks_uri must be an http(s) URL".into());
+        }
+        if uri.contains("{tenant}") && i.issuer_pattern.is_none() {
+            return bad("{tenant} in jwks_uri goes with issuer_pattern".into());
+        }
+    }
+    if i.discovery && !(name.starts_with("https://") || name.starts_with("http://")) {
+        return bad("discovery needs an http(s) issuer".into());
+    }
+    if i.subject_claim.is_empty() || i.tenant_claim.is_empty() {
+        return bad("subject_claim and tenant_claim must not be empty".into());
+    }
+    // Zero would let every token naming an unknown kid cause a fetch.
+    if i.jwks_refetch_interval < Duration::from_secs(1) {
+        return bad("jwks_refetch_interval must be at least 1s".into());
+    }
+    if i.jwks_min_ttl > i.jwks_max_ttl {
+        return bad("jwks_min_ttl must not exceed jwks_max_ttl".into());
+    }
+    for (field, d) in [
+        ("jwks_refetch_interval", i.jwks_refetch_interval),
+        ("jwks_min_ttl", i.jwks_min_ttl),
+        ("jwks_max_ttl", i.jwks_max_ttl),
+        ("jwks_max_stale", i.jwks_max_stale),
+    ] {
+        if d > MAX_SETTING_DURATION {
+            return bad(format!("{field} must be at most 366 days"));
+        }
+    }
+    let Some(source) = &i.permission_source else {
+        return Ok(());
+    };
+    match source.kind {
+        PermissionSourceKind::Claim => {
+            if source.url.is_some() {
+                return bad("permission_source: url goes with kind = \"http\"".into());
+            }
+        }
+        PermissionSourceKind::Http => {
+            let Some(url) = &source.url else {
+                return bad("permission_source: kind = \"http\" needs url".into());
+            };
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return bad("permission_source.url must be an http(s) URL".into());
+            }
+            if !(source.pointer.is_empty() || source.pointer.starts_with('/')) {
+                return bad(
+                    "permission_source.pointer must be a JSON pointer (\"/permissions\")".into(),
+                );
+            }
+            let names = source.headers.keys().chain(source.token_header.iter());
+            for h in names {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return bad(format!("permission_source: {h:?} is not a header name"));
+                }
+            }
+            if source.timeout.is_zero() || source.timeout > MAX_SETTING_DURATION {
+                return bad("permission_source.timeout must be between 1ms and 366 days".into());
+            }
+            if source.cache > MAX_SETTING_DURATION {
+                return bad("permission_source.cache must be at most 366 days".into());
+            }
+            if source.max_response_bytes == 0 || source.cache_entries == 0 {
+                return bad(
+                    "permission_source: max_response_bytes and cache_entries must be at least 1"
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -856,6 +1170,72 @@ mod tests {
         assert_eq!(c.store.sync, SyncMode::Full);
         assert_eq!(c.modules[0].max_lifetime, Duration::from_secs(6 * 3600));
         assert_eq!(c.trusted_issuers[0].permissions_claim, "permissions");
+    }
+
+    #[test]
+    fn identity_provider_entries_parse_and_bad_ones_are_refused() {
+        // The issue's example, verbatim names.
+        let c = Config::from_toml(
+            r#"
+            [[trusted_issuers]]
+            issuer_pattern = "https://kc.example.org/realms/{tenant}"
+            discovery = true
+            subject_claim = "user_id"
+            audiences = ["jobtoken"]
+            jwks_refetch_interval = "10s"
+            [trusted_issuers.permission_source]
+            kind = "http"
+            url = "https://gateway.example.org/permissions/users/{user_id}"
+            pointer = "/permissions"
+            headers = { "x-okapi-tenant" = "{tenant}" }
+            token_header = "x-okapi-token"
+            cache = "30s"
+            timeout = "2s"
+            "#,
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let i = &c.trusted_issuers[0];
+        assert_eq!(i.name(), "https://kc.example.org/realms/{tenant}");
+        assert_eq!(i.jwks_refetch_interval, Duration::from_secs(10));
+        let p = i.permission_source.as_ref().unwrap();
+        assert_eq!(p.kind, PermissionSourceKind::Http);
+        assert_eq!(p.headers["x-okapi-tenant"], "{tenant}");
+
+        let refused = |toml: &str, needle: &str| {
+            let c = Config::from_toml(toml, Path::new("c.toml")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{toml}: {e}");
+        };
+        refused(
+            "[[trusted_issuers]]\nissuer_pattern = \"https://kc/realms/x{tenant}\"\ndiscovery = true",
+            "whole path segment",
+        );
+        refused(
+            "[[trusted_issuers]]\nissuer = \"https://kc\"\ndiscovery = true\njwks_uri = \"https://kc/certs\"",
+            "exactly one",
+        );
+        refused(
+            "[[trusted_issuers]]\nissuer = \"okapi\"\ntokens_without_iss = true\njwks_uri = \"https://kc/certs\"",
+            "tokens_without_iss",
+        );
+        refused(
+            "[[trusted_issuers]]\nissuer = \"https://kc\"\ndiscovery = true\ntenants = [\"a\"]",
+            "tenants goes with issuer_pattern",
+        );
+        refused(
+            "[[trusted_issuers]]\nissuer = \"https://kc\"\ndiscovery = true\n[trusted_issuers.permission_source]\nkind = \"http\"",
+            "needs url",
+        );
+        refused(
+            "[[trusted_issuers]]\ndiscovery = true",
+            "set issuer or issuer_pattern",
+        );
+        refused(
+            "[[trusted_issuers]]\nissuer = \"https://kc\"\ndiscovery = true\njwks_refetch_interval = \"0s\"",
+            "at least 1s",
+        );
     }
 
     #[test]

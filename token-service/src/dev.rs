@@ -158,9 +158,7 @@ pub fn dev_issuer_config(data_dir: &Path) -> IssuerConfig {
         public_key_file: Some(issuer_key_paths(data_dir).1),
         algorithm: Some("EdDSA".into()),
         hs256_secret_file: None,
-        permissions_claim: "permissions".into(),
-        tenant_claim: "tenant".into(),
-        leeway: crate::config::DEFAULT_LEEWAY,
+        ..IssuerConfig::default()
     }
 }
 

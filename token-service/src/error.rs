@@ -92,6 +92,18 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// The platform's permission service for the user's issuer did not answer usably
+    /// (down, slow, or an answer that is not the configured shape); retrying may succeed.
+    /// The details are logged where they happen.
+    #[error(
+        "the permission source of issuer {0:?} is unavailable; the user's permissions \
+         could not be read, retry shortly"
+    )]
+    PermissionSourceUnavailable(String),
+    /// The keys of the user token's issuer could not be fetched and none are cached (or
+    /// the cached ones are too old); retrying may succeed.
+    #[error("the keys of issuer {0:?} could not be fetched; retry shortly")]
+    IssuerUnavailable(String),
     /// The store is unreachable or busy; retrying may succeed.
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
@@ -126,6 +138,8 @@ impl Error {
             Error::AudienceNotAllowed(_) => "AUDIENCE_NOT_ALLOWED",
             Error::RateLimited { .. } => "RATE_LIMITED",
             Error::TooManyStreams { .. } => "TOO_MANY_STREAMS",
+            Error::PermissionSourceUnavailable(_) => "PERMISSION_SOURCE_UNAVAILABLE",
+            Error::IssuerUnavailable(_) => "ISSUER_UNAVAILABLE",
             Error::Unavailable(_) => "UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
         }

@@ -1,6 +1,7 @@
 //! Prometheus metrics, served at `/metrics` on the HTTP listener, as OpenMetrics or as
 //! the classic Prometheus text format (0.0.4), whichever the scraper asks for.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -100,6 +101,19 @@ impl Format {
     }
 }
 
+/// Labels of per-issuer counters: the trusted-issuer entry (`issuer`, or its
+/// `issuer_pattern`: one series for all realms) and the outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerResult {
+    issuer: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabel {
+    issuer: String,
+}
+
 /// The service's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -115,6 +129,11 @@ pub struct Metrics {
     pool_connections: Family<StateLabel, Gauge>,
     pool_max: Gauge,
     pool_waiting: Gauge,
+    key_fetches: Family<IssuerResult, Counter>,
+    keys_age: Family<IssuerLabel, Gauge<f64, AtomicU64>>,
+    stale_keys_used: Family<IssuerLabel, Counter>,
+    permission_lookups: Family<IssuerResult, Counter>,
+    permission_latency: Family<IssuerLabel, Histogram>,
 }
 
 impl Default for Metrics {
@@ -202,8 +221,46 @@ impl Metrics {
             "Callers waiting for a store connection",
             pool_waiting.clone(),
         );
+        let key_fetches = Family::<IssuerResult, Counter>::default();
+        registry.register(
+            "issuer_key_fetches",
+            "Fetches of a trusted issuer's keys (discovery and JWKS) by result",
+            key_fetches.clone(),
+        );
+        let keys_age = Family::<IssuerLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "issuer_keys_age_seconds",
+            "Age of the fetched keys used by the latest verification of each issuer",
+            keys_age.clone(),
+        );
+        let stale_keys_used = Family::<IssuerLabel, Counter>::default();
+        registry.register(
+            "issuer_stale_keys_used",
+            "Verifications with keys past their cache time, served while a refresh fails",
+            stale_keys_used.clone(),
+        );
+        let permission_lookups = Family::<IssuerResult, Counter>::default();
+        registry.register(
+            "permission_source_lookups",
+            "Permission-source lookups by result (ok, cached, unknown_user, refused, \
+             unavailable)",
+            permission_lookups.clone(),
+        );
+        let permission_latency = Family::<IssuerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+        });
+        registry.register(
+            "permission_source_duration_seconds",
+            "Time of the permission-source calls (cache misses)",
+            permission_latency.clone(),
+        );
         Self {
             registry: root,
+            key_fetches,
+            keys_age,
+            stale_keys_used,
+            permission_lookups,
+            permission_latency,
             auth_refusals,
             requests,
             latency,
@@ -274,6 +331,46 @@ impl Metrics {
     /// Sets the active-lease gauge.
     pub fn set_active_leases(&self, n: u64) {
         self.active_leases.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Records a fetch of an issuer's keys.
+    pub fn key_fetch(&self, issuer: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.key_fetches
+            .get_or_create(&IssuerResult {
+                issuer: issuer.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Records the age of the fetched keys a verification used, and whether they were
+    /// past their cache time.
+    pub fn keys_used(&self, issuer: &str, age: Duration, stale: bool) {
+        let label = IssuerLabel {
+            issuer: issuer.to_owned(),
+        };
+        self.keys_age.get_or_create(&label).set(age.as_secs_f64());
+        if stale {
+            self.stale_keys_used.get_or_create(&label).inc();
+        }
+    }
+
+    /// Records a permission-source lookup; `took` is the call's time (none when cached).
+    pub fn permission_lookup(&self, issuer: &str, result: &'static str, took: Option<Duration>) {
+        self.permission_lookups
+            .get_or_create(&IssuerResult {
+                issuer: issuer.to_owned(),
+                result,
+            })
+            .inc();
+        if let Some(took) = took {
+            self.permission_latency
+                .get_or_create(&IssuerLabel {
+                    issuer: issuer.to_owned(),
+                })
+                .observe(took.as_secs_f64());
+        }
     }
 
     /// Every metric, in `format`.

@@ -8,10 +8,49 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::auth::{AdminAuth, Modules};
-use crate::config::{Config, StartupError};
+use crate::clock::Clock;
+use crate::config::{Config, IssuerConfig, StartupError};
+use crate::idp::HttpGet;
 use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::platform::{HttpPermissionSources, PermissionSource};
 use crate::service::LeaseService;
 use crate::subject::SubjectVerifier;
+
+/// Builds the trusted issuers' verifier and permission sources from their config, at
+/// start and again at each reload, from the same HTTP client, clock and metrics.
+pub struct IssuerFactory {
+    /// Fetches keys and permissions.
+    pub http: Arc<dyn HttpGet>,
+    /// The injected clock.
+    pub clock: Arc<dyn Clock>,
+    /// Where issuer metrics go.
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for IssuerFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuerFactory").finish_non_exhaustive()
+    }
+}
+
+impl IssuerFactory {
+    /// The verifier and the permission sources of `issuers`.
+    pub fn build(
+        &self,
+        issuers: &[IssuerConfig],
+    ) -> Result<(SubjectVerifier, Arc<dyn PermissionSource>), StartupError> {
+        let subjects =
+            SubjectVerifier::with_http(issuers, Arc::clone(&self.http), Arc::clone(&self.metrics))?;
+        let sources = HttpPermissionSources::from_config(
+            issuers,
+            Arc::clone(&self.http),
+            Arc::clone(&self.clock),
+            Arc::clone(&self.metrics),
+        )?;
+        Ok((subjects, Arc::new(sources)))
+    }
+}
 
 /// The live, swappable part of the configuration, shared by the gRPC APIs.
 #[derive(Debug)]
@@ -22,15 +61,18 @@ pub struct Live {
     pub limits: ArcSwap<Limits>,
     /// The admin key.
     pub admin: ArcSwap<AdminAuth>,
+    /// Rebuilds the trusted issuers.
+    pub issuers: IssuerFactory,
 }
 
 impl Live {
     /// From the start-up config.
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, issuers: IssuerFactory) -> Self {
         Self {
             modules: ArcSwap::from_pointee(modules(config)),
             limits: ArcSwap::from_pointee(Limits::new(&config.modules, &config.limits)),
             admin: ArcSwap::from_pointee(AdminAuth::new(config.admin_key_sha256.clone())),
+            issuers,
         }
     }
 }
@@ -102,7 +144,7 @@ pub fn apply(
     service: &LeaseService,
 ) -> Result<Reloaded, StartupError> {
     new.validate()?;
-    let subjects = SubjectVerifier::from_config(&new.trusted_issuers)?;
+    let (subjects, permission_source) = live.issuers.build(&new.trusted_issuers)?;
     let need_restart = restart_only(current, &new);
     let mut applied = Vec::new();
     if current.modules != new.modules {
@@ -131,7 +173,7 @@ pub fn apply(
     live.limits.store(Arc::new(limits));
     live.admin
         .store(Arc::new(AdminAuth::new(next.admin_key_sha256.clone())));
-    service.set_subjects(subjects);
+    service.set_issuers(subjects, permission_source);
     *current = next;
     Ok(Reloaded {
         applied,

@@ -17,14 +17,14 @@ use crate::config::StoreKind;
 use crate::config::{Config, StartupError};
 use crate::dev::load_or_create_master_key;
 use crate::grpc::{AdminApi, JobTokenApi, Observer};
+use crate::idp::HttpClient;
 use crate::keys::KeyRing;
 use crate::metrics::Metrics;
 use crate::ready::{Check, Readiness};
-use crate::reload::{Live, Reloaded};
+use crate::reload::{IssuerFactory, Live, Reloaded};
 use crate::service::{LeaseService, MAX_MESSAGE_BYTES, Settings};
 use crate::store::postgres::PostgresOptions;
 use crate::store::{PostgresStore, SqliteStore, Store};
-use crate::subject::SubjectVerifier;
 
 /// How often expired and idle leases are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -145,23 +145,33 @@ impl Server {
             )
             .await?,
         );
-        let subjects = SubjectVerifier::from_config(&config.trusted_issuers)?;
         let metrics = Arc::new(Metrics::new());
         {
             let metrics = Arc::clone(&metrics);
             store.observe_batches(Arc::new(move |kind, size| metrics.store_batch(kind, size)));
         }
         let pool_source = Arc::clone(&store);
-        let service = Arc::new(LeaseService::new(
-            store,
-            Arc::clone(&keys),
-            master,
-            subjects,
-            Arc::clone(&clock),
-            Settings::from_config(&config),
-            Arc::clone(&metrics),
-        ));
-        let live = Arc::new(Live::new(&config));
+        // Trusted issuers (keys, permission sources) are rebuilt by a reload from the
+        // same parts.
+        let issuers = IssuerFactory {
+            http: Arc::new(HttpClient::new(config.idp_ca_file.as_deref())?),
+            clock: Arc::clone(&clock),
+            metrics: Arc::clone(&metrics),
+        };
+        let (subjects, permission_source) = issuers.build(&config.trusted_issuers)?;
+        let service = Arc::new(
+            LeaseService::new(
+                store,
+                Arc::clone(&keys),
+                master,
+                subjects,
+                Arc::clone(&clock),
+                Settings::from_config(&config),
+                Arc::clone(&metrics),
+            )
+            .with_permission_source(permission_source),
+        );
+        let live = Arc::new(Live::new(&config, issuers));
 
         let grpc_listener = bind(config.listen.grpc).await?;
         let http_listener = bind(config.listen.http).await?;
@@ -315,6 +325,26 @@ impl Server {
             });
         }
 
+        for i in &config.trusted_issuers {
+            let keys = match (&i.jwks_uri, i.discovery) {
+                (Some(_), _) => "jwks_uri",
+                (None, true) => "discovery",
+                (None, false) => "file",
+            };
+            let permissions = match &i.permission_source {
+                Some(p) if p.kind == crate::config::PermissionSourceKind::Http => "http",
+                _ => "claim",
+            };
+            tracing::info!(
+                issuer = %i.name(),
+                keys,
+                permissions,
+                subject_claim = %i.subject_claim,
+                tenant_from_iss = i.issuer_pattern.is_some(),
+                tokens_without_iss = i.tokens_without_iss,
+                "trusted issuer"
+            );
+        }
         tracing::info!(
             %grpc_addr,
             %http_addr,

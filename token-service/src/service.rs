@@ -18,6 +18,7 @@ use crate::keys::{AccessClaims, Actor, KeyRing};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEvent};
 use crate::metrics::Metrics;
 use crate::permissions;
+use crate::platform::{NoPermissionSource, PermissionQuery, PermissionSource};
 use crate::secrets::{IssuedRefreshToken, MasterKey, RefreshToken, random_bytes};
 use crate::store::{LeaseFilter, Store, StoreError};
 use crate::subject::SubjectVerifier;
@@ -150,6 +151,9 @@ pub struct LeaseService {
     master: MasterKey,
     /// Swapped by a config reload.
     subjects: ArcSwap<SubjectVerifier>,
+    /// The platform's permissions, for issuers whose tokens do not carry them; swapped
+    /// with the issuers by a config reload.
+    permission_source: ArcSwap<Arc<dyn PermissionSource>>,
     clock: Arc<dyn Clock>,
     settings: Settings,
     /// Bumped whenever this process ends a lease, so revocation streams wake at once.
@@ -236,6 +240,9 @@ impl LeaseService {
             keys,
             master,
             subjects: ArcSwap::from_pointee(subjects),
+            permission_source: ArcSwap::from_pointee(
+                Arc::new(NoPermissionSource) as Arc<dyn PermissionSource>
+            ),
             clock,
             settings,
             ends: watch::channel(0).0,
@@ -243,15 +250,23 @@ impl LeaseService {
         }
     }
 
+    /// Reads the permissions of users whose issuer has a permission source from
+    /// `source` (by default none is configured).
+    pub fn with_permission_source(self, source: Arc<dyn PermissionSource>) -> Self {
+        self.permission_source.store(Arc::new(source));
+        self
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
 
-    /// Replaces the trusted issuers (a config reload); grants in flight finish with the
-    /// issuers they started with.
-    pub fn set_subjects(&self, subjects: SubjectVerifier) {
+    /// Replaces the trusted issuers and their permission sources (a config reload);
+    /// grants in flight finish with the issuers they started with.
+    pub fn set_issuers(&self, subjects: SubjectVerifier, permissions: Arc<dyn PermissionSource>) {
         self.subjects.store(Arc::new(subjects));
+        self.permission_source.store(Arc::new(permissions));
     }
 
     /// The signing keys.
@@ -373,12 +388,29 @@ impl LeaseService {
             return Err(Error::AudienceNotAllowed(audience));
         }
         let now = self.clock.now();
-        let subject = self.subjects.load().verify(&req.subject_token, now)?;
+        // A snapshot: a reload during this grant does not change its issuer midway.
+        let subjects = self.subjects.load_full();
+        let subject = subjects.verify_fetching(&req.subject_token, now).await?;
         if !module.serves(&subject.tenant) {
             return Err(Error::TenantNotServed(subject.tenant));
         }
-        let granted =
-            permissions::grant(&req.permissions, &subject.permissions, &module.delegable)?;
+        let held = match &subject.permission_source {
+            None => None,
+            Some(source) => Some(
+                self.permission_source
+                    .load_full()
+                    .permissions(&PermissionQuery {
+                        source,
+                        tenant: &subject.tenant,
+                        user_id: &subject.subject,
+                        sub: subject.sub.as_deref(),
+                        token: &req.subject_token,
+                    })
+                    .await?,
+            ),
+        };
+        let held = held.as_ref().unwrap_or(&subject.permissions);
+        let granted = permissions::grant(&req.permissions, held, &module.delegable)?;
         let (lifetime, clamped) = match req.max_lifetime {
             None => (module.default_lifetime, false),
             // A lease shorter than one access token would mint tokens born expired.

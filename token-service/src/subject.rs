@@ -16,6 +16,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -27,9 +28,11 @@ use serde_json::map::Entry;
 use serde_json::{Map, Number, Value};
 
 use crate::clock::to_unix_secs;
-use crate::config::{IssuerConfig, StartupError};
+use crate::config::{IssuerConfig, PermissionSourceKind, StartupError};
 use crate::error::{Error, Result};
 use crate::ident;
+use crate::idp::{HttpGet, IssuerPattern, RemoteKeys};
+use crate::metrics::Metrics;
 use crate::permissions::MAX_PERMISSION_LEN;
 
 /// Longest subject token accepted, in bytes.
@@ -45,40 +48,68 @@ pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
 /// The verified user behind a subject token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
-    /// The issuer that vouched for the user.
+    /// The issuer that vouched for the user (for a token without `iss`, its entry's
+    /// name).
     pub issuer: String,
-    /// The user (`sub`).
+    /// The user: the issuer's `subject_claim` (default `sub`).
     pub subject: String,
+    /// The token's `sub`, when it has one (a placeholder of the permission source).
+    pub sub: Option<String>,
     /// The user's tenant.
     pub tenant: String,
-    /// The user's permissions.
+    /// The user's permissions, from the token; empty when `permission_source` is set.
     pub permissions: BTreeSet<String>,
+    /// The trusted-issuer entry whose permission source holds the user's permissions;
+    /// `None` when they came from the token.
+    pub permission_source: Option<String>,
 }
 
-struct IssuerKey {
-    kid: Option<String>,
-    algorithm: Algorithm,
-    key: DecodingKey,
+/// One key of a trusted issuer, with the algorithm it is pinned to.
+pub(crate) struct IssuerKey {
+    pub(crate) kid: Option<String>,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) key: DecodingKey,
+}
+
+/// Where an issuer's keys are.
+enum Keys {
+    /// Read from files at start-up.
+    Static(Arc<[IssuerKey]>),
+    /// Fetched from the network and cached.
+    Remote(Arc<RemoteKeys>),
 }
 
 struct TrustedIssuer {
+    /// The entry's name: `issuer` or `issuer_pattern`.
+    name: String,
     audiences: Vec<String>,
-    keys: Vec<IssuerKey>,
+    keys: Keys,
     permissions_claim: String,
     tenant_claim: String,
+    subject_claim: String,
+    /// The permissions come from the platform, not the token.
+    permission_source: bool,
     leeway: Duration,
 }
 
 /// Verifies subject tokens against the configured trusted issuers.
 pub struct SubjectVerifier {
     issuers: HashMap<String, TrustedIssuer>,
+    /// `issuer_pattern` entries, with the tenants each may match (`None`: any).
+    patterns: Vec<(IssuerPattern, Option<Vec<String>>, TrustedIssuer)>,
+    /// The entry for tokens without `iss`.
+    without_iss: Option<TrustedIssuer>,
 }
 
 impl fmt::Debug for SubjectVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SubjectVerifier")
             .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
-            .finish()
+            .field(
+                "patterns",
+                &self.patterns.iter().map(|p| &p.2.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,7 +127,7 @@ fn key_problem(path: &Path, problem: impl Into<String>) -> StartupError {
     }
 }
 
-fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
+pub(crate) fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
     if let Some(alg) = jwk.common.key_algorithm {
         return match alg {
             KeyAlgorithm::RS256 => Some(Algorithm::RS256),
@@ -377,25 +408,45 @@ fn refuse_crit(header: &Map<String, Value>) -> Result<()> {
     )))
 }
 
+/// The `kid` header, if any.
+fn header_kid(header: &Map<String, Value>) -> Result<Option<&str>> {
+    match header.get("kid") {
+        None => Ok(None),
+        Some(Value::String(kid)) => Ok(Some(kid.as_str())),
+        Some(_) => Err(invalid("the kid header is not a string")),
+    }
+}
+
+/// The trusted issuer a parsed token names, before its signature is checked.
+struct Resolved<'v, 't> {
+    issuer: &'v TrustedIssuer,
+    /// The token's `iss`; `None` for the entry of tokens without one.
+    iss: Option<&'t str>,
+    /// The tenant read from `iss` by an `issuer_pattern`.
+    tenant: Option<&'t str>,
+}
+
+impl Resolved<'_, '_> {
+    /// The name the subject is vouched for by: the `iss`, or the entry's name.
+    fn issuer_name(&self) -> &str {
+        self.iss.unwrap_or(&self.issuer.name)
+    }
+}
+
 impl TrustedIssuer {
-    /// Checks the signature over the exact bytes received, with a key of this issuer
-    /// whose pinned algorithm the header names.
-    fn verify_signature(&self, token: &ParsedToken<'_>) -> Result<()> {
+    /// Checks the signature over the exact bytes received, with one of `keys` whose
+    /// pinned algorithm the header names.
+    fn verify_signature(&self, token: &ParsedToken<'_>, keys: &[IssuerKey]) -> Result<()> {
         let alg = match token.header.get("alg") {
             Some(Value::String(alg)) => alg,
             _ => return Err(invalid("the alg header is missing or not a string")),
         };
-        let kid = match token.header.get("kid") {
-            None => None,
-            Some(Value::String(kid)) => Some(kid.as_str()),
-            Some(_) => return Err(invalid("the kid header is not a string")),
-        };
+        let kid = header_kid(&token.header)?;
         refuse_crit(&token.header)?;
         // The key fixes the algorithm; the header may only agree with it. `none` and
         // unknown names parse to nothing and match no key.
         let named: Option<Algorithm> = alg.parse().ok();
-        let mut candidates = self
-            .keys
+        let mut candidates = keys
             .iter()
             .filter(|k| Some(k.algorithm) == named)
             .filter(|k| match (kid, &k.kid) {
@@ -462,16 +513,46 @@ impl TrustedIssuer {
     }
 
     /// Every claim decision, read from the one verified payload, at `now`.
-    fn decide(&self, iss: &str, claims: &Map<String, Value>, now: SystemTime) -> Result<Subject> {
+    fn decide(
+        &self,
+        resolved: &Resolved<'_, '_>,
+        claims: &Map<String, Value>,
+        now: SystemTime,
+    ) -> Result<Subject> {
         // Read every claim into its type first: a malformed claim is refused, never skipped.
         let exp = numeric_date(claims, "exp", f64::floor)?
             .ok_or_else(|| invalid("the exp claim is missing"))?;
         let nbf = numeric_date(claims, "nbf", f64::ceil)?;
         // `iat` decides nothing here, but a malformed one makes a malformed token.
         numeric_date(claims, "iat", f64::floor)?;
-        let subject = identifier(claims, "sub")?;
-        let tenant = identifier(claims, &self.tenant_claim)?;
-        let permissions = self.permissions(claims)?;
+        let subject = identifier(claims, &self.subject_claim)?;
+        let sub = match claims.get("sub") {
+            None => None,
+            Some(_) => Some(identifier(claims, "sub")?),
+        };
+        let tenant = match resolved.tenant {
+            None => identifier(claims, &self.tenant_claim)?,
+            // A tenant claim, when the token has one, must agree with the issuer's.
+            Some(from_iss) => {
+                ident::check(from_iss, MAX_CLAIM_LEN)
+                    .map_err(|problem| invalid(format!("the tenant in iss {problem}")))?;
+                if claim(claims, &self.tenant_claim).is_some() {
+                    let named = identifier(claims, &self.tenant_claim)?;
+                    if named != from_iss {
+                        return Err(invalid(format!(
+                            "the {} claim does not agree with the tenant of iss",
+                            self.tenant_claim
+                        )));
+                    }
+                }
+                from_iss
+            }
+        };
+        let permissions = if self.permission_source {
+            BTreeSet::new()
+        } else {
+            self.permissions(claims)?
+        };
 
         if !self.audience_accepted(claims.get("aud")) {
             return Err(Error::SubjectTokenAudience);
@@ -485,38 +566,83 @@ impl TrustedIssuer {
             return Err(Error::SubjectTokenNotYetValid);
         }
         Ok(Subject {
-            issuer: iss.to_owned(),
+            issuer: resolved.issuer_name().to_owned(),
             subject: subject.to_owned(),
+            sub: sub.map(str::to_owned),
             tenant: tenant.to_owned(),
             permissions,
+            permission_source: self.permission_source.then(|| self.name.clone()),
         })
     }
 }
 
 impl SubjectVerifier {
-    /// Loads every trusted issuer's keys.
+    /// Loads every trusted issuer's keys; keys on the network are fetched with a default
+    /// HTTP client when first needed.
     pub fn from_config(issuers: &[IssuerConfig]) -> Result<Self, StartupError> {
-        let mut map = HashMap::new();
-        for c in issuers {
-            let issuer = TrustedIssuer {
-                audiences: c.audiences.clone(),
-                keys: load_keys(c)?,
-                permissions_claim: c.permissions_claim.clone(),
-                tenant_claim: c.tenant_claim.clone(),
-                leeway: c.leeway,
-            };
-            if map.insert(c.issuer.clone(), issuer).is_some() {
-                return Err(StartupError::Invalid(format!(
-                    "issuer {:?} is listed twice",
-                    c.issuer
-                )));
-            }
-        }
-        Ok(Self { issuers: map })
+        let http = Arc::new(crate::idp::HttpClient::new(None)?);
+        Self::with_http(issuers, http, Arc::new(Metrics::new()))
     }
 
-    /// Verifies `token` at `now` and returns the user it vouches for.
-    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Subject> {
+    /// Loads every trusted issuer's keys; keys on the network are fetched through `http`
+    /// when first needed, and counted in `metrics`.
+    pub fn with_http(
+        issuers: &[IssuerConfig],
+        http: Arc<dyn HttpGet>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StartupError> {
+        let mut verifier = Self {
+            issuers: HashMap::new(),
+            patterns: Vec::new(),
+            without_iss: None,
+        };
+        for c in issuers {
+            let keys = if c.fetches_keys() {
+                Keys::Remote(Arc::new(RemoteKeys::new(
+                    c,
+                    Arc::clone(&http),
+                    Arc::clone(&metrics),
+                )))
+            } else {
+                Keys::Static(load_keys(c)?.into())
+            };
+            let issuer = TrustedIssuer {
+                name: c.name().to_owned(),
+                audiences: c.audiences.clone(),
+                keys,
+                permissions_claim: c.permissions_claim.clone(),
+                tenant_claim: c.tenant_claim.clone(),
+                subject_claim: c.subject_claim.clone(),
+                permission_source: c
+                    .permission_source
+                    .as_ref()
+                    .is_some_and(|p| p.kind == PermissionSourceKind::Http),
+                leeway: c.leeway,
+            };
+            let twice = || StartupError::Invalid(format!("issuer {:?} is listed twice", c.name()));
+            if let Some(pattern) = &c.issuer_pattern {
+                let parsed = IssuerPattern::parse(pattern).map_err(StartupError::Invalid)?;
+                if verifier.patterns.iter().any(|(p, _, _)| *p == parsed) {
+                    return Err(twice());
+                }
+                verifier.patterns.push((parsed, c.tenants.clone(), issuer));
+            } else if c.tokens_without_iss {
+                if issuer.keys_are_not_hs256() {
+                    return Err(StartupError::Invalid(format!(
+                        "issuer {:?}: tokens_without_iss needs hs256_secret_file",
+                        c.name()
+                    )));
+                }
+                verifier.without_iss = Some(issuer);
+            } else if verifier.issuers.insert(c.issuer.clone(), issuer).is_some() {
+                return Err(twice());
+            }
+        }
+        Ok(verifier)
+    }
+
+    /// Checks the length and parses the token once.
+    fn parse(token: &str) -> Result<ParsedToken<'_>> {
         if token.is_empty() {
             return Err(Error::invalid("subject_token", "is required"));
         }
@@ -526,23 +652,111 @@ impl SubjectVerifier {
                 format!("is longer than {MAX_SUBJECT_TOKEN_LEN} bytes"),
             ));
         }
-        let token = ParsedToken::parse(token)?;
-        // The issuer picks the keys, so it is read before the signature is checked; it is
-        // only looked up, and everything else waits for the signature.
+        ParsedToken::parse(token)
+    }
+
+    /// The trusted issuer the token names. The issuer picks the keys, so it is read
+    /// before the signature is checked; it is only looked up (or matched against a
+    /// configured pattern), and everything else waits for the signature.
+    fn resolve<'t>(&self, token: &'t ParsedToken<'_>) -> Result<Resolved<'_, 't>> {
         let iss = match token.claims.get("iss") {
             Some(Value::String(iss)) => iss.as_str(),
-            None => return Err(invalid("the token has no iss claim")),
+            None => {
+                return match &self.without_iss {
+                    Some(issuer) => Ok(Resolved {
+                        issuer,
+                        iss: None,
+                        tenant: None,
+                    }),
+                    None => Err(invalid("the token has no iss claim")),
+                };
+            }
             Some(_) => return Err(invalid("the iss claim is not a string")),
         };
-        let Some(issuer) = self.issuers.get(iss) else {
-            // Named back only when it is a printable identifier: the message is logged too.
-            return Err(match ident::check(iss, MAX_CLAIM_LEN) {
-                Ok(()) => Error::UntrustedIssuer(iss.to_owned()),
-                Err(problem) => invalid(format!("the iss claim {problem}")),
-            });
+        // Named back only when it is a printable identifier: the message is logged too.
+        let untrusted = || match ident::check(iss, MAX_CLAIM_LEN) {
+            Ok(()) => Error::UntrustedIssuer(iss.to_owned()),
+            Err(problem) => invalid(format!("the iss claim {problem}")),
         };
-        issuer.verify_signature(&token)?;
-        issuer.decide(iss, &token.claims, now)
+        if let Some(issuer) = self.issuers.get(iss) {
+            return Ok(Resolved {
+                issuer,
+                iss: Some(iss),
+                tenant: None,
+            });
+        }
+        for (pattern, tenants, issuer) in &self.patterns {
+            let Some(tenant) = pattern.tenant(iss) else {
+                continue;
+            };
+            if tenants
+                .as_ref()
+                .is_some_and(|list| !list.iter().any(|t| t == tenant))
+            {
+                return Err(untrusted());
+            }
+            return Ok(Resolved {
+                issuer,
+                iss: Some(iss),
+                tenant: Some(tenant),
+            });
+        }
+        Err(untrusted())
+    }
+
+    /// Verifies `token` at `now` with the keys in hand, fetching none: an issuer whose
+    /// keys come from the network verifies only once they have been fetched (by
+    /// [`SubjectVerifier::verify_fetching`]).
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Subject> {
+        let token = Self::parse(token)?;
+        let resolved = self.resolve(&token)?;
+        let keys = match &resolved.issuer.keys {
+            Keys::Static(keys) => Arc::clone(keys),
+            Keys::Remote(remote) => remote.cached(resolved.issuer_name(), now)?,
+        };
+        resolved.issuer.verify_signature(&token, &keys)?;
+        resolved.issuer.decide(&resolved, &token.claims, now)
+    }
+
+    /// Verifies `token` at `now` and returns the user it vouches for, fetching the
+    /// issuer's keys first when they are not in hand, stale, or lack the token's `kid`.
+    pub async fn verify_fetching(&self, token: &str, now: SystemTime) -> Result<Subject> {
+        let token = Self::parse(token)?;
+        let resolved = self.resolve(&token)?;
+        let keys = match &resolved.issuer.keys {
+            Keys::Static(keys) => Arc::clone(keys),
+            Keys::Remote(remote) => {
+                let kid = header_kid(&token.header)?;
+                remote
+                    .keys_for(resolved.issuer_name(), resolved.tenant, kid, now)
+                    .await?
+            }
+        };
+        resolved.issuer.verify_signature(&token, &keys)?;
+        resolved.issuer.decide(&resolved, &token.claims, now)
+    }
+}
+
+#[cfg(test)]
+impl SubjectVerifier {
+    /// Realms cached by every pattern entry, for tests of the bound.
+    pub(crate) fn patterns_cached(&self) -> usize {
+        self.patterns
+            .iter()
+            .map(|(_, _, i)| match &i.keys {
+                Keys::Remote(r) => r.realms_cached(),
+                Keys::Static(_) => 0,
+            })
+            .sum()
+    }
+}
+
+impl TrustedIssuer {
+    fn keys_are_not_hs256(&self) -> bool {
+        match &self.keys {
+            Keys::Static(keys) => keys.iter().any(|k| k.algorithm != Algorithm::HS256),
+            Keys::Remote(_) => true,
+        }
     }
 }
 
@@ -574,6 +788,7 @@ mod tests {
             permissions_claim: "permissions".into(),
             tenant_claim: "tenant".into(),
             leeway: Duration::from_secs(30),
+            ..IssuerConfig::default()
         }
     }
 

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use token_load::{Load, Scale, Scenario};
+use token_service::config::{IssuerConfig, PermissionSourceConfig};
 
-use crate::support::{OTHER_KEY, TestServer};
+use crate::support::{OTHER_KEY, TestServer, http_text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_reports() {
@@ -28,6 +29,7 @@ async fn every_scenario_runs_and_reports() {
             duration: Duration::from_millis(300),
             warmup: Duration::from_millis(100),
             lease_lifetime: Duration::from_secs(600),
+            idp_listen: "127.0.0.1:0".parse().unwrap(),
         };
         let report = load.run().await.unwrap();
         assert!(report.ok > 0, "{report}");
@@ -36,6 +38,54 @@ async fn every_scenario_runs_and_reports() {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["ok"], report.ok);
     }
+    server.stop().await;
+}
+
+/// `issue-idp`: grants through the identity provider token-load serves (discovery keys,
+/// HTTP permission source), trusted the way scripts/bench.sh trusts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issue_idp_scenario_grants_through_discovery_and_the_permission_source() {
+    let idp_listen: std::net::SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let server = TestServer::start_with(|c| {
+        c.trusted_issuers.push(IssuerConfig {
+            issuer_pattern: Some(format!("http://{idp_listen}/realms/{{tenant}}")),
+            discovery: true,
+            subject_claim: "user_id".into(),
+            permission_source: Some(PermissionSourceConfig::http(&format!(
+                "http://{idp_listen}/permissions/users/{{user_id}}"
+            ))),
+            ..IssuerConfig::default()
+        });
+    })
+    .await;
+    let load = Load {
+        endpoint: server.endpoint(),
+        module_key: OTHER_KEY.into(),
+        data_dir: server.data_dir().to_owned(),
+        scenario: Scenario::IssueIdp,
+        concurrency: 4,
+        connections: 2,
+        duration: Duration::from_millis(500),
+        warmup: Duration::from_millis(200),
+        lease_lifetime: Duration::from_secs(600),
+        idp_listen,
+    };
+    let report = load.run().await.unwrap();
+    assert!(report.ok > 0, "{report}");
+    assert!(report.errors.is_empty(), "{report}");
+    let metrics = http_text(&format!("http://{}/metrics", server.http_addr())).await;
+    // Two realms, each fetched once; permissions mostly from the cache.
+    let fetched = format!(
+        "jobtoken_issuer_key_fetches_total{{issuer=\"http://{idp_listen}/realms/{{tenant}}\",result=\"ok\"}} 2"
+    );
+    assert!(metrics.contains(&fetched), "{metrics}");
+    assert!(
+        metrics.contains("jobtoken_permission_source_lookups_total"),
+        "{metrics}"
+    );
     server.stop().await;
 }
 

@@ -3,6 +3,7 @@
 
 mod flow;
 mod forged;
+mod identity;
 mod jwks;
 mod limits;
 mod load;

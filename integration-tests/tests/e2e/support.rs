@@ -322,6 +322,27 @@ pub(crate) fn use_postgres(config: &mut Config, url: &str) {
 }
 
 /// The machine reason of a failed call.
+/// An HTTP client for the tests (reqwest with the service's TLS setup: the process has
+/// no default rustls provider).
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(token_service::idp::tls_config(None).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// The body of a GET.
+pub(crate) async fn http_text(url: &str) -> String {
+    http_client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub(crate) fn reason(status: &tonic::Status) -> String {
     token_sdk::error_reason(status).unwrap_or_else(|| format!("<no ErrorInfo: {status:?}>"))
 }

@@ -51,7 +51,9 @@ pub fn code(e: &Error) -> Code {
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseAlreadyExists(_) => Code::AlreadyExists,
         Error::LeaseEnded(..) => Code::FailedPrecondition,
-        Error::Unavailable(_) => Code::Unavailable,
+        Error::Unavailable(_)
+        | Error::PermissionSourceUnavailable(_)
+        | Error::IssuerUnavailable(_) => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     }
 }
@@ -177,6 +179,8 @@ mod tests {
             },
             Error::TooManyStreams { limit: 4 },
             Error::Unavailable(StoreError::Unavailable("db down at 10.0.0.5".into())),
+            Error::PermissionSourceUnavailable("https://kc/realms/{tenant}".into()),
+            Error::IssuerUnavailable("https://kc/realms/diku".into()),
             Error::internal(std::io::Error::other("secret detail")),
         ];
         all.extend(
@@ -235,6 +239,8 @@ mod tests {
             (Code::ResourceExhausted, "RATE_LIMITED"),
             (Code::ResourceExhausted, "TOO_MANY_STREAMS"),
             (Code::Unavailable, "UNAVAILABLE"),
+            (Code::Unavailable, "PERMISSION_SOURCE_UNAVAILABLE"),
+            (Code::Unavailable, "ISSUER_UNAVAILABLE"),
             (Code::Internal, "INTERNAL"),
             (Code::FailedPrecondition, "LEASE_RELEASED"),
             (Code::FailedPrecondition, "LEASE_EXPIRED"),

@@ -1,0 +1,609 @@
+//! The user's permissions from the platform, for issuers whose tokens do not carry them
+//! (FOLIO Eureka, FOLIO Okapi).
+//!
+//! [`PermissionSource`] is the port the grant path calls after the user token verified;
+//! [`HttpPermissionSources`] is its adapter: one HTTP source per trusted-issuer entry with
+//! `permission_source.kind = "http"`, called with the user's own token, answers cached
+//! per tenant and user for a short time (like the platform's own cache).
+//!
+//! Outcomes: the permissions; `SUBJECT_TOKEN_INVALID` when the platform says the user does
+//! not exist (404) or refuses the user's token (401, 403); otherwise (down, slow, 5xx, an
+//! answer not of the configured shape) `PERMISSION_SOURCE_UNAVAILABLE`, which callers
+//! retry. A source's change between working and failing is logged once each way.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+use http::{HeaderName, HeaderValue};
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::config::{IssuerConfig, PermissionSourceKind, StartupError};
+use crate::error::{Error, Result};
+use crate::idp::{FetchError, GetRequest, HttpGet};
+use crate::metrics::Metrics;
+use crate::permissions::MAX_PERMISSION_LEN;
+
+/// Whose permissions to read. Holds the user's token: `Debug` redacts it.
+pub struct PermissionQuery<'a> {
+    /// The trusted-issuer entry whose source to ask ([`crate::subject::Subject::permission_source`]).
+    pub source: &'a str,
+    /// The user's tenant.
+    pub tenant: &'a str,
+    /// The user (the issuer's `subject_claim`): `{user_id}`.
+    pub user_id: &'a str,
+    /// The token's `sub`: `{sub}`.
+    pub sub: Option<&'a str>,
+    /// The user's own token, sent to the source. Secret.
+    pub token: &'a str,
+}
+
+impl fmt::Debug for PermissionQuery<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PermissionQuery")
+            .field("source", &self.source)
+            .field("tenant", &self.tenant)
+            .field("user_id", &self.user_id)
+            .field("sub", &self.sub)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The port: the user's permissions held by the platform.
+#[async_trait::async_trait]
+pub trait PermissionSource: Send + Sync + 'static {
+    /// The permissions the user holds, by the source named in `query`.
+    async fn permissions(&self, query: &PermissionQuery<'_>) -> Result<BTreeSet<String>>;
+}
+
+/// The source of a service with no `http` permission source configured: asking it is a
+/// bug (no verified subject names a source then).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPermissionSource;
+
+#[async_trait::async_trait]
+impl PermissionSource for NoPermissionSource {
+    async fn permissions(&self, query: &PermissionQuery<'_>) -> Result<BTreeSet<String>> {
+        Err(Error::internal(std::io::Error::other(format!(
+            "no permission source for issuer {:?}",
+            query.source
+        ))))
+    }
+}
+
+/// Cached answers: `(tenant, user)` → (cached until, permissions).
+type AnswerCache = Mutex<HashMap<(String, String), (SystemTime, BTreeSet<String>)>>;
+
+/// What one call to a source found, shared by every caller that waited for it.
+#[derive(Debug, Clone)]
+enum Answer {
+    Names(BTreeSet<String>),
+    UnknownUser,
+    Refused(u16),
+    Unavailable,
+}
+
+/// Calls in flight, by `(tenant, user)`: concurrent grants of one user share one call.
+type InFlight = Mutex<HashMap<(String, String), Shared<BoxFuture<'static, Answer>>>>;
+
+/// One HTTP source.
+struct HttpSource {
+    url: String,
+    pointer: String,
+    headers: Vec<(HeaderName, String)>,
+    token_header: Option<HeaderName>,
+    cache_for: Duration,
+    timeout: Duration,
+    max_bytes: usize,
+    cache_entries: usize,
+    cache: AnswerCache,
+    in_flight: InFlight,
+    failing: AtomicBool,
+}
+
+/// [`PermissionSource`] over HTTP, one source per trusted-issuer entry that has one.
+pub struct HttpPermissionSources {
+    inner: Arc<Sources>,
+}
+
+struct Sources {
+    sources: HashMap<String, HttpSource>,
+    http: Arc<dyn HttpGet>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+impl fmt::Debug for HttpPermissionSources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpPermissionSources")
+            .field("sources", &self.inner.sources.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replaces `{user_id}`, `{tenant}` and `{sub}` in `template`, each value passed through
+/// `encode`.
+fn fill(template: &str, q: &PermissionQuery<'_>, encode: fn(&str) -> String) -> String {
+    template
+        .replace("{user_id}", &encode(q.user_id))
+        .replace("{tenant}", &encode(q.tenant))
+        .replace("{sub}", &encode(q.sub.unwrap_or("")))
+}
+
+/// Percent-encodes all but the unreserved characters (RFC 3986 §2.3): a user id can never
+/// add a path segment or a query to the configured URL.
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Reads the array of permission names at `pointer`.
+fn names_at(body: &[u8], pointer: &str) -> std::result::Result<BTreeSet<String>, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let items = doc
+        .pointer(pointer)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("no array of strings at {pointer:?}"))?;
+    items
+        .iter()
+        .map(|v| {
+            let name = v
+                .as_str()
+                .ok_or_else(|| format!("a non-string in the array at {pointer:?}"))?;
+            crate::ident::check(name, MAX_PERMISSION_LEN)
+                .map(|()| name.to_owned())
+                .map_err(|p| format!("a permission name {p}"))
+        })
+        .collect()
+}
+
+impl HttpPermissionSources {
+    /// The sources of every entry with `permission_source.kind = "http"`.
+    pub fn from_config(
+        issuers: &[IssuerConfig],
+        http: Arc<dyn HttpGet>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StartupError> {
+        let mut sources = HashMap::new();
+        for c in issuers {
+            let Some(p) = &c.permission_source else {
+                continue;
+            };
+            if p.kind != PermissionSourceKind::Http {
+                continue;
+            }
+            let header = |name: &str| {
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    StartupError::Invalid(format!("permission_source: bad header {name:?}"))
+                })
+            };
+            let source = HttpSource {
+                url: p.url.clone().unwrap_or_default(),
+                pointer: p.pointer.clone(),
+                headers: p
+                    .headers
+                    .iter()
+                    .map(|(k, v)| Ok((header(k)?, v.clone())))
+                    .collect::<Result<_, StartupError>>()?,
+                token_header: p.token_header.as_deref().map(header).transpose()?,
+                cache_for: p.cache,
+                timeout: p.timeout,
+                max_bytes: p.max_response_bytes,
+                cache_entries: p.cache_entries,
+                cache: Mutex::new(HashMap::new()),
+                in_flight: Mutex::new(HashMap::new()),
+                failing: AtomicBool::new(false),
+            };
+            sources.insert(c.name().to_owned(), source);
+        }
+        Ok(Self {
+            inner: Arc::new(Sources {
+                sources,
+                http,
+                clock,
+                metrics,
+            }),
+        })
+    }
+}
+
+impl Sources {
+    fn cached(&self, source: &HttpSource, key: &(String, String)) -> Option<BTreeSet<String>> {
+        let now = self.clock.now();
+        let cache = source.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(key)
+            .filter(|(until, _)| now < *until)
+            .map(|(_, names)| names.clone())
+    }
+
+    fn remember(&self, source: &HttpSource, key: (String, String), names: &BTreeSet<String>) {
+        if source.cache_for.is_zero() {
+            return;
+        }
+        let now = self.clock.now();
+        let mut cache = source.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= source.cache_entries {
+            cache.retain(|_, (until, _)| now < *until);
+            if cache.len() >= source.cache_entries {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (now + source.cache_for, names.clone()));
+    }
+
+    /// Logs a change between working and failing, once each way.
+    fn note(&self, name: &str, source: &HttpSource, problem: Option<&str>) {
+        let was_failing = source.failing.swap(problem.is_some(), Ordering::Relaxed);
+        match problem {
+            Some(problem) if !was_failing => tracing::warn!(
+                issuer = %name, error = %problem,
+                "permission source failing: grants of its users fail with PERMISSION_SOURCE_UNAVAILABLE"
+            ),
+            None if was_failing => {
+                tracing::info!(issuer = %name, "permission source answering again");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Sources {
+    /// One call to the source `name` for `key`, its outcome recorded (metrics, state-change
+    /// log, cache) once, however many callers share it.
+    async fn call(
+        self: Arc<Self>,
+        name: String,
+        key: (String, String),
+        url: String,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Answer {
+        let Some(source) = self.sources.get(&name) else {
+            return Answer::Unavailable;
+        };
+        let started = self.clock.now();
+        let answer = self
+            .http
+            .get(GetRequest {
+                url: &url,
+                headers: &headers,
+                timeout: source.timeout,
+                max_bytes: source.max_bytes,
+            })
+            .await;
+        let took = self.clock.now().duration_since(started).ok();
+        let failed = |problem: &str| {
+            tracing::warn!(
+                issuer = %name, tenant = %key.0, user = %key.1, error = %problem,
+                "permission source lookup failed"
+            );
+            self.note(&name, source, Some(problem));
+            self.metrics.permission_lookup(&name, "unavailable", took);
+            Answer::Unavailable
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e @ (FetchError::Transport(_) | FetchError::TooLarge(_))) => {
+                return failed(&e.to_string());
+            }
+        };
+        match answer.status {
+            200 => {}
+            404 => {
+                self.metrics.permission_lookup(&name, "unknown_user", took);
+                self.note(&name, source, None);
+                return Answer::UnknownUser;
+            }
+            status @ (401 | 403) => {
+                self.metrics.permission_lookup(&name, "refused", took);
+                self.note(&name, source, None);
+                return Answer::Refused(status);
+            }
+            status => return failed(&format!("HTTP {status}")),
+        }
+        match names_at(&answer.body, &source.pointer) {
+            Ok(names) => {
+                self.metrics.permission_lookup(&name, "ok", took);
+                self.note(&name, source, None);
+                self.remember(source, key, &names);
+                Answer::Names(names)
+            }
+            Err(problem) => failed(&problem),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PermissionSource for HttpPermissionSources {
+    async fn permissions(&self, q: &PermissionQuery<'_>) -> Result<BTreeSet<String>> {
+        let name = q.source;
+        let sources = &self.inner;
+        let source = sources.sources.get(name).ok_or_else(|| {
+            Error::internal(std::io::Error::other(format!(
+                "no permission source for issuer {name:?}"
+            )))
+        })?;
+        let key = (q.tenant.to_owned(), q.user_id.to_owned());
+        if let Some(names) = sources.cached(source, &key) {
+            sources.metrics.permission_lookup(name, "cached", None);
+            return Ok(names);
+        }
+        let mut headers = Vec::with_capacity(source.headers.len() + 1);
+        for (header, template) in &source.headers {
+            let Ok(value) = HeaderValue::from_str(&fill(template, q, str::to_owned)) else {
+                tracing::warn!(issuer = %name, %header, "permission source header is not a valid value");
+                return Err(Error::PermissionSourceUnavailable(name.to_owned()));
+            };
+            headers.push((header.clone(), value));
+        }
+        let (token_header, token_value) = match &source.token_header {
+            Some(h) => (h.clone(), q.token.to_owned()),
+            None => (http::header::AUTHORIZATION, format!("Bearer {}", q.token)),
+        };
+        let mut token_value = HeaderValue::from_str(&token_value)
+            .map_err(|_| Error::SubjectTokenInvalid("the token is not a header value".into()))?;
+        token_value.set_sensitive(true);
+        headers.push((token_header, token_value));
+        let url = fill(&source.url, q, percent_encode);
+        let call = {
+            let mut in_flight = source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            in_flight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::clone(sources)
+                        .call(name.to_owned(), key.clone(), url, headers)
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        let answer = call.clone().await;
+        {
+            let mut in_flight = source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if in_flight.get(&key).is_some_and(|c| c.ptr_eq(&call)) {
+                in_flight.remove(&key);
+            }
+        }
+        match answer {
+            Answer::Names(names) => Ok(names),
+            Answer::UnknownUser => Err(Error::SubjectTokenInvalid(format!(
+                "the platform's permission source does not know user {:?} in tenant {:?}",
+                q.user_id, q.tenant
+            ))),
+            Answer::Refused(status) => Err(Error::SubjectTokenInvalid(format!(
+                "the platform's permission source refused the user's token (HTTP {status})"
+            ))),
+            Answer::Unavailable => Err(Error::PermissionSourceUnavailable(name.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_percent_encoded_in_urls_only() {
+        let q = PermissionQuery {
+            source: "s",
+            tenant: "diku",
+            user_id: "a/b?c d",
+            sub: Some("alice"),
+            token: "t",
+        };
+        assert_eq!(
+            fill(
+                "https://gw/perms/users/{user_id}?t={tenant}&s={sub}",
+                &q,
+                percent_encode
+            ),
+            "https://gw/perms/users/a%2Fb%3Fc%20d?t=diku&s=alice"
+        );
+        assert_eq!(fill("{tenant}", &q, str::to_owned), "diku");
+        assert!(!format!("{q:?}").contains("\"t\""));
+    }
+
+    /// A call: the URL and its headers.
+    type Call = (String, Vec<(String, String)>);
+
+    /// A scripted platform: answers with `status` and `body`, records each call's URL
+    /// and headers.
+    struct FakePlatform {
+        answer: Mutex<std::result::Result<(u16, &'static str), ()>>,
+        calls: Mutex<Vec<Call>>,
+    }
+
+    #[async_trait::async_trait]
+    impl HttpGet for FakePlatform {
+        async fn get(
+            &self,
+            r: GetRequest<'_>,
+        ) -> std::result::Result<crate::idp::Fetched, FetchError> {
+            let headers = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+                .collect();
+            self.calls.lock().unwrap().push((r.url.to_owned(), headers));
+            // Answer a moment later, as a server would: concurrent callers overlap.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            match *self.answer.lock().unwrap() {
+                Ok((status, body)) => Ok(crate::idp::Fetched {
+                    status,
+                    cache_control: None,
+                    body: body.as_bytes().to_vec().into(),
+                }),
+                Err(()) => Err(FetchError::Transport("connection refused".into())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_are_cached_per_user_and_failures_are_told_apart() {
+        let fake = Arc::new(FakePlatform {
+            answer: Mutex::new(Ok((200, r#"{"permissionNames":["a.read","b.write"]}"#))),
+            calls: Mutex::new(Vec::new()),
+        });
+        let mut source = crate::config::PermissionSourceConfig::http(
+            "http://gw/perms/users/{user_id}/permissions?expanded=true",
+        );
+        source.pointer = "/permissionNames".into();
+        source.headers = [("x-okapi-tenant".to_owned(), "{tenant}".to_owned())].into();
+        source.token_header = Some("x-okapi-token".into());
+        let entry = IssuerConfig {
+            issuer: "okapi".into(),
+            permission_source: Some(source),
+            ..IssuerConfig::default()
+        };
+        let clock = crate::clock::ManualClock::at_fixed_instant();
+        let metrics = Arc::new(Metrics::new());
+        let http: Arc<dyn HttpGet> = fake.clone();
+        let sources = HttpPermissionSources::from_config(
+            &[entry],
+            http,
+            Arc::new(clock.clone()),
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let q = |user: &'static str| PermissionQuery {
+            source: "okapi",
+            tenant: "diku",
+            user_id: user,
+            sub: Some("diku_admin"),
+            token: "user-token",
+        };
+        let names = sources.permissions(&q("u-1")).await.unwrap();
+        assert_eq!(names, ["a.read".to_owned(), "b.write".to_owned()].into());
+        let (url, headers) = fake.calls.lock().unwrap()[0].clone();
+        assert_eq!(url, "http://gw/perms/users/u-1/permissions?expanded=true");
+        assert!(headers.contains(&("x-okapi-tenant".into(), "diku".into())));
+        assert!(headers.contains(&("x-okapi-token".into(), "user-token".into())));
+        assert!(!headers.iter().any(|(k, _)| k == "authorization"));
+
+        // Cached for 30 s per (tenant, user); another user is asked for.
+        sources.permissions(&q("u-1")).await.unwrap();
+        assert_eq!(fake.calls.lock().unwrap().len(), 1);
+        *fake.answer.lock().unwrap() = Ok((404, "{}"));
+        let e = sources.permissions(&q("u-2")).await.unwrap_err();
+        assert!(
+            matches!(e, Error::SubjectTokenInvalid(ref m) if m.contains("does not know user \"u-2\"")),
+            "{e:?}"
+        );
+        *fake.answer.lock().unwrap() = Ok((401, "{}"));
+        assert!(matches!(
+            sources.permissions(&q("u-2")).await,
+            Err(Error::SubjectTokenInvalid(_))
+        ));
+        for answer in [Err(()), Ok((503, "{}")), Ok((200, r#"{"permissions":[]}"#))] {
+            *fake.answer.lock().unwrap() = answer;
+            assert!(matches!(
+                sources.permissions(&q("u-3")).await,
+                Err(Error::PermissionSourceUnavailable(ref n)) if n == "okapi"
+            ));
+        }
+        clock.advance(Duration::from_secs(31));
+        *fake.answer.lock().unwrap() = Err(());
+        assert!(
+            sources.permissions(&q("u-1")).await.is_err(),
+            "the cache expired"
+        );
+        let text = metrics.encode(crate::metrics::Format::OpenMetrics);
+        assert!(
+            text.contains(
+                "jobtoken_permission_source_lookups_total{issuer=\"okapi\",result=\"cached\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("result=\"unavailable\"} 4"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_grants_of_one_user_share_one_call() {
+        let fake = Arc::new(FakePlatform {
+            answer: Mutex::new(Ok((200, r#"{"permissions":["a.read"]}"#))),
+            calls: Mutex::new(Vec::new()),
+        });
+        let entry = IssuerConfig {
+            issuer: "kc".into(),
+            permission_source: Some(crate::config::PermissionSourceConfig::http(
+                "http://gw/permissions/users/{user_id}",
+            )),
+            ..IssuerConfig::default()
+        };
+        let http: Arc<dyn HttpGet> = fake.clone();
+        let sources = HttpPermissionSources::from_config(
+            &[entry],
+            http,
+            Arc::new(crate::clock::ManualClock::at_fixed_instant()),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let q = |user: &'static str| PermissionQuery {
+            source: "kc",
+            tenant: "diku",
+            user_id: user,
+            sub: None,
+            token: "t",
+        };
+        let (a, b, c) = (q("u-1"), q("u-1"), q("u-2"));
+        let answers = futures::future::join_all([
+            sources.permissions(&a),
+            sources.permissions(&b),
+            sources.permissions(&a),
+            sources.permissions(&c),
+        ])
+        .await;
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert_eq!(fake.calls.lock().unwrap().len(), 2, "one call per user");
+        // A failure is shared too, and nothing stays in flight.
+        *fake.answer.lock().unwrap() = Err(());
+        let (d, e) = (q("u-3"), q("u-3"));
+        let answers =
+            futures::future::join_all([sources.permissions(&d), sources.permissions(&e)]).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Err(Error::PermissionSourceUnavailable(_))))
+        );
+        assert_eq!(fake.calls.lock().unwrap().len(), 3);
+        let source = &sources.inner.sources["kc"];
+        assert!(source.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_an_array_of_good_names_at_the_pointer_is_read() {
+        let names = names_at(br#"{"permissions":["a.read","b.write"]}"#, "/permissions").unwrap();
+        assert_eq!(names, ["a.read".to_owned(), "b.write".to_owned()].into());
+        let nested = names_at(br#"{"p":{"permissionNames":["x"]}}"#, "/p/permissionNames").unwrap();
+        assert_eq!(nested.len(), 1);
+        for (body, pointer) in [
+            (&br#"{"permissions":"a.read"}"#[..], "/permissions"),
+            (br#"{"permissions":["a", 7]}"#, "/permissions"),
+            (br#"{"permissions":["a\u200B"]}"#, "/permissions"),
+            (br#"{"other":[]}"#, "/permissions"),
+            (b"not json", "/permissions"),
+        ] {
+            assert!(
+                names_at(body, pointer).is_err(),
+                "{:?}",
+                std::str::from_utf8(body)
+            );
+        }
+    }
+}
