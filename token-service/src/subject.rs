@@ -180,8 +180,9 @@ fn load_keys(c: &IssuerConfig) -> Result<Vec<IssuerKey>, StartupError> {
             Some("EdDSA") => (Algorithm::EdDSA, DecodingKey::from_ed_pem(&pem)),
             other => {
                 return Err(StartupError::Invalid(format!(
-                    "issuer {:?}: algorithm {other:?} is not one of RS256, ES256, EdDSA",
-                    c.issuer
+                    "issuer {:?}: algorithm {} is not one of RS256, ES256, EdDSA",
+                    c.issuer,
+                    other.unwrap_or("(none)")
                 )));
             }
         };
