@@ -165,6 +165,16 @@ async fn connect(endpoint: &str, ca_file: Option<&Path>) -> Result<Channel, Stri
     let mut ep = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| format!("endpoint {endpoint:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5));
+    // The admin key never crosses a network in clear text.
+    let loopback = matches!(
+        ep.uri().host(),
+        Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
+    );
+    if !endpoint.starts_with("https://") && !loopback {
+        return Err(format!(
+            "endpoint {endpoint:?}: the admin key is only sent over https:// or to loopback"
+        ));
+    }
     if endpoint.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         if let Some(path) = ca_file {
@@ -195,10 +205,11 @@ fn failed(status: tonic::Status) -> String {
 impl Client {
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, String> {
         let mut request = tonic::Request::new(message);
-        let value: MetadataValue<_> = self
+        let mut value: MetadataValue<_> = self
             .key
             .parse()
             .map_err(|_| "the admin key holds characters a header can't carry".to_owned())?;
+        value.set_sensitive(true);
         request
             .metadata_mut()
             .insert(token_service::grpc::ADMIN_KEY_HEADER, value);

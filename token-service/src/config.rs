@@ -1046,6 +1046,21 @@ fn validate_issuer(i: &IssuerConfig) -> Result<(), StartupError> {
             return bad("{tenant} in jwks_uri goes with issuer_pattern".into());
         }
     }
+    // One key set for every realm would let whoever signs for one realm name any other
+    // realm (any tenant) in `iss`: each realm must have keys of its own.
+    if i.issuer_pattern.is_some()
+        && !i.discovery
+        && !i
+            .jwks_uri
+            .as_deref()
+            .is_some_and(|u| u.contains("{tenant}"))
+    {
+        return bad(
+            "issuer_pattern needs discovery = true or a jwks_uri with {tenant}: one key set \
+             for every realm would let any realm's key vouch for every tenant"
+                .into(),
+        );
+    }
     if i.discovery && !(name.starts_with("https://") || name.starts_with("http://")) {
         return bad("discovery needs an http(s) issuer".into());
     }
@@ -1231,6 +1246,15 @@ mod tests {
         refused(
             "[[trusted_issuers]]\ndiscovery = true",
             "set issuer or issuer_pattern",
+        );
+        // One key set for every realm: any realm's key would vouch for every tenant.
+        refused(
+            "[[trusted_issuers]]\nissuer_pattern = \"https://kc/realms/{tenant}\"\njwks_uri = \"https://kc/certs\"",
+            "one key set for every realm",
+        );
+        refused(
+            "[[trusted_issuers]]\nissuer_pattern = \"https://kc/realms/{tenant}\"\nhs256_secret_file = \"/run/s\"",
+            "one key set for every realm",
         );
         refused(
             "[[trusted_issuers]]\nissuer = \"https://kc\"\ndiscovery = true\njwks_refetch_interval = \"0s\"",

@@ -638,6 +638,10 @@ impl RemoteKeys {
                     }
                 }
                 state.failing = Some(not_found);
+                if not_found {
+                    // The provider disowns the realm: its old keys vouch for nothing.
+                    state.held = None;
+                }
             }
         }
     }
@@ -687,8 +691,17 @@ impl RemoteKeys {
                 let uri = doc
                     .get("jwks_uri")
                     .and_then(Value::as_str)
-                    .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
-                    .ok_or_else(|| KeysProblem::Other(format!("{url}: no http(s) jwks_uri")))?;
+                    // Keys of an https issuer never travel in clear text (a misconfigured
+                    // proxy advertising http:// would let anyone on the path inject one).
+                    .filter(|u| {
+                        u.starts_with("https://")
+                            || (u.starts_with("http://") && realm.iss.starts_with("http://"))
+                    })
+                    .ok_or_else(|| {
+                        KeysProblem::Other(format!(
+                            "{url}: no jwks_uri, or an http:// one for an https:// issuer"
+                        ))
+                    })?;
                 uri.to_owned()
             }
         };

@@ -63,6 +63,10 @@ pub struct Live {
     pub admin: ArcSwap<AdminAuth>,
     /// Rebuilds the trusted issuers.
     pub issuers: IssuerFactory,
+    /// Bumped by every reload that changed modules, issuers, the admin key or limits:
+    /// open revocation streams end then, and their holders reconnect (with their cursor)
+    /// under the new credentials and tenants.
+    pub generation: std::sync::atomic::AtomicU64,
 }
 
 impl Live {
@@ -73,6 +77,7 @@ impl Live {
             limits: ArcSwap::from_pointee(Limits::new(&config.modules, &config.limits)),
             admin: ArcSwap::from_pointee(AdminAuth::new(config.admin_key_sha256.clone())),
             issuers,
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -102,6 +107,8 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     check("listen", old.listen != new.listen);
     check("store", old.store != new.store);
     check("tls", old.tls != new.tls);
+    // The identity providers' HTTP client is built once, with this CA.
+    check("idp_ca_file", old.idp_ca_file != new.idp_ca_file);
     check("data_dir", old.data_dir != new.data_dir);
     check(
         "master_key_file",
@@ -144,7 +151,13 @@ pub fn apply(
     service: &LeaseService,
 ) -> Result<Reloaded, StartupError> {
     new.validate()?;
-    let (subjects, permission_source) = live.issuers.build(&new.trusted_issuers)?;
+    // Rebuilt only when the issuers changed: a rebuild drops every realm's cached keys
+    // (refetched through the new-realm limit, and lost if the provider is down).
+    let issuers = if current.trusted_issuers != new.trusted_issuers {
+        Some(live.issuers.build(&new.trusted_issuers)?)
+    } else {
+        None
+    };
     let need_restart = restart_only(current, &new);
     let mut applied = Vec::new();
     if current.modules != new.modules {
@@ -173,8 +186,14 @@ pub fn apply(
     live.limits.store(Arc::new(limits));
     live.admin
         .store(Arc::new(AdminAuth::new(next.admin_key_sha256.clone())));
-    service.set_issuers(subjects, permission_source);
+    if let Some((subjects, permission_source)) = issuers {
+        service.set_issuers(subjects, permission_source);
+    }
     *current = next;
+    if !applied.is_empty() {
+        live.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     Ok(Reloaded {
         applied,
         need_restart,

@@ -105,6 +105,16 @@ impl TestServer {
         self
     }
 
+    /// Applies `adjust` to the running config, as a SIGHUP with an edited file would.
+    pub(crate) fn reload(
+        &self,
+        adjust: impl FnOnce(&mut Config),
+    ) -> token_service::reload::Reloaded {
+        let mut config = self.config.clone();
+        adjust(&mut config);
+        self.running.reload(config).unwrap()
+    }
+
     pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.running.grpc_addr())
     }

@@ -244,3 +244,51 @@ async fn audiences_are_limited_per_module() {
     assert_eq!(granted.lease.unwrap().audience, "reports");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_ends_open_revocation_streams_so_they_reopen_under_the_new_config() {
+    let server = TestServer::start().await;
+    let mut other = server.client_with_key(OTHER_KEY).await;
+    let mut stream = other
+        .watch_revocations(WatchRevocationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.heartbeat && first.tenants.is_empty());
+    // The module is narrowed to one tenant: the stream it opened under the old config ends.
+    let reloaded = server.reload(|c| {
+        let m = c.modules.iter_mut().find(|m| m.id == "other").unwrap();
+        m.tenants = Some(vec!["diku".into()]);
+    });
+    assert!(reloaded.applied.contains(&"modules"), "{reloaded:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(m)) if m.heartbeat => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within a few seconds of the reload");
+    let status = ended.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Reopened, it covers only the module's tenants now.
+    let mut stream = other
+        .watch_revocations(WatchRevocationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.tenants, vec!["diku".to_string()]);
+    server.stop().await;
+}

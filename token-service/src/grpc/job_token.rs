@@ -326,6 +326,10 @@ impl JobTokenService for JobTokenApi {
         .await?;
         let (tx, rx) = mpsc::channel(64);
         let mut stop = self.stop.clone();
+        // The credentials and tenants were checked against this configuration; a reload
+        // (a rotated admin key, a removed module, fewer tenants) ends the stream.
+        let live = Arc::clone(&self.live);
+        let generation = live.generation.load(std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             // Held for the stream's life: its module's slot is free again when it ends.
             let _slot = slot;
@@ -344,6 +348,14 @@ impl JobTokenService for JobTokenApi {
             // The first heartbeat says "caught up": it follows the backlog after the cursor.
             let mut caught_up = false;
             loop {
+                if live.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "the configuration was reloaded; reconnect with your cursor",
+                        )))
+                        .await;
+                    return;
+                }
                 match service.ends_after(cursor, WATCH_BATCH).await {
                     Ok(events) if !events.is_empty() => {
                         for event in events {

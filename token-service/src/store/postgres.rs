@@ -306,11 +306,18 @@ fn pg_config(
         .map_err(|_| invalid("store.url is not a valid PostgreSQL URL".into()))?;
     let target = pg_tls::target(&config);
     let ca_file = split.root_cert.as_deref().or(options.ca_file.as_deref());
-    let tls = pg_tls::client_config(split.mode, ca_file).map_err(|problem| StoreError::Open {
+    // A CA file means "check the server": as libpq does with a root certificate, prefer
+    // and require then verify the chain, so a man in the middle answering "no TLS"
+    // cannot downgrade the connection to plaintext.
+    let mode = match (split.mode, ca_file) {
+        (pg_tls::TlsMode::Prefer | pg_tls::TlsMode::Require, Some(_)) => pg_tls::TlsMode::VerifyCa,
+        (mode, _) => mode,
+    };
+    let tls = pg_tls::client_config(mode, ca_file).map_err(|problem| StoreError::Open {
         target: target.clone(),
         problem,
     })?;
-    config.ssl_mode(split.mode.ssl_mode());
+    config.ssl_mode(mode.ssl_mode());
     let timeout_ms = options.statement_timeout.as_millis();
     // NOTICEs ("schema already exists, skipping") would reach the log at INFO through
     // the driver; the server sends none below WARNING.
