@@ -364,20 +364,29 @@ impl PermissionSource for HttpPermissionSources {
             in_flight
                 .entry(key.clone())
                 .or_insert_with(|| {
-                    Arc::clone(sources)
-                        .call(name.to_owned(), key.clone(), url, headers)
-                        .boxed()
-                        .shared()
+                    // A task of its own that removes its entry when done: a caller that
+                    // gives up (its deadline passed) must not leave the call, and the
+                    // user's token in it, behind for the next grant to join.
+                    let owner = Arc::clone(sources);
+                    let (name, key) = (name.to_owned(), key.clone());
+                    tokio::spawn(async move {
+                        let answer = Arc::clone(&owner)
+                            .call(name.clone(), key.clone(), url, headers)
+                            .await;
+                        if let Some(source) = owner.sources.get(&name) {
+                            let mut in_flight =
+                                source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                            in_flight.remove(&key);
+                        }
+                        answer
+                    })
+                    .map(|joined| joined.unwrap_or(Answer::Unavailable))
+                    .boxed()
+                    .shared()
                 })
                 .clone()
         };
-        let answer = call.clone().await;
-        {
-            let mut in_flight = source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            if in_flight.get(&key).is_some_and(|c| c.ptr_eq(&call)) {
-                in_flight.remove(&key);
-            }
-        }
+        let answer = call.await;
         match answer {
             Answer::Names(names) => Ok(names),
             Answer::UnknownUser => Err(Error::SubjectTokenInvalid(format!(
