@@ -485,10 +485,14 @@ impl RemoteKeys {
             return Err(Error::IssuerUnavailable(iss.to_owned()));
         }
         if realms.len() >= self.bounds.max_realms {
-            // Forget the realm used least recently; it is fetched again when next used.
+            // Forget a realm without keys first (unknown or made up), else the one used
+            // least recently; it is fetched again when next used.
             let oldest = realms
                 .iter()
-                .min_by_key(|(_, r)| r.state.lock().unwrap_or_else(|e| e.into_inner()).last_used)
+                .min_by_key(|(_, r)| {
+                    let state = r.state.lock().unwrap_or_else(|e| e.into_inner());
+                    (state.held.is_some(), state.last_used)
+                })
                 .map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
                 realms.remove(&oldest);
@@ -517,7 +521,17 @@ impl RemoteKeys {
         let action = {
             let mut state = realm.state.lock().unwrap_or_else(|e| e.into_inner());
             state.last_used = Some(now);
-            let action = decide(&state, kid, now, &self.bounds);
+            let mut action = decide(&state, kid, now, &self.bounds);
+            // A realm that never got keys (unknown, made up, or failing) is tried again
+            // only as the new-realm budget allows, so junk realms can't keep the
+            // provider busy or starve real ones.
+            if action == Action::Fetch
+                && state.held.is_none()
+                && state.last_attempt.is_some()
+                && !self.admit_new_realm(now)
+            {
+                action = Action::Unavailable;
+            }
             if action == Action::UseAndRefresh {
                 state.refreshing = true;
             }
