@@ -949,8 +949,11 @@ mod tests {
         let back = start + Duration::from_secs(10);
         *fake.down_until.lock().unwrap() = Some(back);
         let (signal, reconnected) = watch::channel(0u64);
+        // A slow schedule, to tell them apart: once the 2 s token has expired, retries come
+        // 30-90 s apart (the jitter is random), so none can land near the return at 10 s
+        // and answer before the signal does.
         let config = RenewalConfig {
-            retry_interval: Duration::from_secs(5), // a slow schedule, to tell them apart
+            retry_interval: Duration::from_secs(60),
             ..no_jitter()
         };
         let lease = hold_signalled(
