@@ -7,16 +7,15 @@ use std::time::Duration;
 use token_sdk::proto::{
     IntrospectTokenRequest, IssueJobTokenRequest, RefreshJobTokenRequest, WatchRevocationsRequest,
 };
-use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{TestServer, http_get, reason};
+use crate::support::{TestServer, http_get, open_watch, reason};
 
 #[tokio::test]
 async fn revocation_streams_are_capped_per_module_and_slots_come_back() {
     let server = TestServer::start_with(|c| c.limits.streams_per_module = 2).await;
-    let mut client = server.client().await;
+    let client = server.client().await;
     let open = |mut c: token_sdk::JobTokenClient| async move {
         c.watch_revocations(WatchRevocationsRequest::default())
             .await
@@ -44,11 +43,6 @@ async fn revocation_streams_are_capped_per_module_and_slots_come_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(reopened.is_some(), "the slot never came back");
-    // Keep the compiler from dropping the client early.
-    client
-        .get_jwks(token_sdk::proto::GetJwksRequest::default())
-        .await
-        .unwrap();
     server.stop().await;
 }
 
@@ -143,19 +137,14 @@ async fn oversize_messages_and_future_cursors_are_refused_with_reasons() {
         "after_cursor"
     );
     // A cursor at the head is fine: the stream opens and reports it.
-    let mut stream = client
-        .watch_revocations(WatchRevocationsRequest {
+    let (_stream, first) = open_watch(
+        &mut client,
+        WatchRevocationsRequest {
             after_cursor: Some(0),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+        },
+    )
+    .await;
     assert!(first.heartbeat);
     server.stop().await;
 }

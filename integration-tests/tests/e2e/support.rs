@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use std::sync::Arc;
 use std::time::SystemTime;
-use token_sdk::proto::{IssueJobTokenRequest, IssueJobTokenResponse};
+use token_sdk::proto::{
+    IssueJobTokenRequest, IssueJobTokenResponse, WatchRevocationsRequest, WatchRevocationsResponse,
+};
 use token_sdk::{AdminClient, JobTokenClient};
 use token_service::clock::{Clock, SystemClock};
 use token_service::config::{Config, ModuleConfig, SecretString, StoreKind};
@@ -329,6 +331,29 @@ pub(crate) fn use_postgres(config: &mut Config, url: &str) {
     config.store.url = Some(SecretString::new(url));
     config.store.schema = TestSchema::fresh_name("jt_e2e");
     config.store.statement_timeout = Duration::from_secs(2);
+}
+
+/// Opens a revocation stream and returns it with its first message, which must come
+/// within 2 s (the opening heartbeat once the backlog is sent).
+pub(crate) async fn open_watch(
+    client: &mut JobTokenClient,
+    request: WatchRevocationsRequest,
+) -> (
+    tonic::Streaming<WatchRevocationsResponse>,
+    WatchRevocationsResponse,
+) {
+    use tokio_stream::StreamExt as _;
+    let mut stream = client
+        .watch_revocations(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .expect("a first message within 2 s")
+        .unwrap()
+        .unwrap();
+    (stream, first)
 }
 
 /// The machine reason of a failed call.

@@ -12,7 +12,7 @@ use token_sdk::proto::{
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::support::{OTHER_KEY, TestServer, reason};
+use crate::support::{OTHER_KEY, TestServer, open_watch, reason};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -249,16 +249,7 @@ async fn audiences_are_limited_per_module() {
 async fn a_reload_ends_open_revocation_streams_so_they_reopen_under_the_new_config() {
     let server = TestServer::start().await;
     let mut other = server.client_with_key(OTHER_KEY).await;
-    let mut stream = other
-        .watch_revocations(WatchRevocationsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (mut stream, first) = open_watch(&mut other, WatchRevocationsRequest::default()).await;
     assert!(first.heartbeat && first.tenants.is_empty());
     // The module is narrowed to one tenant: the stream it opened under the old config ends.
     let reloaded = server.reload(|c| {
@@ -279,16 +270,7 @@ async fn a_reload_ends_open_revocation_streams_so_they_reopen_under_the_new_conf
     let status = ended.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     // Reopened, it covers only the module's tenants now.
-    let mut stream = other
-        .watch_revocations(WatchRevocationsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (_stream, first) = open_watch(&mut other, WatchRevocationsRequest::default()).await;
     assert_eq!(first.tenants, vec!["diku".to_string()]);
     server.stop().await;
 }
