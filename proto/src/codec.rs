@@ -50,7 +50,11 @@ impl<D: Decoder<Error = Status>> Decoder for ValidatingDecoder<D> {
             Status::with_error_details(
                 Code::InvalidArgument,
                 format!("the message is not valid protobuf: {}", status.message()),
-                ErrorDetails::with_error_info("INVALID_ARGUMENT", "jobtoken.v1", HashMap::new()),
+                ErrorDetails::with_error_info(
+                    crate::wire::reason::INVALID_ARGUMENT,
+                    crate::wire::ERROR_DOMAIN,
+                    HashMap::new(),
+                ),
             )
         })
     }

@@ -20,6 +20,7 @@ pub mod jobtoken {
 
 pub mod codec;
 mod redact;
+pub mod wire;
 
 /// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("jobtoken_descriptor");

@@ -250,6 +250,7 @@ impl Worker {
                 permissions: vec!["load.run".into()],
                 max_lifetime: Some(proto_duration(self.lease_lifetime)),
                 audience: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner();

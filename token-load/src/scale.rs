@@ -204,6 +204,7 @@ async fn grant(
             permissions: vec!["load.run".into()],
             max_lifetime: Some(proto_duration(lifetime)),
             audience: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -39,6 +39,15 @@ pub enum EndReason {
     Superseded,
     /// The service refused a renewal for another reason (see the detail).
     Rejected,
+    /// A re-check found the user no longer holds a permission the lease carried (module
+    /// policy `end`, or policy `narrow` with nothing left).
+    PermissionsWithdrawn,
+    /// The identity platform says the user no longer exists or is disabled.
+    SubjectDisabled,
+    /// The user's session was logged out and the lease was granted with `on_logout = end`.
+    SubjectLoggedOut,
+    /// The user's permissions could not be confirmed for longer than the service allows.
+    PermissionsUnverifiable,
     /// The job reported no progress within its stall timeout, so the SDK released the
     /// lease (outcome `failed`) instead of renewing it (see
     /// [`RenewalConfig::stall_timeout`]).
@@ -48,13 +57,18 @@ pub enum EndReason {
 impl EndReason {
     /// From the machine reason of a failed renewal.
     fn from_error_reason(reason: &str) -> Self {
+        use jobtoken_proto::wire::reason as r;
         match reason {
-            "LEASE_RELEASED" => EndReason::Released,
-            "LEASE_EXPIRED" => EndReason::Expired,
-            "LEASE_IDLE_TIMEOUT" => EndReason::IdleTimeout,
-            "LEASE_REVOKED" => EndReason::Revoked,
-            "REFRESH_TOKEN_REUSED" => EndReason::RefreshTokenReused,
-            "REFRESH_TOKEN_INVALID" => EndReason::Superseded,
+            r::LEASE_RELEASED => EndReason::Released,
+            r::LEASE_EXPIRED => EndReason::Expired,
+            r::LEASE_IDLE_TIMEOUT => EndReason::IdleTimeout,
+            r::LEASE_REVOKED => EndReason::Revoked,
+            r::REFRESH_TOKEN_REUSED => EndReason::RefreshTokenReused,
+            r::REFRESH_TOKEN_INVALID => EndReason::Superseded,
+            r::PERMISSIONS_WITHDRAWN => EndReason::PermissionsWithdrawn,
+            r::SUBJECT_DISABLED => EndReason::SubjectDisabled,
+            r::SUBJECT_LOGGED_OUT => EndReason::SubjectLoggedOut,
+            r::PERMISSIONS_UNVERIFIABLE => EndReason::PermissionsUnverifiable,
             _ => EndReason::Rejected,
         }
     }
@@ -67,6 +81,10 @@ impl EndReason {
             proto::EndReason::IdleTimeout => EndReason::IdleTimeout,
             proto::EndReason::Revoked => EndReason::Revoked,
             proto::EndReason::RefreshTokenReused => EndReason::RefreshTokenReused,
+            proto::EndReason::PermissionsWithdrawn => EndReason::PermissionsWithdrawn,
+            proto::EndReason::SubjectDisabled => EndReason::SubjectDisabled,
+            proto::EndReason::SubjectLoggedOut => EndReason::SubjectLoggedOut,
+            proto::EndReason::PermissionsUnverifiable => EndReason::PermissionsUnverifiable,
             proto::EndReason::Unspecified => EndReason::Rejected,
         }
     }
@@ -1113,6 +1131,13 @@ mod tests {
             ("LEASE_IDLE_TIMEOUT", EndReason::IdleTimeout),
             ("REFRESH_TOKEN_REUSED", EndReason::RefreshTokenReused),
             ("REFRESH_TOKEN_INVALID", EndReason::Superseded),
+            ("PERMISSIONS_WITHDRAWN", EndReason::PermissionsWithdrawn),
+            ("SUBJECT_DISABLED", EndReason::SubjectDisabled),
+            ("SUBJECT_LOGGED_OUT", EndReason::SubjectLoggedOut),
+            (
+                "PERMISSIONS_UNVERIFIABLE",
+                EndReason::PermissionsUnverifiable,
+            ),
             ("SOMETHING_NEW", EndReason::Rejected),
         ] {
             let fake = Fake::new(Duration::from_secs(10));

@@ -537,6 +537,10 @@ fn end_reason(r: i32) -> &'static str {
         Ok(pb::EndReason::IdleTimeout) => "idle_timeout",
         Ok(pb::EndReason::Revoked) => "revoked",
         Ok(pb::EndReason::RefreshTokenReused) => "refresh_token_reused",
+        Ok(pb::EndReason::PermissionsWithdrawn) => "permissions_withdrawn",
+        Ok(pb::EndReason::SubjectDisabled) => "subject_disabled",
+        Ok(pb::EndReason::SubjectLoggedOut) => "subject_logged_out",
+        Ok(pb::EndReason::PermissionsUnverifiable) => "permissions_unverifiable",
         Err(_) => "?",
     }
 }

@@ -16,16 +16,30 @@ pub enum EndReason {
     Revoked,
     /// An old refresh token was presented again.
     RefreshTokenReused,
+    /// A re-check found a granted permission withdrawn (policy `end`, or `narrow` with
+    /// nothing left).
+    PermissionsWithdrawn,
+    /// The platform says the user no longer exists or is disabled.
+    SubjectDisabled,
+    /// The user's session was logged out and the lease's policy is `end`.
+    SubjectLoggedOut,
+    /// The permission source could not confirm the lease's permissions for longer than
+    /// the configured bound.
+    PermissionsUnverifiable,
 }
 
 impl EndReason {
     /// Every reason, for exhaustive tests.
-    pub const ALL: [EndReason; 5] = [
+    pub const ALL: [EndReason; 9] = [
         EndReason::Released,
         EndReason::Expired,
         EndReason::IdleTimeout,
         EndReason::Revoked,
         EndReason::RefreshTokenReused,
+        EndReason::PermissionsWithdrawn,
+        EndReason::SubjectDisabled,
+        EndReason::SubjectLoggedOut,
+        EndReason::PermissionsUnverifiable,
     ];
 
     /// The stored form.
@@ -36,6 +50,10 @@ impl EndReason {
             EndReason::IdleTimeout => "idle_timeout",
             EndReason::Revoked => "revoked",
             EndReason::RefreshTokenReused => "refresh_token_reused",
+            EndReason::PermissionsWithdrawn => "permissions_withdrawn",
+            EndReason::SubjectDisabled => "subject_disabled",
+            EndReason::SubjectLoggedOut => "subject_logged_out",
+            EndReason::PermissionsUnverifiable => "permissions_unverifiable",
         }
     }
 
@@ -46,12 +64,17 @@ impl EndReason {
 
     /// The machine reason a renewal of a lease that ended this way fails with.
     pub fn error_reason(self) -> &'static str {
+        use jobtoken_proto::wire::reason as r;
         match self {
-            EndReason::Released => "LEASE_RELEASED",
-            EndReason::Expired => "LEASE_EXPIRED",
-            EndReason::IdleTimeout => "LEASE_IDLE_TIMEOUT",
-            EndReason::Revoked => "LEASE_REVOKED",
-            EndReason::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
+            EndReason::Released => r::LEASE_RELEASED,
+            EndReason::Expired => r::LEASE_EXPIRED,
+            EndReason::IdleTimeout => r::LEASE_IDLE_TIMEOUT,
+            EndReason::Revoked => r::LEASE_REVOKED,
+            EndReason::RefreshTokenReused => r::REFRESH_TOKEN_REUSED,
+            EndReason::PermissionsWithdrawn => r::PERMISSIONS_WITHDRAWN,
+            EndReason::SubjectDisabled => r::SUBJECT_DISABLED,
+            EndReason::SubjectLoggedOut => r::SUBJECT_LOGGED_OUT,
+            EndReason::PermissionsUnverifiable => r::PERMISSIONS_UNVERIFIABLE,
         }
     }
 
@@ -63,8 +86,62 @@ impl EndReason {
             EndReason::IdleTimeout => "not renewed within its idle timeout",
             EndReason::Revoked => "revoked by an administrator",
             EndReason::RefreshTokenReused => "revoked because an old refresh token was reused",
+            EndReason::PermissionsWithdrawn => "the user no longer holds its permissions",
+            EndReason::SubjectDisabled => "the user no longer exists or is disabled",
+            EndReason::SubjectLoggedOut => "the user logged out and the lease ends on logout",
+            EndReason::PermissionsUnverifiable => {
+                "the user's permissions could not be confirmed for too long"
+            }
         }
     }
+}
+
+/// What a logout of the user's session does to a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLogout {
+    /// The lease outlives the session: the point of a lease.
+    #[default]
+    Survive,
+    /// The lease ends with [`EndReason::SubjectLoggedOut`].
+    End,
+}
+
+impl OnLogout {
+    /// The stored and configured form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLogout::Survive => "survive",
+            OnLogout::End => "end",
+        }
+    }
+
+    /// Parses the stored form.
+    pub fn parse(s: &str) -> Option<Self> {
+        [OnLogout::Survive, OnLogout::End]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
+/// Who the user is at their identity provider, kept so the lease can follow the user's
+/// standing: re-checks of permissions and back-channel logout.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Standing {
+    /// The trusted issuer that vouched for the user (its `iss`, or the entry's name for
+    /// tokens without one).
+    pub issuer: String,
+    /// The subject token's `sub`, by which logout tokens name users.
+    pub sub: Option<String>,
+    /// The session the lease was granted from (the subject token's `sid`).
+    pub session_id: Option<String>,
+    /// What a logout does to the lease.
+    pub on_logout: OnLogout,
+    /// The trusted-issuer entry whose permission source holds the user's permissions;
+    /// `None` when the token carried them (nothing to re-check).
+    pub permission_source: Option<String>,
+    /// When the permission source last confirmed the lease's permissions.
+    pub permissions_checked_at: Option<SystemTime>,
 }
 
 /// How and when a lease ended.
@@ -120,6 +197,8 @@ pub struct Lease {
     pub last_refreshed_at: Option<SystemTime>,
     /// Resumes so far.
     pub resume_count: u64,
+    /// The user at their identity provider, and the lease's logout policy.
+    pub standing: Standing,
     /// Optimistic-concurrency version, bumped by the store on every update.
     pub version: i64,
 }
@@ -184,6 +263,7 @@ impl fmt::Debug for Lease {
             .field("actor", &self.actor)
             .field("job_id", &self.job_id)
             .field("permissions", &self.permissions)
+            .field("standing", &self.standing)
             .field("expires_at", &self.expires_at)
             .field("end", &self.end)
             .field("generation", &self.generation)
@@ -200,6 +280,8 @@ pub enum EventKind {
     Issued,
     /// Re-attached by its module.
     Resumed,
+    /// A re-check withdrew some of its permissions (policy `narrow`).
+    Narrowed,
     /// Ended.
     Ended,
 }
@@ -210,15 +292,21 @@ impl EventKind {
         match self {
             EventKind::Issued => "issued",
             EventKind::Resumed => "resumed",
+            EventKind::Narrowed => "narrowed",
             EventKind::Ended => "ended",
         }
     }
 
     /// Parses the stored form.
     pub fn parse(s: &str) -> Option<Self> {
-        [EventKind::Issued, EventKind::Resumed, EventKind::Ended]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        [
+            EventKind::Issued,
+            EventKind::Resumed,
+            EventKind::Narrowed,
+            EventKind::Ended,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
     }
 }
 

@@ -15,7 +15,7 @@ use crate::clock::{Clock, from_millis, to_millis, to_unix_secs};
 use crate::config::{Config, OverCap};
 use crate::error::{Error, Result};
 use crate::keys::{AccessClaims, Actor, KeyRing};
-use crate::lease::{EndReason, EventKind, Lease, LeaseEvent};
+use crate::lease::{EndReason, EventKind, Lease, LeaseEvent, OnLogout, Standing};
 use crate::metrics::Metrics;
 use crate::permissions;
 use crate::platform::{NoPermissionSource, PermissionQuery, PermissionSource};
@@ -437,6 +437,14 @@ impl LeaseService {
             },
             Some(d) => (d, false),
         };
+        let standing = Standing {
+            issuer: subject.issuer.clone(),
+            sub: subject.sub.clone(),
+            session_id: subject.session_id.clone(),
+            on_logout: OnLogout::Survive,
+            permission_source: subject.permission_source.clone(),
+            permissions_checked_at: subject.permission_source.is_some().then_some(now),
+        };
         let lease = Lease {
             // Time-ordered (v7), so new leases append to the id index instead of
             // dirtying a random page of it on every grant.
@@ -458,6 +466,7 @@ impl LeaseService {
             refresh_count: 0,
             last_refreshed_at: None,
             resume_count: 0,
+            standing,
             version: 0,
         };
         let event = LeaseEvent::new(&lease, EventKind::Issued, now, &module.principal(), "");

@@ -53,8 +53,11 @@ pub struct Subject {
     pub issuer: String,
     /// The user: the issuer's `subject_claim` (default `sub`).
     pub subject: String,
-    /// The token's `sub`, when it has one (a placeholder of the permission source).
+    /// The token's `sub`, when it has one (a placeholder of the permission source, and
+    /// how logout tokens name the user).
     pub sub: Option<String>,
+    /// The user's session at the issuer (`sid`), when the token names one.
+    pub session_id: Option<String>,
     /// The user's tenant.
     pub tenant: String,
     /// The user's permissions, from the token; empty when `permission_source` is set.
@@ -531,6 +534,13 @@ impl TrustedIssuer {
             None => None,
             Some(_) => Some(identifier(claims, "sub")?),
         };
+        // The session, for back-channel logout: `sid` (OpenID Connect), or Keycloak's
+        // older `session_state` when there is no `sid`.
+        let session_id = match (claims.get("sid"), claims.get("session_state")) {
+            (None, None) => None,
+            (Some(_), _) => Some(identifier(claims, "sid")?),
+            (None, Some(_)) => Some(identifier(claims, "session_state")?),
+        };
         let tenant = match resolved.tenant {
             None => identifier(claims, &self.tenant_claim)?,
             // A tenant claim, when the token has one, must agree with the issuer's.
@@ -570,6 +580,7 @@ impl TrustedIssuer {
             issuer: resolved.issuer_name().to_owned(),
             subject: subject.to_owned(),
             sub: sub.map(str::to_owned),
+            session_id: session_id.map(str::to_owned),
             tenant: tenant.to_owned(),
             permissions,
             permission_source: self.permission_source.then(|| self.name.clone()),

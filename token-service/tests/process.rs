@@ -135,6 +135,7 @@ async fn issue(endpoint: &str, data_dir: &Path, job: &str) -> (String, String) {
                 nanos: 0,
             }),
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -284,6 +285,7 @@ async fn dev_mode_from_an_empty_directory() {
             permissions: vec!["a.write".into()],
             max_lifetime: None,
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -375,6 +377,7 @@ async fn exercise_every_path(
             permissions: vec!["a.read".into()],
             max_lifetime: None,
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -412,6 +415,7 @@ async fn exercise_every_path(
             permissions: vec!["a.read".into()],
             max_lifetime: None,
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -188,6 +188,7 @@ async fn callers_must_authenticate_and_errors_carry_reasons() {
             permissions: vec!["inventory.read".into(), "inventory.delete".into()],
             max_lifetime: None,
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -206,6 +207,7 @@ async fn callers_must_authenticate_and_errors_carry_reasons() {
             permissions: vec!["billing.pay".into()],
             max_lifetime: None,
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

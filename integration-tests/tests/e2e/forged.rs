@@ -72,6 +72,7 @@ async fn issue(
             permissions: vec!["inventory.read".into()],
             max_lifetime: None,
             audience: String::new(),
+            ..Default::default()
         })
         .await?;
     Ok(response.into_inner())

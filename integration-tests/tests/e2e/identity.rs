@@ -272,6 +272,7 @@ async fn grant(
             permissions: permissions.iter().map(|p| p.to_string()).collect(),
             max_lifetime: None,
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)

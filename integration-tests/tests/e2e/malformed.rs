@@ -53,6 +53,7 @@ async fn absurd_and_oversize_requests_are_refused_and_the_service_lives_on() {
         permissions: vec!["inventory.read".into()],
         max_lifetime: None,
         audience: String::new(),
+        ..Default::default()
     };
     let duration = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
     let cases = [

@@ -17,7 +17,7 @@ use token_service::secrets::key_hash;
 
 use token_service::lease::{Lease, LeaseEvent};
 use token_service::server::{RunningServer, Server};
-use token_service::store::{LeaseFilter, Store, StoreError, StoredKey};
+use token_service::store::{LeaseFilter, Logout, Store, StoreError, StoredKey};
 use token_service::testing::TestSchema;
 
 pub(crate) const IMPORTER_KEY: &str = "mk_importer-test-key-0123456789abcdefghijklmnop";
@@ -190,6 +190,7 @@ impl TestServer {
                     nanos: 0,
                 }),
                 audience: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -296,6 +297,13 @@ impl Store for FlakyStore {
     }
     async fn leases_due(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
         self.inner.leases_due(now, limit).await
+    }
+    async fn leases_to_log_out(
+        &self,
+        logout: &Logout,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.inner.leases_to_log_out(logout, limit).await
     }
     async fn count_active_leases(&self) -> Result<u64, StoreError> {
         self.inner.count_active_leases().await

@@ -109,6 +109,7 @@ async fn modules_authenticate_by_client_certificate_or_key_over_tls() {
         permissions: vec!["inventory.read".into()],
         max_lifetime: None,
         audience: String::new(),
+        ..Default::default()
     };
 
     // The certificate alone identifies the module.

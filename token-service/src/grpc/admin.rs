@@ -71,6 +71,10 @@ impl AdminService for AdminApi {
                 last_refreshed_at: lease.last_refreshed_at.map(convert::timestamp),
                 resume_count: lease.resume_count,
                 events: events.into_iter().map(convert::event).collect(),
+                permissions_checked_at: lease
+                    .standing
+                    .permissions_checked_at
+                    .map(convert::timestamp),
             }))
         })
         .await

@@ -6,7 +6,7 @@ use jobtoken_proto::jobtoken::v1 as pb;
 
 use crate::error::Error;
 use crate::keys::AccessClaims;
-use crate::lease::{EndReason, Lease, LeaseEvent};
+use crate::lease::{EndReason, Lease, LeaseEvent, OnLogout};
 use crate::service::TokenPair;
 
 pub(super) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -57,6 +57,10 @@ pub(super) fn end_reason(r: EndReason) -> pb::EndReason {
         EndReason::IdleTimeout => pb::EndReason::IdleTimeout,
         EndReason::Revoked => pb::EndReason::Revoked,
         EndReason::RefreshTokenReused => pb::EndReason::RefreshTokenReused,
+        EndReason::PermissionsWithdrawn => pb::EndReason::PermissionsWithdrawn,
+        EndReason::SubjectDisabled => pb::EndReason::SubjectDisabled,
+        EndReason::SubjectLoggedOut => pb::EndReason::SubjectLoggedOut,
+        EndReason::PermissionsUnverifiable => pb::EndReason::PermissionsUnverifiable,
     }
 }
 
@@ -82,6 +86,10 @@ pub(super) fn lease(l: &Lease) -> pb::Lease {
         ended_at: end.map(|e| timestamp(e.at)),
         ended_by: end.map(|e| e.by.clone()).unwrap_or_default(),
         end_detail: end.map(|e| e.detail.clone()).unwrap_or_default(),
+        on_logout: match l.standing.on_logout {
+            OnLogout::Survive => pb::OnLogout::Survive,
+            OnLogout::End => pb::OnLogout::End,
+        } as i32,
     }
 }
 

@@ -63,6 +63,17 @@ pub struct LeaseFilter {
     pub after: Option<(SystemTime, String)>,
 }
 
+/// Whom a back-channel logout names: a session, a user, or both, of one issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logout {
+    /// The issuer that logged the user out.
+    pub issuer: String,
+    /// The session (`sid`).
+    pub session_id: Option<String>,
+    /// The user (`sub`).
+    pub sub: Option<String>,
+}
+
 /// A signing key as stored: the private half sealed with the service's master key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoredKey {
@@ -145,6 +156,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Active leases whose [`Lease::deadline`] is at or before `now`, at most `limit`.
     async fn leases_due(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError>;
+
+    /// Active leases with logout policy `end` that a logout by `issuer` of session `sid`
+    /// or user `sub` reaches, at most `limit`: with a `sid`, the leases granted from that
+    /// session and the user's leases that recorded no session; without one, every lease
+    /// of the user.
+    async fn leases_to_log_out(
+        &self,
+        logout: &Logout,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError>;
 
     /// Number of active leases.
     async fn count_active_leases(&self) -> Result<u64, StoreError>;

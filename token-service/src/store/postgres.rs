@@ -23,9 +23,11 @@ use tokio_postgres::{AsyncMessage, Row};
 
 use super::batch::Batcher;
 use super::pg_tls::{self, MakeRustls};
-use super::{BatchHook, BatchObserver, LeaseFilter, PoolStatus, Store, StoreError, StoredKey};
+use super::{
+    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Store, StoreError, StoredKey,
+};
 use crate::clock::{from_millis, to_millis};
-use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent};
+use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent, OnLogout, Standing};
 
 /// Lock key for migrations (arbitrary, fixed).
 const MIGRATION_LOCK: i64 = 0x6a6f_6274_6f6b_0001;
@@ -103,12 +105,25 @@ CREATE TABLE signing_keys (
 DROP INDEX leases_active_job;
 CREATE UNIQUE INDEX leases_active_job ON leases (tenant, actor, job_id) WHERE active;
 "#,
+    // The user's standing: who they are at their identity provider (for back-channel
+    // logout) and where their permissions are re-checked.
+    r#"
+ALTER TABLE leases ADD COLUMN issuer TEXT NOT NULL DEFAULT '';
+ALTER TABLE leases ADD COLUMN subject_sub TEXT;
+ALTER TABLE leases ADD COLUMN session_id TEXT;
+ALTER TABLE leases ADD COLUMN on_logout TEXT NOT NULL DEFAULT 'survive';
+ALTER TABLE leases ADD COLUMN permission_source TEXT;
+ALTER TABLE leases ADD COLUMN permissions_checked_at BIGINT;
+CREATE INDEX leases_logout_session ON leases (issuer, session_id) WHERE active AND on_logout = 'end';
+CREATE INDEX leases_logout_user ON leases (issuer, subject_sub) WHERE active AND on_logout = 'end';
+"#,
 ];
 
 const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
     created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
     ended_by, end_detail, generation, seed, rotated_at, refresh_count, last_refreshed_at, \
-    resume_count, version";
+    resume_count, version, issuer, subject_sub, session_id, on_logout, permission_source, \
+    permissions_checked_at";
 
 const EVENT_COLUMNS: &str = "seq, lease_id, tenant, subject, actor, job_id, kind, reason, at, \
     by_whom, detail, tokens_valid_until";
@@ -185,13 +200,15 @@ async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<bool>, Store
              ended_by = u.ended_by, end_detail = u.end_detail, generation = u.generation, \
              seed = u.seed, rotated_at = u.rotated_at, refresh_count = u.refresh_count, \
              last_refreshed_at = u.last_refreshed_at, resume_count = u.resume_count, \
+             permissions = u.permissions, permissions_checked_at = u.permissions_checked_at, \
              version = l.version + 1 \
              FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
              $6::boolean[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
-             $12::bytea[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[]) \
+             $12::bytea[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], \
+             $17::text[], $18::bigint[]) \
              AS u(ord, id, version, last_active_at, deadline, active, end_reason, ended_at, \
              ended_by, end_detail, generation, seed, rotated_at, refresh_count, \
-             last_refreshed_at, resume_count) \
+             last_refreshed_at, resume_count, permissions, permissions_checked_at) \
              WHERE l.id = u.id AND l.version = u.version RETURNING u.ord",
         )
         .await
@@ -227,6 +244,15 @@ async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<bool>, Store
         .map(|l| l.last_refreshed_at.map(to_millis))
         .collect();
     let resumes = column(&|l| u64_to_i64(l.resume_count));
+    let permissions = leases
+        .iter()
+        .map(|l| serde_json::to_string(&l.permissions))
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(|e| StoreError::Database(Box::new(e)))?;
+    let checked: Vec<Option<i64>> = leases
+        .iter()
+        .map(|l| l.standing.permissions_checked_at.map(to_millis))
+        .collect();
     let rows = client
         .query(
             &update,
@@ -247,6 +273,8 @@ async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<bool>, Store
                 &refreshes,
                 &last_refreshed,
                 &resumes,
+                &permissions,
+                &checked,
             ],
         )
         .await
@@ -376,6 +404,9 @@ fn lease_from_row(row: &Row) -> Result<Lease, StoreError> {
     };
     let permissions: String = row.try_get(5).map_err(get)?;
     let idle_ms: i64 = row.try_get(9).map_err(get)?;
+    let on_logout: String = row.try_get(26).map_err(get)?;
+    let on_logout = OnLogout::parse(&on_logout)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown logout policy {on_logout:?}")))?;
     Ok(Lease {
         id: row.try_get(0).map_err(get)?,
         tenant: row.try_get(1).map_err(get)?,
@@ -399,6 +430,17 @@ fn lease_from_row(row: &Row) -> Result<Lease, StoreError> {
             .map_err(get)?
             .map(from_millis),
         resume_count: i64_to_u64(row.try_get(21).map_err(get)?),
+        standing: Standing {
+            issuer: row.try_get(23).map_err(get)?,
+            sub: row.try_get(24).map_err(get)?,
+            session_id: row.try_get(25).map_err(get)?,
+            on_logout,
+            permission_source: row.try_get(27).map_err(get)?,
+            permissions_checked_at: row
+                .try_get::<_, Option<i64>>(28)
+                .map_err(get)?
+                .map(from_millis),
+        },
         version: row.try_get(22).map_err(get)?,
     })
 }
@@ -452,7 +494,8 @@ fn key_from_row(row: &Row) -> Result<StoredKey, StoreError> {
 const UPDATE_LEASE: &str = "UPDATE leases SET last_active_at = $1, deadline = $2, active = $3, \
     end_reason = $4, ended_at = $5, ended_by = $6, end_detail = $7, generation = $8, seed = $9, \
     rotated_at = $10, refresh_count = $11, last_refreshed_at = $12, resume_count = $13, \
-    version = version + 1 WHERE id = $14 AND version = $15";
+    permissions = $16, permissions_checked_at = $17, version = version + 1 \
+    WHERE id = $14 AND version = $15";
 
 async fn insert_event(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -699,7 +742,7 @@ impl Store for PostgresStore {
             .prepare_cached(&format!(
                 "INSERT INTO leases ({LEASE_COLUMNS}, deadline) VALUES ($1, $2, $3, $4, $5, $6, \
                  $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
-                 $23, $24)"
+                 $23, $24, $25, $26, $27, $28, $29, $30)"
             ))
             .await
             .map_err(db_err)?;
@@ -729,6 +772,12 @@ impl Store for PostgresStore {
                 &lease.last_refreshed_at.map(to_millis),
                 &u64_to_i64(lease.resume_count),
                 &lease.version,
+                &lease.standing.issuer,
+                &lease.standing.sub,
+                &lease.standing.session_id,
+                &lease.standing.on_logout.as_str(),
+                &lease.standing.permission_source,
+                &lease.standing.permissions_checked_at.map(to_millis),
                 &to_millis(lease.deadline()),
             ],
         )
@@ -773,7 +822,9 @@ impl Store for PostgresStore {
         };
         let mut client = self.client().await?;
         let end = lease.end.as_ref();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+        let permissions = serde_json::to_string(&lease.permissions)
+            .map_err(|e| StoreError::Database(Box::new(e)))?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
             &to_millis(lease.last_active_at),
             &to_millis(lease.deadline()),
             &lease.is_active(),
@@ -789,6 +840,8 @@ impl Store for PostgresStore {
             &u64_to_i64(lease.resume_count),
             &lease.id,
             &lease.version,
+            &permissions,
+            &lease.standing.permissions_checked_at.map(to_millis),
         ];
         let tx = client.transaction().await.map_err(db_err)?;
         let update = tx.prepare_cached(UPDATE_LEASE).await.map_err(db_err)?;
@@ -912,6 +965,34 @@ impl Store for PostgresStore {
                      ORDER BY deadline LIMIT $2"
                 ),
                 &[&to_millis(now), &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(lease_from_row).collect()
+    }
+
+    async fn leases_to_log_out(
+        &self,
+        logout: &Logout,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {LEASE_COLUMNS} FROM leases \
+                     WHERE active AND on_logout = 'end' AND issuer = $1 AND \
+                     (($2::text IS NOT NULL AND session_id = $2) OR \
+                      ($3::text IS NOT NULL AND subject_sub = $3 \
+                       AND ($2::text IS NULL OR session_id IS NULL))) \
+                     LIMIT $4"
+                ),
+                &[
+                    &logout.issuer,
+                    &logout.session_id,
+                    &logout.sub,
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
             )
             .await
             .map_err(db_err)?;

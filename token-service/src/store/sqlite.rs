@@ -26,9 +26,11 @@ use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params};
 use tokio::sync::{Semaphore, oneshot};
 
-use super::{BatchHook, BatchObserver, LeaseFilter, PoolStatus, Store, StoreError, StoredKey};
+use super::{
+    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Store, StoreError, StoredKey,
+};
 use crate::clock::{from_millis, to_millis};
-use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent};
+use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent, OnLogout, Standing};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -96,12 +98,25 @@ CREATE TABLE signing_keys (
 DROP INDEX leases_active_job;
 CREATE UNIQUE INDEX leases_active_job ON leases (tenant, actor, job_id) WHERE active = 1;
 "#,
+    // The user's standing: who they are at their identity provider (for back-channel
+    // logout) and where their permissions are re-checked.
+    r#"
+ALTER TABLE leases ADD COLUMN issuer TEXT NOT NULL DEFAULT '';
+ALTER TABLE leases ADD COLUMN subject_sub TEXT;
+ALTER TABLE leases ADD COLUMN session_id TEXT;
+ALTER TABLE leases ADD COLUMN on_logout TEXT NOT NULL DEFAULT 'survive';
+ALTER TABLE leases ADD COLUMN permission_source TEXT;
+ALTER TABLE leases ADD COLUMN permissions_checked_at INTEGER;
+CREATE INDEX leases_logout_session ON leases (issuer, session_id) WHERE active = 1 AND on_logout = 'end';
+CREATE INDEX leases_logout_user ON leases (issuer, subject_sub) WHERE active = 1 AND on_logout = 'end';
+"#,
 ];
 
 const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
     created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
     ended_by, end_detail, generation, seed, rotated_at, refresh_count, last_refreshed_at, \
-    resume_count, version";
+    resume_count, version, issuer, subject_sub, session_id, on_logout, permission_source, \
+    permissions_checked_at";
 
 const EVENT_COLUMNS: &str = "seq, lease_id, tenant, subject, actor, job_id, kind, reason, at, \
     by_whom, detail, tokens_valid_until";
@@ -555,6 +570,9 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Lease, StoreError>> 
     let permissions = serde_json::from_str::<Vec<String>>(&permissions)
         .map_err(|e| StoreError::Corrupt(format!("permissions: {e}")));
     let idle_ms: i64 = row.get(9)?;
+    let on_logout: String = row.get(26)?;
+    let on_logout = OnLogout::parse(&on_logout)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown logout policy {on_logout:?}")));
     let lease = (|| {
         Ok(Lease {
             id: row.get(0)?,
@@ -575,6 +593,14 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Lease, StoreError>> 
             refresh_count: row.get::<_, i64>(19)?.max(0).unsigned_abs(),
             last_refreshed_at: row.get::<_, Option<i64>>(20)?.map(from_millis),
             resume_count: row.get::<_, i64>(21)?.max(0).unsigned_abs(),
+            standing: Standing {
+                issuer: row.get(23)?,
+                sub: row.get(24)?,
+                session_id: row.get(25)?,
+                on_logout: OnLogout::default(),
+                permission_source: row.get(27)?,
+                permissions_checked_at: row.get::<_, Option<i64>>(28)?.map(from_millis),
+            },
             version: row.get(22)?,
         })
     })();
@@ -583,6 +609,7 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Lease, StoreError>> 
     Ok((|| {
         lease.permissions = permissions?;
         lease.end = end?;
+        lease.standing.on_logout = on_logout?;
         Ok(lease)
     })())
 }
@@ -692,7 +719,7 @@ impl Store for SqliteStore {
                 conn.prepare_cached(&format!(
                     "INSERT INTO leases ({LEASE_COLUMNS}, deadline) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
                 ))
                 .and_then(|mut s| {
                     s.execute(params![
@@ -719,6 +746,12 @@ impl Store for SqliteStore {
                         opt_millis(lease.last_refreshed_at),
                         u64_to_i64(lease.resume_count),
                         lease.version,
+                        lease.standing.issuer,
+                        lease.standing.sub,
+                        lease.standing.session_id,
+                        lease.standing.on_logout.as_str(),
+                        lease.standing.permission_source,
+                        opt_millis(lease.standing.permissions_checked_at),
                         to_millis(lease.deadline()),
                     ])
                 })
@@ -786,12 +819,15 @@ impl Store for SqliteStore {
         };
         self.write_then(
             move |conn| {
+                let permissions = serde_json::to_string(&lease.permissions)
+                    .map_err(|e| StoreError::Database(Box::new(e)))?;
                 let changed = conn
                     .prepare_cached(
                         "UPDATE leases SET last_active_at = ?1, deadline = ?2, active = ?3, \
                      end_reason = ?4, ended_at = ?5, ended_by = ?6, end_detail = ?7, \
                      generation = ?8, seed = ?9, rotated_at = ?10, refresh_count = ?11, \
-                     last_refreshed_at = ?12, resume_count = ?13, version = version + 1 \
+                     last_refreshed_at = ?12, resume_count = ?13, permissions = ?16, \
+                     permissions_checked_at = ?17, version = version + 1 \
                      WHERE id = ?14 AND version = ?15",
                     )
                     .and_then(|mut s| {
@@ -811,6 +847,8 @@ impl Store for SqliteStore {
                             u64_to_i64(lease.resume_count),
                             lease.id,
                             lease.version,
+                            permissions,
+                            opt_millis(lease.standing.permissions_checked_at),
                         ])
                     })
                     .map_err(map_err)?;
@@ -956,6 +994,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn leases_to_log_out(
+        &self,
+        logout: &Logout,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let logout = logout.clone();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {LEASE_COLUMNS} FROM leases \
+                     WHERE active = 1 AND on_logout = 'end' AND issuer = ?1 AND \
+                     ((?2 IS NOT NULL AND session_id = ?2) OR \
+                      (?3 IS NOT NULL AND subject_sub = ?3 AND (?2 IS NULL OR session_id IS NULL))) \
+                     LIMIT ?4"
+                ))
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        logout.issuer,
+                        logout.session_id,
+                        logout.sub,
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    lease_from_row,
+                )
+                .map_err(map_err)?;
+            collect(rows)
+        })
+        .await
+    }
+
     async fn count_active_leases(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
             let n: i64 = conn
@@ -1081,6 +1151,7 @@ mod tests {
             refresh_count: 0,
             last_refreshed_at: None,
             resume_count: 0,
+            standing: Default::default(),
             version: 0,
         }
     }
