@@ -9,7 +9,13 @@
 //   KEYS_FILE  JSON file of the private signing keys ({"keys": [JWK…]}); created if missing
 //   ROTATE     "1": add a new signing key in front (it signs), keep the old ones (they
 //              still verify), and write the file back: Keycloak's active/passive rotation
-//   CLIENTS    JSON {"<client_id>": {"secret": "…", "user_id": "…"}}
+//   CLIENTS    JSON {"<client_id>": {"secret": "…", "user_id": "…", "sid": "…"}}: `sid`
+//              (optional) is put in the client's access tokens as their session
+//
+// Besides each realm, `GET /logout-token/<tenant>?aud=<client>&sub=…&sid=…` answers a
+// back-channel logout token (OpenID Connect Back-Channel Logout 1.0) that the realm signs
+// for client `aud`, made the way oidc-provider makes the ones it sends itself; tests post
+// it to the service (and replay or alter it).
 //   RESOURCE   the resource indicator (and `aud` of the access tokens)
 //   TLS_CERT, TLS_KEY  PEM files: serve HTTPS with them (the issuers are then https://…)
 //
@@ -40,6 +46,7 @@ if (process.env.ROTATE === '1') keys = [newKey(), ...keys];
 writeFileSync(keysFile, JSON.stringify({ keys }));
 
 const mounts = new Map();
+const providers = new Map();
 for (const tenant of tenants) {
   const issuer = `${scheme}://127.0.0.1:${port}/realms/${tenant}`;
   const provider = new Provider(issuer, {
@@ -53,6 +60,7 @@ for (const tenant of tenants) {
       response_types: [],
     })),
     features: {
+      backchannelLogout: { enabled: true },
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
       resourceIndicators: {
@@ -67,12 +75,43 @@ for (const tenant of tenants) {
         }),
       },
     },
-    extraTokenClaims: (_ctx, token) => ({ user_id: clients[token.clientId]?.user_id }),
+    extraTokenClaims: (_ctx, token) => ({
+      user_id: clients[token.clientId]?.user_id,
+      sid: clients[token.clientId]?.sid,
+    }),
   });
   mounts.set(`/realms/${tenant}`, provider.callback());
+  providers.set(tenant, provider);
+}
+
+// As oidc-provider's Client#backchannelLogout builds the token it posts.
+async function logoutToken(tenant, params) {
+  const provider = providers.get(tenant);
+  const client = provider && (await provider.Client.find(params.get('aud')));
+  if (!client) return null;
+  const token = new provider.IdToken({ sub: params.get('sub') || undefined }, { client, ctx: undefined });
+  token.mask = { sub: null };
+  token.set('events', { 'http://schemas.openid.net/event/backchannel-logout': {} });
+  token.set('jti', randomUUID());
+  if (params.get('sid')) token.set('sid', params.get('sid'));
+  return token.issue({ use: 'logout' });
 }
 
 const handler = (req, res) => {
+  const url = new URL(req.url, 'http://localhost');
+  if (url.pathname.startsWith('/logout-token/')) {
+    logoutToken(url.pathname.slice('/logout-token/'.length), url.searchParams).then(
+      (token) => {
+        res.statusCode = token ? 200 : 404;
+        res.end(token || '');
+      },
+      (err) => {
+        res.statusCode = 500;
+        res.end(String(err));
+      },
+    );
+    return;
+  }
   for (const [prefix, handle] of mounts) {
     if (req.url === prefix || req.url.startsWith(`${prefix}/`)) {
       req.originalUrl = req.url;

@@ -39,6 +39,8 @@ pub mod reason {
     pub const LIFETIME_EXCEEDS_CAP: &str = "LIFETIME_EXCEEDS_CAP";
     /// The module may not ask for this logout policy.
     pub const LOGOUT_POLICY_NOT_ALLOWED: &str = "LOGOUT_POLICY_NOT_ALLOWED";
+    /// A back-channel logout token did not verify (HTTP 400, never sent over gRPC).
+    pub const LOGOUT_TOKEN_INVALID: &str = "LOGOUT_TOKEN_INVALID";
     /// No such lease (or not visible to the caller).
     pub const LEASE_NOT_FOUND: &str = "LEASE_NOT_FOUND";
     /// The job already has an active lease.

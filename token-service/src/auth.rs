@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use aws_lc_rs::constant_time;
 
-use crate::config::ModuleConfig;
+use crate::config::{ModuleConfig, OnLogoutConfig};
+use crate::lease::OnLogout;
 use crate::secrets::key_hash;
 
 /// A module allowed to hold leases.
@@ -25,6 +26,8 @@ pub struct Module {
     /// Audiences its tokens may name (the service's default audience when none are
     /// configured).
     pub audiences: Vec<String>,
+    /// Its logout policies: the default and those a grant may ask for.
+    pub on_logout: OnLogoutConfig,
 }
 
 impl Module {
@@ -45,6 +48,13 @@ impl Module {
             Some(t) if t.len() == 1 => t.iter().next().map(String::as_str),
             _ => None,
         }
+    }
+
+    /// The logout policy of a grant that asks for `requested` (`None`: the default), or
+    /// `None` when the module may not ask for it.
+    pub fn logout_policy(&self, requested: Option<OnLogout>) -> Option<OnLogout> {
+        let policy = requested.unwrap_or(self.on_logout.default);
+        self.on_logout.allowed.contains(&policy).then_some(policy)
     }
 
     /// Whether its tokens may name `audience`.
@@ -78,6 +88,7 @@ impl Modules {
                 default_lifetime: m.default_lifetime.min(m.max_lifetime),
                 tenants: m.tenants.as_ref().map(|t| t.iter().cloned().collect()),
                 audiences,
+                on_logout: m.on_logout.clone(),
             });
             if let Some(h) = &m.key_sha256 {
                 registry

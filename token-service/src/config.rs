@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::lease::OnLogout;
 use crate::store::SyncMode;
 
 /// Default gRPC listen address.
@@ -320,6 +321,36 @@ pub struct ModuleConfig {
     /// Audiences its access tokens may name; empty means only `default_audience`.
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// What a logout of the user does to its leases: the policy when a grant asks for
+    /// none, and the policies a grant may ask for.
+    #[serde(default)]
+    pub on_logout: OnLogoutConfig,
+}
+
+/// `[modules.on_logout]`: a module's logout policies.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OnLogoutConfig {
+    /// When the grant asks for none. Default `survive`.
+    #[serde(default)]
+    pub default: OnLogout,
+    /// Policies a grant may ask for. Default both (`["survive", "end"]`); `["end"]` makes
+    /// every lease of the module end at the user's logout.
+    #[serde(default = "default_logout_policies")]
+    pub allowed: Vec<OnLogout>,
+}
+
+impl Default for OnLogoutConfig {
+    fn default() -> Self {
+        Self {
+            default: OnLogout::Survive,
+            allowed: default_logout_policies(),
+        }
+    }
+}
+
+fn default_logout_policies() -> Vec<OnLogout> {
+    vec![OnLogout::Survive, OnLogout::End]
 }
 
 impl ModuleConfig {
@@ -334,6 +365,7 @@ impl ModuleConfig {
             default_lifetime: DEFAULT_LEASE_LIFETIME,
             tenants: None,
             audiences: Vec::new(),
+            on_logout: OnLogoutConfig::default(),
         }
     }
 }
@@ -450,6 +482,27 @@ pub struct IssuerConfig {
     /// Where the user's permissions come from. Absent: `permissions_claim`.
     #[serde(default)]
     pub permission_source: Option<PermissionSourceConfig>,
+    /// Receive OpenID Connect back-channel logouts from this issuer at
+    /// `POST /backchannel-logout`. Absent: its logouts are not received, and grants of its
+    /// users cannot ask for `on_logout = end`.
+    #[serde(default)]
+    pub backchannel_logout: Option<BackchannelLogoutConfig>,
+}
+
+/// `[trusted_issuers.backchannel_logout]`: how logout tokens of an issuer are checked.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackchannelLogoutConfig {
+    /// This service's client id at the issuer: the logout token's `aud` must name it.
+    pub client_id: String,
+    /// Oldest logout token accepted, by its `iat` (its `jti` is remembered this long, so
+    /// a replay is refused). Default 5m.
+    #[serde(default = "default_logout_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+fn default_logout_max_age() -> Duration {
+    Duration::from_secs(300)
 }
 
 impl Default for IssuerConfig {
@@ -477,6 +530,7 @@ impl Default for IssuerConfig {
             jwks_max_ttl: DEFAULT_JWKS_MAX_TTL,
             jwks_max_stale: DEFAULT_JWKS_MAX_STALE,
             permission_source: None,
+            backchannel_logout: None,
         }
     }
 }
@@ -536,6 +590,68 @@ pub struct PermissionSourceConfig {
     /// Most users' answers cached at once. Default 10000.
     #[serde(default = "default_cache_entries")]
     pub cache_entries: usize,
+    /// JSON pointer to a boolean saying whether the user is active; `false` means
+    /// disabled (grants refused, leases end at their next re-check). Absent: not read.
+    /// When set, an answer without a boolean there is malformed.
+    #[serde(default)]
+    pub active_pointer: Option<String>,
+    /// Re-check the permissions of a lease at a renewal when the last check is older than
+    /// this. Absent (the default): never re-checked; a lease keeps what it was granted.
+    #[serde(default, with = "humantime_serde")]
+    pub recheck_interval: Option<Duration>,
+    /// What a re-check that finds a granted permission withdrawn does. Default `end`.
+    #[serde(default)]
+    pub on_withdrawn: OnWithdrawn,
+    /// While re-checks fail (the source is down), leases renew with what they hold; after
+    /// this long without a successful check they end (`PERMISSIONS_UNVERIFIABLE`).
+    /// Absent (the default): an outage never ends a lease.
+    #[serde(default, with = "humantime_serde")]
+    pub max_unverified: Option<Duration>,
+    /// How the service authenticates to the source for re-checks, when no user token is
+    /// at hand. Required with `recheck_interval`.
+    #[serde(default)]
+    pub service_credential: Option<ServiceCredentialConfig>,
+}
+
+/// What a re-check does when a granted permission was withdrawn.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnWithdrawn {
+    /// The lease ends with `PERMISSIONS_WITHDRAWN`.
+    #[default]
+    End,
+    /// New tokens carry what remains (an event records it); with nothing left, the lease
+    /// ends with `PERMISSIONS_WITHDRAWN`.
+    Narrow,
+}
+
+/// `[trusted_issuers.permission_source.service_credential]`: the service's own credential
+/// at the platform.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServiceCredentialConfig {
+    /// OAuth2 client credentials grant (RFC 6749 §4.4) at the issuer's token endpoint;
+    /// the token is sent as `Authorization: Bearer` and reused until shortly before it
+    /// expires.
+    ClientCredentials {
+        /// The token endpoint; `{tenant}` is replaced by the lease's tenant
+        /// (`https://kc.example.org/realms/{tenant}/protocol/openid-connect/token`).
+        token_endpoint: String,
+        /// The client id (`{tenant}` is replaced).
+        client_id: String,
+        /// File holding the client secret (`{tenant}` in the path is replaced).
+        client_secret_file: PathBuf,
+        /// `scope` to ask for, if any.
+        #[serde(default)]
+        scope: Option<String>,
+    },
+    /// A fixed header, e.g. a platform API key.
+    Header {
+        /// Header name.
+        name: String,
+        /// File holding the header's value.
+        value_file: PathBuf,
+    },
 }
 
 impl PermissionSourceConfig {
@@ -551,6 +667,11 @@ impl PermissionSourceConfig {
             timeout: default_permission_timeout(),
             max_response_bytes: default_max_response_bytes(),
             cache_entries: default_cache_entries(),
+            active_pointer: None,
+            recheck_interval: None,
+            on_withdrawn: OnWithdrawn::End,
+            max_unverified: None,
+            service_credential: None,
         }
     }
 }
@@ -841,6 +962,12 @@ impl Config {
                     ));
                 }
             }
+            if !m.on_logout.allowed.contains(&m.on_logout.default) {
+                return bad(format!(
+                    "module {:?}: on_logout.allowed must include on_logout.default",
+                    m.id
+                ));
+            }
             if m.key_sha256.is_none() && m.mtls_subject.is_none() {
                 return bad(format!(
                     "module {:?} needs key_sha256 or mtls_subject",
@@ -1123,9 +1250,68 @@ fn validate_issuer(i: &IssuerConfig) -> Result<(), StartupError> {
                         .into(),
                 );
             }
+            if let Some(pointer) = &source.active_pointer
+                && !pointer.starts_with('/')
+            {
+                return bad(
+                    "permission_source.active_pointer must be a JSON pointer (\"/active\")".into(),
+                );
+            }
+            validate_recheck(source).map_err(StartupError::Invalid)?;
+        }
+    }
+    if let Some(logout) = &i.backchannel_logout {
+        if logout.client_id.trim().is_empty() {
+            return bad("backchannel_logout.client_id is required".into());
+        }
+        if logout.max_age.is_zero() || logout.max_age > MAX_SETTING_DURATION {
+            return bad("backchannel_logout.max_age must be between 1ms and 366 days".into());
         }
     }
     Ok(())
+}
+
+fn validate_recheck(source: &PermissionSourceConfig) -> Result<(), String> {
+    for (field, d) in [
+        ("recheck_interval", source.recheck_interval),
+        ("max_unverified", source.max_unverified),
+    ] {
+        if d.is_some_and(|d| d.is_zero() || d > MAX_SETTING_DURATION) {
+            return Err(format!(
+                "permission_source.{field} must be between 1ms and 366 days"
+            ));
+        }
+    }
+    if source.recheck_interval.is_none() && source.max_unverified.is_some() {
+        return Err("permission_source.max_unverified goes with recheck_interval".into());
+    }
+    match &source.service_credential {
+        None if source.recheck_interval.is_some() => Err(
+            "permission_source.recheck_interval needs a service_credential: a renewal has no \
+             user token to ask the source with"
+                .into(),
+        ),
+        Some(ServiceCredentialConfig::ClientCredentials {
+            token_endpoint,
+            client_id,
+            ..
+        }) => {
+            if !(token_endpoint.starts_with("https://") || token_endpoint.starts_with("http://")) {
+                return Err("service_credential.token_endpoint must be an http(s) URL".into());
+            }
+            if client_id.trim().is_empty() {
+                return Err("service_credential.client_id is required".into());
+            }
+            Ok(())
+        }
+        Some(ServiceCredentialConfig::Header { name, .. }) => {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(format!("service_credential: {name:?} is not a header name"));
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 fn is_sha256_hex(s: &str) -> bool {

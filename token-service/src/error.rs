@@ -78,6 +78,13 @@ pub enum Error {
     /// The module may not mint tokens for this audience.
     #[error("this module may not request audience {0:?}")]
     AudienceNotAllowed(String),
+    /// The grant asked for a logout policy the module may not ask for, or one the user's
+    /// issuer cannot honour (it sends no back-channel logouts here).
+    #[error("logout policy refused: {0}")]
+    LogoutPolicyNotAllowed(String),
+    /// A back-channel logout token did not verify (answered with HTTP 400).
+    #[error("logout token refused: {0}")]
+    LogoutTokenInvalid(String),
     /// The module called too often; retry after the delay.
     #[error("too many {what} from this module; retry in {} ms", .retry_after.as_millis())]
     RateLimited {
@@ -136,6 +143,8 @@ impl Error {
             Error::RefreshTokenReused => "REFRESH_TOKEN_REUSED",
             Error::TenantNotServed(_) => "TENANT_NOT_SERVED",
             Error::AudienceNotAllowed(_) => "AUDIENCE_NOT_ALLOWED",
+            Error::LogoutPolicyNotAllowed(_) => "LOGOUT_POLICY_NOT_ALLOWED",
+            Error::LogoutTokenInvalid(_) => "LOGOUT_TOKEN_INVALID",
             Error::RateLimited { .. } => "RATE_LIMITED",
             Error::TooManyStreams { .. } => "TOO_MANY_STREAMS",
             Error::PermissionSourceUnavailable(_) => "PERMISSION_SOURCE_UNAVAILABLE",

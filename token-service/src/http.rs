@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::metrics::{Format, Metrics};
 use crate::ready::Readiness;
@@ -14,6 +15,10 @@ use crate::service::LeaseService;
 
 /// Path of the JWKS document.
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// Where identity providers send OpenID Connect back-channel logout tokens.
+pub const BACKCHANNEL_LOGOUT_PATH: &str = "/backchannel-logout";
+/// Largest logout request body read: a form with one token.
+const MAX_LOGOUT_BODY: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct HttpState {
@@ -23,7 +28,8 @@ struct HttpState {
 }
 
 /// The routes: `/.well-known/jwks.json`, `/metrics`, `/healthz` (liveness: the process
-/// answers) and `/readyz` (readiness: 503 while the store or the keys fail).
+/// answers), `/readyz` (readiness: 503 while the store or the keys fail) and
+/// `POST /backchannel-logout` (OpenID Connect Back-Channel Logout 1.0).
 pub fn router(
     service: Arc<LeaseService>,
     metrics: Arc<Metrics>,
@@ -34,6 +40,10 @@ pub fn router(
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route(
+            BACKCHANNEL_LOGOUT_PATH,
+            post(backchannel_logout).layer(DefaultBodyLimit::max(MAX_LOGOUT_BODY)),
+        )
         .with_state(HttpState {
             service,
             metrics,
@@ -74,4 +84,69 @@ async fn metrics_text(State(s): State<HttpState>, headers: HeaderMap) -> impl In
         ],
         s.metrics.encode(format),
     )
+}
+
+/// The answer to a logout request: `error` and a description, as OAuth 2.0 errors are
+/// (§2.8 of the spec), and never cached.
+fn logout_answer(status: StatusCode, error: Option<(&str, String)>) -> axum::response::Response {
+    let body = match error {
+        None => String::new(),
+        Some((code, description)) => {
+            serde_json::json!({"error": code, "error_description": description}).to_string()
+        }
+    };
+    (
+        status,
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_TYPE, "application/json"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `POST /backchannel-logout`: a form with `logout_token` (§2.5). 200 when the token
+/// verified (whether or not a lease ended), 400 when it did not, 503 when the issuer's
+/// keys could not be fetched or the store failed (the issuer may send it again).
+async fn backchannel_logout(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    let bad = |description: String| {
+        s.metrics.logout("invalid");
+        logout_answer(
+            StatusCode::BAD_REQUEST,
+            Some(("invalid_request", description)),
+        )
+    };
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form {
+        return bad("the body must be application/x-www-form-urlencoded".into());
+    }
+    let mut tokens = form_urlencoded::parse(&body).filter(|(k, _)| k == "logout_token");
+    let token = match (tokens.next(), tokens.next()) {
+        (Some((_, token)), None) => token,
+        (None, _) => return bad("the logout_token parameter is missing".into()),
+        (Some(_), Some(_)) => return bad("logout_token is given more than once".into()),
+    };
+    // The service counts and logs the outcome of a request that reached it.
+    match s.service.backchannel_logout(&token).await {
+        Ok(_) => logout_answer(StatusCode::OK, None),
+        Err(crate::error::Error::LogoutTokenInvalid(problem)) => {
+            logout_answer(StatusCode::BAD_REQUEST, Some(("invalid_request", problem)))
+        }
+        Err(e) => logout_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(("temporarily_unavailable", e.to_string())),
+        ),
+    }
 }

@@ -136,6 +136,16 @@ pub enum FetchError {
 pub trait HttpGet: Send + Sync + 'static {
     /// Sends one GET and reads the answer.
     async fn get(&self, request: GetRequest<'_>) -> std::result::Result<Fetched, FetchError>;
+
+    /// Sends one POST with an `application/x-www-form-urlencoded` body (an OAuth2 token
+    /// request) and reads the answer. Clients that only read keys need not implement it.
+    async fn post_form(
+        &self,
+        _request: GetRequest<'_>,
+        _form: &[(&str, &str)],
+    ) -> std::result::Result<Fetched, FetchError> {
+        Err(FetchError::Transport("this client sends no POST".into()))
+    }
 }
 
 /// TLS for outgoing HTTPS: rustls on aws-lc-rs (the provider tonic uses too, so the
@@ -212,38 +222,57 @@ impl HttpClient {
 #[async_trait::async_trait]
 impl HttpGet for HttpClient {
     async fn get(&self, request: GetRequest<'_>) -> std::result::Result<Fetched, FetchError> {
-        let transport = |e: reqwest::Error| FetchError::Transport(e.without_url().to_string());
-        let mut builder = self.client.get(request.url).timeout(request.timeout);
-        for (name, value) in request.headers {
-            builder = builder.header(name, value);
-        }
-        let mut response = builder.send().await.map_err(transport)?;
-        let too_large = FetchError::TooLarge(request.max_bytes);
-        if response
-            .content_length()
-            .is_some_and(|n| n > request.max_bytes as u64)
-        {
+        let builder = self.client.get(request.url);
+        read_answer(builder, &request).await
+    }
+
+    async fn post_form(
+        &self,
+        request: GetRequest<'_>,
+        form: &[(&str, &str)],
+    ) -> std::result::Result<Fetched, FetchError> {
+        let builder = self.client.post(request.url).form(form);
+        read_answer(builder, &request).await
+    }
+}
+
+/// Sends `builder` with the request's headers and timeout, and reads at most its
+/// `max_bytes` of answer.
+async fn read_answer(
+    mut builder: reqwest::RequestBuilder,
+    request: &GetRequest<'_>,
+) -> std::result::Result<Fetched, FetchError> {
+    let transport = |e: reqwest::Error| FetchError::Transport(e.without_url().to_string());
+    builder = builder.timeout(request.timeout);
+    for (name, value) in request.headers {
+        builder = builder.header(name, value);
+    }
+    let mut response = builder.send().await.map_err(transport)?;
+    let too_large = FetchError::TooLarge(request.max_bytes);
+    if response
+        .content_length()
+        .is_some_and(|n| n > request.max_bytes as u64)
+    {
+        return Err(too_large);
+    }
+    let status = response.status().as_u16();
+    let cache_control = response
+        .headers()
+        .get(http::header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        if body.len() + chunk.len() > request.max_bytes {
             return Err(too_large);
         }
-        let status = response.status().as_u16();
-        let cache_control = response
-            .headers()
-            .get(http::header::CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > request.max_bytes {
-                return Err(too_large);
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(Fetched {
-            status,
-            cache_control,
-            body: body.into(),
-        })
+        body.extend_from_slice(&chunk);
     }
+    Ok(Fetched {
+        status,
+        cache_control,
+        body: body.into(),
+    })
 }
 
 /// How long `Cache-Control` allows an answer to be kept: `max-age`, or zero for

@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod credential;
 pub mod dev;
 pub mod error;
 pub mod grpc;
@@ -32,7 +33,9 @@ pub mod metrics;
 pub mod permissions;
 pub mod platform;
 pub mod ready;
+pub mod recheck;
 pub mod reload;
+pub mod replay;
 pub mod secrets;
 pub mod server;
 pub mod service;

@@ -134,6 +134,9 @@ pub struct Metrics {
     stale_keys_used: Family<IssuerLabel, Counter>,
     permission_lookups: Family<IssuerResult, Counter>,
     permission_latency: Family<IssuerLabel, Histogram>,
+    rechecks: Family<IssuerResult, Counter>,
+    unverified_for: Family<IssuerLabel, Histogram>,
+    logouts: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -254,8 +257,34 @@ impl Metrics {
             "Time of the permission-source calls (cache misses)",
             permission_latency.clone(),
         );
+        let rechecks = Family::<IssuerResult, Counter>::default();
+        registry.register(
+            "permission_rechecks",
+            "Re-checks of a lease's permissions at renewal, by result (confirmed, narrowed, \
+             withdrawn, disabled, unverified, unverifiable)",
+            rechecks.clone(),
+        );
+        let unverified_for = Family::<IssuerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 2.0, 20))
+        });
+        registry.register(
+            "permission_unverified_seconds",
+            "At a re-check that could not reach the source: how long the lease's \
+             permissions have gone unconfirmed",
+            unverified_for.clone(),
+        );
+        let logouts = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "backchannel_logouts",
+            "Back-channel logout requests, by result (accepted, invalid (replays included), \
+             unavailable)",
+            logouts.clone(),
+        );
         Self {
             registry: root,
+            rechecks,
+            unverified_for,
+            logouts,
             key_fetches,
             keys_age,
             stale_keys_used,
@@ -371,6 +400,29 @@ impl Metrics {
                 })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    /// Records a re-check of a lease's permissions; `unverified_for` is how long they have
+    /// gone unconfirmed when the source could not answer.
+    pub fn recheck(&self, issuer: &str, result: &'static str, unverified_for: Option<Duration>) {
+        self.rechecks
+            .get_or_create(&IssuerResult {
+                issuer: issuer.to_owned(),
+                result,
+            })
+            .inc();
+        if let Some(age) = unverified_for {
+            self.unverified_for
+                .get_or_create(&IssuerLabel {
+                    issuer: issuer.to_owned(),
+                })
+                .observe(age.as_secs_f64());
+        }
+    }
+
+    /// Records a back-channel logout request by result.
+    pub fn logout(&self, result: &'static str) {
+        self.logouts.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Every metric, in `format`.

@@ -23,7 +23,8 @@ use http::{HeaderName, HeaderValue};
 use serde_json::Value;
 
 use crate::clock::Clock;
-use crate::config::{IssuerConfig, PermissionSourceKind, StartupError};
+use crate::config::{IssuerConfig, OnWithdrawn, PermissionSourceKind, StartupError};
+use crate::credential::ServiceCredential;
 use crate::error::{Error, Result};
 use crate::idp::{FetchError, GetRequest, HttpGet};
 use crate::metrics::Metrics;
@@ -55,11 +56,57 @@ impl fmt::Debug for PermissionQuery<'_> {
     }
 }
 
+/// Whose standing to re-check at a renewal. No user token is at hand: the source is
+/// asked with the service's own credential.
+#[derive(Debug, Clone, Copy)]
+pub struct RecheckQuery<'a> {
+    /// The trusted-issuer entry whose source to ask.
+    pub source: &'a str,
+    /// The user's tenant.
+    pub tenant: &'a str,
+    /// The user (`{user_id}`).
+    pub user_id: &'a str,
+    /// The token's `sub` at grant (`{sub}`).
+    pub sub: Option<&'a str>,
+}
+
+/// What a re-check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recheck {
+    /// The user holds these permissions now.
+    Holds(BTreeSet<String>),
+    /// The platform says the user no longer exists or is disabled.
+    Gone(&'static str),
+    /// The source could not be asked, or its answer could not be read.
+    Unanswered(String),
+}
+
+/// How an issuer's leases follow their users' permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecheckPolicy {
+    /// Re-check at a renewal when the last check is older than this.
+    pub interval: Duration,
+    /// What a withdrawn permission does.
+    pub on_withdrawn: OnWithdrawn,
+    /// End a lease whose permissions went unconfirmed longer than this.
+    pub max_unverified: Option<Duration>,
+}
+
 /// The port: the user's permissions held by the platform.
 #[async_trait::async_trait]
 pub trait PermissionSource: Send + Sync + 'static {
     /// The permissions the user holds, by the source named in `query`.
     async fn permissions(&self, query: &PermissionQuery<'_>) -> Result<BTreeSet<String>>;
+
+    /// How leases of users of `source` are re-checked; `None`: they are not.
+    fn recheck_policy(&self, _source: &str) -> Option<RecheckPolicy> {
+        None
+    }
+
+    /// The user's standing now, asked with the service's own credential.
+    async fn recheck(&self, query: &RecheckQuery<'_>) -> Recheck {
+        Recheck::Unanswered(format!("no permission source {:?}", query.source))
+    }
 }
 
 /// The source of a service with no `http` permission source configured: asking it is a
@@ -85,6 +132,7 @@ type AnswerCache = Mutex<HashMap<(String, String), (SystemTime, BTreeSet<String>
 enum Answer {
     Names(BTreeSet<String>),
     UnknownUser,
+    Disabled,
     Refused(u16),
     Unavailable,
 }
@@ -105,6 +153,10 @@ struct HttpSource {
     cache: AnswerCache,
     in_flight: InFlight,
     failing: AtomicBool,
+    /// Where the answer says whether the user is active.
+    active_pointer: Option<String>,
+    recheck: Option<RecheckPolicy>,
+    credential: Option<ServiceCredential>,
 }
 
 /// [`PermissionSource`] over HTTP, one source per trusted-issuer entry that has one.
@@ -170,6 +222,15 @@ fn names_at(body: &[u8], pointer: &str) -> std::result::Result<BTreeSet<String>,
         .collect()
 }
 
+/// Reads the boolean at `pointer`: whether the user is active. Anything but a boolean
+/// there makes the answer unreadable (never "active by default").
+fn is_active(body: &[u8], pointer: &str) -> std::result::Result<bool, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    doc.pointer(pointer)
+        .and_then(Value::as_bool)
+        .ok_or_else(|| format!("no boolean at {pointer:?}"))
+}
+
 impl HttpPermissionSources {
     /// The sources of every entry with `permission_source.kind = "http"`.
     pub fn from_config(
@@ -207,6 +268,17 @@ impl HttpPermissionSources {
                 cache: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashMap::new()),
                 failing: AtomicBool::new(false),
+                active_pointer: p.active_pointer.clone(),
+                recheck: p.recheck_interval.map(|interval| RecheckPolicy {
+                    interval,
+                    on_withdrawn: p.on_withdrawn,
+                    max_unverified: p.max_unverified,
+                }),
+                credential: p
+                    .service_credential
+                    .as_ref()
+                    .map(ServiceCredential::from_config)
+                    .transpose()?,
             };
             sources.insert(c.name().to_owned(), source);
         }
@@ -315,8 +387,18 @@ impl Sources {
             }
             status => return failed(&format!("HTTP {status}")),
         }
-        match names_at(&answer.body, &source.pointer) {
-            Ok(names) => {
+        match names_at(&answer.body, &source.pointer).and_then(|names| {
+            match &source.active_pointer {
+                Some(pointer) if !is_active(&answer.body, pointer)? => Ok(None),
+                _ => Ok(Some(names)),
+            }
+        }) {
+            Ok(None) => {
+                self.metrics.permission_lookup(&name, "disabled", took);
+                self.note(&name, source, None);
+                Answer::Disabled
+            }
+            Ok(Some(names)) => {
                 self.metrics.permission_lookup(&name, "ok", took);
                 self.note(&name, source, None);
                 self.remember(source, key, &names);
@@ -327,37 +409,52 @@ impl Sources {
     }
 }
 
-#[async_trait::async_trait]
-impl PermissionSource for HttpPermissionSources {
-    async fn permissions(&self, q: &PermissionQuery<'_>) -> Result<BTreeSet<String>> {
-        let name = q.source;
-        let sources = &self.inner;
-        let source = sources.sources.get(name).ok_or_else(|| {
+impl HttpPermissionSources {
+    /// The source named `name`; a verified subject names only configured ones.
+    fn source(&self, name: &str) -> Result<&HttpSource> {
+        self.inner.sources.get(name).ok_or_else(|| {
             Error::internal(std::io::Error::other(format!(
                 "no permission source for issuer {name:?}"
             )))
-        })?;
-        let key = (q.tenant.to_owned(), q.user_id.to_owned());
-        if let Some(names) = sources.cached(source, &key) {
-            sources.metrics.permission_lookup(name, "cached", None);
-            return Ok(names);
-        }
+        })
+    }
+
+    /// The configured headers, filled for `q`, then `credential`.
+    fn headers(
+        name: &str,
+        source: &HttpSource,
+        q: &PermissionQuery<'_>,
+        credential: (HeaderName, HeaderValue),
+    ) -> Option<Vec<(HeaderName, HeaderValue)>> {
         let mut headers = Vec::with_capacity(source.headers.len() + 1);
         for (header, template) in &source.headers {
             let Ok(value) = HeaderValue::from_str(&fill(template, q, str::to_owned)) else {
                 tracing::warn!(issuer = %name, %header, "permission source header is not a valid value");
-                return Err(Error::PermissionSourceUnavailable(name.to_owned()));
+                return None;
             };
             headers.push((header.clone(), value));
         }
-        let (token_header, token_value) = match &source.token_header {
-            Some(h) => (h.clone(), q.token.to_owned()),
-            None => (http::header::AUTHORIZATION, format!("Bearer {}", q.token)),
+        headers.push(credential);
+        Some(headers)
+    }
+
+    /// Asks source `name` about `q`'s user with `headers`: from the cache, or by joining
+    /// a call in flight for the same user, or by a new call.
+    async fn ask(
+        &self,
+        name: &str,
+        q: &PermissionQuery<'_>,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Answer {
+        let sources = &self.inner;
+        let Some(source) = sources.sources.get(name) else {
+            return Answer::Unavailable;
         };
-        let mut token_value = HeaderValue::from_str(&token_value)
-            .map_err(|_| Error::SubjectTokenInvalid("the token is not a header value".into()))?;
-        token_value.set_sensitive(true);
-        headers.push((token_header, token_value));
+        let key = (q.tenant.to_owned(), q.user_id.to_owned());
+        if let Some(names) = sources.cached(source, &key) {
+            sources.metrics.permission_lookup(name, "cached", None);
+            return Answer::Names(names);
+        }
         let url = fill(&source.url, q, percent_encode);
         let call = {
             let mut in_flight = source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -386,17 +483,93 @@ impl PermissionSource for HttpPermissionSources {
                 })
                 .clone()
         };
-        let answer = call.await;
-        match answer {
+        call.await
+    }
+}
+
+#[async_trait::async_trait]
+impl PermissionSource for HttpPermissionSources {
+    async fn permissions(&self, q: &PermissionQuery<'_>) -> Result<BTreeSet<String>> {
+        let name = q.source;
+        let source = self.source(name)?;
+        let (token_header, token_value) = match &source.token_header {
+            Some(h) => (h.clone(), q.token.to_owned()),
+            None => (http::header::AUTHORIZATION, format!("Bearer {}", q.token)),
+        };
+        let mut token_value = HeaderValue::from_str(&token_value)
+            .map_err(|_| Error::SubjectTokenInvalid("the token is not a header value".into()))?;
+        token_value.set_sensitive(true);
+        let headers = Self::headers(name, source, q, (token_header, token_value))
+            .ok_or_else(|| Error::PermissionSourceUnavailable(name.to_owned()))?;
+        match self.ask(name, q, headers).await {
             Answer::Names(names) => Ok(names),
             Answer::UnknownUser => Err(Error::SubjectTokenInvalid(format!(
                 "the platform's permission source does not know user {:?} in tenant {:?}",
+                q.user_id, q.tenant
+            ))),
+            Answer::Disabled => Err(Error::SubjectTokenInvalid(format!(
+                "the platform says user {:?} in tenant {:?} is disabled",
                 q.user_id, q.tenant
             ))),
             Answer::Refused(status) => Err(Error::SubjectTokenInvalid(format!(
                 "the platform's permission source refused the user's token (HTTP {status})"
             ))),
             Answer::Unavailable => Err(Error::PermissionSourceUnavailable(name.to_owned())),
+        }
+    }
+
+    fn recheck_policy(&self, source: &str) -> Option<RecheckPolicy> {
+        self.inner.sources.get(source)?.recheck
+    }
+
+    async fn recheck(&self, r: &RecheckQuery<'_>) -> Recheck {
+        let Ok(source) = self.source(r.source) else {
+            return Recheck::Unanswered(format!("no permission source {:?}", r.source));
+        };
+        let Some(credential) = &source.credential else {
+            return Recheck::Unanswered("the source has no service_credential".into());
+        };
+        let sources = &self.inner;
+        let header = credential
+            .header(
+                r.tenant,
+                &*sources.http,
+                source.timeout,
+                sources.clock.now(),
+            )
+            .await;
+        let header = match header {
+            Ok(header) => header,
+            Err(problem) => {
+                tracing::warn!(issuer = %r.source, tenant = %r.tenant, error = %problem,
+                    "service credential for permission re-checks unavailable");
+                return Recheck::Unanswered(problem);
+            }
+        };
+        let q = PermissionQuery {
+            source: r.source,
+            tenant: r.tenant,
+            user_id: r.user_id,
+            sub: r.sub,
+            token: "",
+        };
+        let Some(headers) = Self::headers(r.source, source, &q, header) else {
+            return Recheck::Unanswered("a configured header is not a valid value".into());
+        };
+        match self.ask(r.source, &q, headers).await {
+            Answer::Names(names) => Recheck::Holds(names),
+            Answer::UnknownUser => Recheck::Gone("the platform does not know the user"),
+            Answer::Disabled => Recheck::Gone("the platform says the user is disabled"),
+            // Asked with the service's own credential, a refusal is about the service,
+            // not the user: it must not end anyone's lease.
+            Answer::Refused(status) => {
+                tracing::warn!(issuer = %r.source, status,
+                    "permission source refused the service credential");
+                Recheck::Unanswered(format!(
+                    "the source refused the service credential (HTTP {status})"
+                ))
+            }
+            Answer::Unavailable => Recheck::Unanswered("the source is unavailable".into()),
         }
     }
 }

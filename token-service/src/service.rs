@@ -18,9 +18,13 @@ use crate::keys::{AccessClaims, Actor, KeyRing};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEvent, OnLogout, Standing};
 use crate::metrics::Metrics;
 use crate::permissions;
-use crate::platform::{NoPermissionSource, PermissionQuery, PermissionSource};
+use crate::platform::{
+    NoPermissionSource, PermissionQuery, PermissionSource, Recheck, RecheckPolicy, RecheckQuery,
+};
+use crate::recheck::{self, Verdict};
+use crate::replay::{Refused, ReplayGuard};
 use crate::secrets::{IssuedRefreshToken, MasterKey, RefreshToken, random_bytes};
-use crate::store::{LeaseFilter, Store, StoreError};
+use crate::store::{LeaseFilter, Logout, Store, StoreError};
 use crate::subject::SubjectVerifier;
 
 /// Largest request message accepted; field limits are far below it.
@@ -84,6 +88,8 @@ pub struct IssueRequest {
     pub max_lifetime: Option<Duration>,
     /// Token audience; `None` means the default.
     pub audience: Option<String>,
+    /// What a logout of the user does to the lease; `None` means the module's default.
+    pub on_logout: Option<OnLogout>,
 }
 
 impl fmt::Debug for IssueRequest {
@@ -94,6 +100,7 @@ impl fmt::Debug for IssueRequest {
             .field("permissions", &self.permissions)
             .field("max_lifetime", &self.max_lifetime)
             .field("audience", &self.audience)
+            .field("on_logout", &self.on_logout)
             .finish()
     }
 }
@@ -158,6 +165,8 @@ pub struct LeaseService {
     settings: Settings,
     /// Bumped whenever this process ends a lease, so revocation streams wake at once.
     ends: watch::Sender<u64>,
+    /// Ids of the logout tokens taken, so none is taken twice.
+    logouts: ReplayGuard,
     metrics: Arc<Metrics>,
 }
 
@@ -246,6 +255,7 @@ impl LeaseService {
             clock,
             settings,
             ends: watch::channel(0).0,
+            logouts: ReplayGuard::default(),
             metrics,
         }
     }
@@ -374,6 +384,179 @@ impl LeaseService {
         Ok(written)
     }
 
+    /// Asks the platform for the user's standing when a re-check of `lease` is due.
+    async fn recheck_if_due(
+        &self,
+        lease: &Lease,
+        now: SystemTime,
+    ) -> Option<(RecheckPolicy, Recheck)> {
+        let source = lease.standing.permission_source.as_deref()?;
+        let sources = self.permission_source.load_full();
+        let policy = sources.recheck_policy(source)?;
+        if !recheck::due(lease, &policy, now) {
+            return None;
+        }
+        let found = sources
+            .recheck(&RecheckQuery {
+                source,
+                tenant: &lease.tenant,
+                user_id: &lease.subject,
+                sub: lease.standing.sub.as_deref(),
+            })
+            .await;
+        Some((policy, found))
+    }
+
+    /// Applies what a re-check `found` to `lease` before it renews: `Ok` with the event of
+    /// a narrowing to write, if any; `Err` with the reason the lease must end.
+    fn follow_standing(
+        &self,
+        lease: &mut Lease,
+        found: Option<&Option<(RecheckPolicy, Recheck)>>,
+        now: SystemTime,
+    ) -> std::result::Result<Option<LeaseEvent>, (EndReason, String)> {
+        let Some(Some((policy, answer))) = found else {
+            return Ok(None);
+        };
+        let verdict = recheck::decide(lease, answer, policy, now);
+        let source = lease.standing.permission_source.clone().unwrap_or_default();
+        let unverified = match &verdict {
+            Verdict::Unverified { unverified_for, .. } => Some(*unverified_for),
+            _ => None,
+        };
+        self.metrics.recheck(&source, verdict.label(), unverified);
+        match verdict {
+            Verdict::Confirmed => {
+                lease.standing.permissions_checked_at = Some(now);
+                Ok(None)
+            }
+            Verdict::Narrow {
+                remaining,
+                withdrawn,
+            } => {
+                lease.permissions = remaining;
+                lease.standing.permissions_checked_at = Some(now);
+                let detail = format!("permissions withdrawn: {}", withdrawn.join(", "));
+                tracing::info!(
+                    target: "audit",
+                    event = "lease.narrowed",
+                    lease_id = %lease.id,
+                    tenant = %lease.tenant,
+                    actor = %lease.actor,
+                    subject = %lease.subject,
+                    withdrawn = %withdrawn.join(","),
+                );
+                Ok(Some(LeaseEvent::new(
+                    lease,
+                    EventKind::Narrowed,
+                    now,
+                    "system",
+                    &detail,
+                )))
+            }
+            Verdict::End(reason, detail) => Err((reason, detail)),
+            Verdict::Unverified {
+                unverified_for,
+                problem,
+            } => {
+                tracing::warn!(
+                    lease_id = %lease.id,
+                    tenant = %lease.tenant,
+                    issuer = %source,
+                    unverified_secs = unverified_for.as_secs(),
+                    error = %problem,
+                    "permission re-check failed: the lease renews with what it holds"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// OpenID Connect back-channel logout: verifies `logout_token` and ends every active
+    /// lease with policy `end` it reaches (granted from the session it names, or of the
+    /// user it names, before the logout). Returns how many it ended.
+    pub async fn backchannel_logout(&self, logout_token: &str) -> Result<usize> {
+        let outcome = self.log_out(logout_token).await;
+        let result = match &outcome {
+            Ok(_) => "accepted",
+            Err(Error::LogoutTokenInvalid(problem)) => {
+                tracing::warn!(error = %problem, "back-channel logout refused");
+                "invalid"
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "back-channel logout could not be carried out");
+                "unavailable"
+            }
+        };
+        self.metrics.logout(result);
+        outcome
+    }
+
+    async fn log_out(&self, logout_token: &str) -> Result<usize> {
+        const PAGE: usize = 500;
+        if logout_token.is_empty() {
+            return Err(Error::LogoutTokenInvalid("logout_token is required".into()));
+        }
+        let now = self.clock.now();
+        let subjects = self.subjects.load_full();
+        let claims = subjects.verify_logout(logout_token, now).await?;
+        self.logouts
+            .take(&claims.issuer, &claims.jti, claims.remember_until, now)
+            .map_err(|refused| {
+                Error::LogoutTokenInvalid(match refused {
+                    Refused::Replayed => "the logout token was already received (jti)".into(),
+                    Refused::Full => "too many logouts at once; send it again shortly".into(),
+                })
+            })?;
+        let logout = Logout {
+            issuer: claims.issuer.clone(),
+            session_id: claims.session_id.clone(),
+            sub: claims.sub.clone(),
+        };
+        // `iat` is in whole seconds: a lease granted within its second predates it.
+        let logged_out_at = claims.issued_at + Duration::from_secs(1);
+        let detail = "the user's session was logged out at the identity provider";
+        let mut ended = 0;
+        let outcome: Result<()> = async {
+            loop {
+                let page = self.store.leases_to_log_out(&logout, PAGE).await?;
+                let mut ended_now = 0;
+                for lease in page.iter().filter(|l| l.created_at < logged_out_at) {
+                    let (_, by_this_call) = self
+                        .end_lease(
+                            &lease.id,
+                            EndReason::SubjectLoggedOut,
+                            "system",
+                            detail,
+                            |_| Ok(()),
+                        )
+                        .await?;
+                    ended_now += usize::from(by_this_call);
+                }
+                ended += ended_now;
+                // Leases granted after the logout stay in the answer: stop once a page
+                // ends nothing or is the last.
+                if page.len() < PAGE || ended_now == 0 {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        if let Err(e) = outcome {
+            // Not carried out in full: let the issuer send it again.
+            self.logouts.forget(&claims.issuer, &claims.jti);
+            return Err(e);
+        }
+        tracing::info!(
+            target: "audit",
+            event = "subject.logged_out",
+            issuer = %claims.issuer,
+            by_session = claims.session_id.is_some(),
+            leases_ended = ended,
+        );
+        Ok(ended)
+    }
+
     /// Grants a lease to `module` from the user's token.
     pub async fn issue(&self, module: &Module, req: IssueRequest) -> Result<Issued> {
         check_id("job_id", &req.job_id)?;
@@ -387,12 +570,33 @@ impl LeaseService {
         if !module.may_address(&audience) {
             return Err(Error::AudienceNotAllowed(audience));
         }
+        let on_logout = module.logout_policy(req.on_logout).ok_or_else(|| {
+            Error::LogoutPolicyNotAllowed(format!(
+                "module {:?} may not ask for on_logout = {}",
+                module.id,
+                req.on_logout.unwrap_or_default().as_str()
+            ))
+        })?;
         let now = self.clock.now();
         // A snapshot: a reload during this grant does not change its issuer midway.
         let subjects = self.subjects.load_full();
         let subject = subjects.verify_fetching(&req.subject_token, now).await?;
         if !module.serves(&subject.tenant) {
             return Err(Error::TenantNotServed(subject.tenant));
+        }
+        if on_logout == OnLogout::End {
+            // A policy that could never take effect is refused, not silently kept.
+            if !subject.logout_received {
+                return Err(Error::LogoutPolicyNotAllowed(format!(
+                    "issuer {:?} sends no back-channel logouts to this service",
+                    subject.issuer
+                )));
+            }
+            if subject.sub.is_none() && subject.session_id.is_none() {
+                return Err(Error::LogoutPolicyNotAllowed(
+                    "the user's token names no sid or sub that a logout could match".into(),
+                ));
+            }
         }
         let held = match &subject.permission_source {
             None => None,
@@ -441,7 +645,7 @@ impl LeaseService {
             issuer: subject.issuer.clone(),
             sub: subject.sub.clone(),
             session_id: subject.session_id.clone(),
-            on_logout: OnLogout::Survive,
+            on_logout,
             permission_source: subject.permission_source.clone(),
             permissions_checked_at: subject.permission_source.is_some().then_some(now),
         };
@@ -511,6 +715,8 @@ impl LeaseService {
             return Err(Error::RefreshTokenInvalid);
         }
         let presented = RefreshToken::parse(refresh_token).ok_or(Error::RefreshTokenInvalid)?;
+        // The user's standing, asked once however often the write below is retried.
+        let mut found = None;
         for _ in 0..CAS_ATTEMPTS {
             let now = self.clock.now();
             let mut lease = self
@@ -537,12 +743,25 @@ impl LeaseService {
             }
             let current = lease.generation;
             if presented.generation == current {
+                if found.is_none() {
+                    found = Some(self.recheck_if_due(&lease, now).await);
+                }
+                let event = match self.follow_standing(&mut lease, found.as_ref(), now) {
+                    Ok(event) => event,
+                    Err((reason, detail)) => {
+                        lease.finish(reason, now, "system", &detail);
+                        if !self.write_end(&lease).await? {
+                            continue;
+                        }
+                        return Err(Error::LeaseEnded(reason, detail));
+                    }
+                };
                 lease.generation += 1;
                 lease.rotated_at = now;
                 lease.last_active_at = now;
                 lease.refresh_count += 1;
                 lease.last_refreshed_at = Some(now);
-                if !self.store.update_lease(&lease, None).await? {
+                if !self.store.update_lease(&lease, event.as_ref()).await? {
                     continue;
                 }
                 audit_lease("lease.refreshed", &lease);
@@ -614,6 +833,7 @@ impl LeaseService {
         if !module.serves(tenant) {
             return Err(Error::TenantNotServed(tenant.to_owned()));
         }
+        let mut found = None;
         for _ in 0..CAS_ATTEMPTS {
             let now = self.clock.now();
             let mut lease = self
@@ -629,13 +849,34 @@ impl LeaseService {
                 Some(Some((reason, detail))) => return Err(Error::LeaseEnded(reason, detail)),
                 Some(None) => continue,
             }
+            if found.is_none() {
+                found = Some(self.recheck_if_due(&lease, now).await);
+            }
+            let narrowed = match self.follow_standing(&mut lease, found.as_ref(), now) {
+                Ok(narrowed) => narrowed,
+                Err((reason, detail)) => {
+                    lease.finish(reason, now, "system", &detail);
+                    if !self.write_end(&lease).await? {
+                        continue;
+                    }
+                    return Err(Error::LeaseEnded(reason, detail));
+                }
+            };
             // A new seed invalidates every refresh token issued before.
             lease.seed = random_bytes::<32>().to_vec();
             lease.generation += 1;
             lease.rotated_at = now;
             lease.last_active_at = now;
             lease.resume_count += 1;
-            let event = LeaseEvent::new(&lease, EventKind::Resumed, now, &module.principal(), "");
+            // One event per write: a narrowing found at resume is told in its detail.
+            let detail = narrowed.map(|e| e.detail).unwrap_or_default();
+            let event = LeaseEvent::new(
+                &lease,
+                EventKind::Resumed,
+                now,
+                &module.principal(),
+                &detail,
+            );
             if !self.store.update_lease(&lease, Some(&event)).await? {
                 continue;
             }

@@ -41,6 +41,7 @@ fn module(id: &str, delegable: &[&str]) -> Module {
         default_lifetime: Duration::from_secs(3600),
         tenants: None,
         audiences: vec!["platform".into()],
+        on_logout: Default::default(),
     }
 }
 
@@ -169,6 +170,7 @@ impl Harness {
             permissions: perms.iter().map(|s| s.to_string()).collect(),
             max_lifetime: Some(Duration::from_secs(3600)),
             audience: None,
+            on_logout: None,
         }
     }
 

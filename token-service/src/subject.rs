@@ -13,6 +13,9 @@
 //! critical (`crit`) is refused, as no extension is implemented; other unknown header
 //! parameters are ignored.
 
+mod logout;
+pub use logout::{BACKCHANNEL_LOGOUT_EVENT, LogoutClaims};
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
@@ -28,7 +31,7 @@ use serde_json::map::Entry;
 use serde_json::{Map, Number, Value};
 
 use crate::clock::to_unix_secs;
-use crate::config::{IssuerConfig, PermissionSourceKind, StartupError};
+use crate::config::{BackchannelLogoutConfig, IssuerConfig, PermissionSourceKind, StartupError};
 use crate::error::{Error, Result};
 use crate::ident;
 use crate::idp::{HttpGet, IssuerPattern, RemoteKeys};
@@ -58,6 +61,9 @@ pub struct Subject {
     pub sub: Option<String>,
     /// The user's session at the issuer (`sid`), when the token names one.
     pub session_id: Option<String>,
+    /// Whether the issuer's back-channel logouts are received (so `on_logout = end` can
+    /// be honoured).
+    pub logout_received: bool,
     /// The user's tenant.
     pub tenant: String,
     /// The user's permissions, from the token; empty when `permission_source` is set.
@@ -93,6 +99,8 @@ struct TrustedIssuer {
     /// The permissions come from the platform, not the token.
     permission_source: bool,
     leeway: Duration,
+    /// How its back-channel logout tokens are checked; `None`: not received.
+    logout: Option<BackchannelLogoutConfig>,
 }
 
 /// Verifies subject tokens against the configured trusted issuers.
@@ -581,6 +589,7 @@ impl TrustedIssuer {
             subject: subject.to_owned(),
             sub: sub.map(str::to_owned),
             session_id: session_id.map(str::to_owned),
+            logout_received: self.logout.is_some(),
             tenant: tenant.to_owned(),
             permissions,
             permission_source: self.permission_source.then(|| self.name.clone()),
@@ -630,6 +639,7 @@ impl SubjectVerifier {
                     .as_ref()
                     .is_some_and(|p| p.kind == PermissionSourceKind::Http),
                 leeway: c.leeway,
+                logout: c.backchannel_logout.clone(),
             };
             let twice = || StartupError::Invalid(format!("issuer {:?} is listed twice", c.name()));
             if let Some(pattern) = &c.issuer_pattern {
@@ -1271,5 +1281,160 @@ mod tests {
             refusal(verifier.verify(&tampered, now())),
             "signature does not verify"
         );
+    }
+
+    #[tokio::test]
+    async fn logout_tokens_are_held_to_every_rule_of_the_spec() {
+        use crate::config::BackchannelLogoutConfig;
+        let (verifier, _dir) = hs_verifier(|c| {
+            c.backchannel_logout = Some(BackchannelLogoutConfig {
+                client_id: "jobtoken".into(),
+                max_age: Duration::from_secs(300),
+            })
+        });
+        let at = now();
+        let iat = to_unix_secs(at);
+        let event = json!({BACKCHANNEL_LOGOUT_EVENT: {}});
+        let good = json!({"iss": ISS, "aud": "jobtoken", "iat": iat, "jti": "j-1",
+            "events": event, "sid": "s-1", "sub": "alice"});
+        let claims = verifier.verify_logout(&signed(&good), at).await.unwrap();
+        assert_eq!(claims.issuer, ISS);
+        assert_eq!(claims.session_id.as_deref(), Some("s-1"));
+        assert_eq!(claims.sub.as_deref(), Some("alice"));
+        assert_eq!(claims.jti, "j-1");
+        let edit = |f: &dyn Fn(&mut Map<String, Value>)| {
+            let mut c = good.as_object().unwrap().clone();
+            f(&mut c);
+            signed(&Value::Object(c))
+        };
+        let refusals: Vec<(&str, String)> = vec![
+            (
+                "aud",
+                edit(&|c| {
+                    c.insert("aud".into(), json!("other"));
+                }),
+            ),
+            (
+                "aud",
+                edit(&|c| {
+                    c.insert("aud".into(), json!(["a", 1]));
+                }),
+            ),
+            (
+                "aud",
+                edit(&|c| {
+                    c.remove("aud");
+                }),
+            ),
+            (
+                "iat",
+                edit(&|c| {
+                    c.remove("iat");
+                }),
+            ),
+            (
+                "iat",
+                edit(&|c| {
+                    c.insert("iat".into(), json!("now"));
+                }),
+            ),
+            (
+                "too old",
+                edit(&|c| {
+                    c.insert("iat".into(), json!(iat - 400));
+                }),
+            ),
+            (
+                "future",
+                edit(&|c| {
+                    c.insert("iat".into(), json!(iat + 400));
+                }),
+            ),
+            (
+                "expired",
+                edit(&|c| {
+                    c.insert("exp".into(), json!(iat - 100));
+                }),
+            ),
+            (
+                "jti",
+                edit(&|c| {
+                    c.remove("jti");
+                }),
+            ),
+            (
+                "jti",
+                edit(&|c| {
+                    c.insert("jti".into(), json!(7));
+                }),
+            ),
+            (
+                "events",
+                edit(&|c| {
+                    c.remove("events");
+                }),
+            ),
+            (
+                "events",
+                edit(&|c| {
+                    c.insert("events".into(), json!({"other": {}}));
+                }),
+            ),
+            (
+                "events",
+                edit(&|c| {
+                    c.insert("events".into(), json!({BACKCHANNEL_LOGOUT_EVENT: "x"}));
+                }),
+            ),
+            (
+                "nonce",
+                edit(&|c| {
+                    c.insert("nonce".into(), json!("n"));
+                }),
+            ),
+            (
+                "sid",
+                edit(&|c| {
+                    c.remove("sid");
+                    c.remove("sub");
+                }),
+            ),
+            (
+                "sid",
+                edit(&|c| {
+                    c.insert("sid".into(), json!(null));
+                }),
+            ),
+            (
+                "sub",
+                edit(&|c| {
+                    c.insert("sub".into(), json!("al\u{202E}ice"));
+                }),
+            ),
+        ];
+        for (named, token) in refusals {
+            match verifier.verify_logout(&token, at).await {
+                Err(Error::LogoutTokenInvalid(problem)) => {
+                    assert!(problem.contains(named), "{named}: {problem}")
+                }
+                other => panic!("{named}: {other:?}"),
+            }
+        }
+        // A signature by another key, and an issuer whose logouts are not received.
+        let forged = format!("{}x", signed(&good));
+        assert!(matches!(
+            verifier.verify_logout(&forged, at).await,
+            Err(Error::LogoutTokenInvalid(_))
+        ));
+        let (deaf, _dir) = hs_verifier(|_| {});
+        assert!(matches!(
+            deaf.verify_logout(&signed(&good), at).await,
+            Err(Error::LogoutTokenInvalid(p)) if p.contains("not received")
+        ));
+        // One of sid and sub is enough.
+        let only_sub = edit(&|c| {
+            c.remove("sid");
+        });
+        assert!(verifier.verify_logout(&only_sub, at).await.is_ok());
     }
 }

@@ -20,9 +20,10 @@ use tonic::Code;
 
 use crate::support::{OTHER_KEY, TestServer, http_client, http_text, reason};
 
-const RESOURCE: &str = "https://jobtoken.example.org";
-const CLIENTS: &str = r#"{
-    "alice-app": {"secret": "alice-secret-0123456789abcdefghij", "user_id": "u-alice"},
+pub(crate) const RESOURCE: &str = "https://jobtoken.example.org";
+pub(crate) const CLIENTS: &str = r#"{
+    "alice-app": {"secret": "alice-secret-0123456789abcdefghij", "user_id": "u-alice", "sid": "s-alice-1"},
+    "jobtoken": {"secret": "jobtoken-secret-0123456789abcdefghij"},
     "bob-app": {"secret": "bob-secret-0123456789abcdefghijklm", "user_id": "u-bob"},
     "ghost-app": {"secret": "ghost-secret-0123456789abcdefghijk", "user_id": "u-ghost"}
 }"#;
@@ -76,7 +77,7 @@ const REQUIRE_OIDC_VAR: &str = "JOBTOKEN_TEST_REQUIRE_OIDC";
 /// Whether the real OpenID provider can run here (`npm install` done, `node` on the
 /// PATH). Without it the tests that need it skip, and one line says so, like the
 /// PostgreSQL legs; with `JOBTOKEN_TEST_REQUIRE_OIDC=1` they fail instead.
-fn oidc_available() -> bool {
+pub(crate) fn oidc_available() -> bool {
     use std::io::Write as _;
     let installed = repo_root().join("node_modules/oidc-provider").is_dir();
     let node = std::process::Command::new("node")
@@ -105,12 +106,12 @@ fn oidc_available() -> bool {
 }
 
 /// The provider as a child process on `port`, killed when dropped.
-struct Provider {
+pub(crate) struct Provider {
     child: Child,
 }
 
 impl Provider {
-    async fn start(port: u16, keys_file: &Path, rotate: bool) -> Self {
+    pub(crate) async fn start(port: u16, keys_file: &Path, rotate: bool) -> Self {
         Self::start_with(port, keys_file, rotate, None).await
     }
 
@@ -160,14 +161,14 @@ impl Provider {
         Self { child }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.child.kill().await.unwrap();
     }
 }
 
 /// An access token of `client` from the realm of `tenant`: client credentials with a
 /// resource indicator, which oidc-provider answers with a JWT (RFC 9068).
-async fn access_token(port: u16, tenant: &str, client: &str) -> String {
+pub(crate) async fn access_token(port: u16, tenant: &str, client: &str) -> String {
     access_token_from(&http_client(), "http", port, tenant, client).await
 }
 

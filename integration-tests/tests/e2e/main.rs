@@ -13,6 +13,7 @@ mod pg_tls;
 mod postgres;
 mod reflection;
 mod sdk;
+mod standing;
 mod support;
 mod tenants;
 mod tls;

@@ -64,6 +64,19 @@ pub(super) fn end_reason(r: EndReason) -> pb::EndReason {
     }
 }
 
+/// The logout policy a grant asks for; unspecified is the module's default.
+pub(super) fn on_logout(value: i32) -> Result<Option<OnLogout>, Error> {
+    match pb::OnLogout::try_from(value) {
+        Ok(pb::OnLogout::Unspecified) => Ok(None),
+        Ok(pb::OnLogout::Survive) => Ok(Some(OnLogout::Survive)),
+        Ok(pb::OnLogout::End) => Ok(Some(OnLogout::End)),
+        Err(_) => Err(Error::invalid(
+            "on_logout",
+            format!("{value} is not a logout policy"),
+        )),
+    }
+}
+
 pub(super) fn lease(l: &Lease) -> pb::Lease {
     let end = l.end.as_ref();
     pb::Lease {

@@ -141,6 +141,7 @@ impl JobTokenService for JobTokenApi {
                                 r.max_lifetime,
                             )?,
                             audience: convert::non_empty(r.audience),
+                            on_logout: convert::on_logout(r.on_logout)?,
                         },
                     )
                     .await?;

@@ -31,7 +31,9 @@ fn bounded(text: &str, max: usize) -> String {
 /// The gRPC code of a domain error.
 pub fn code(e: &Error) -> Code {
     match e {
-        Error::InvalidArgument { .. } | Error::LifetimeExceedsCap { .. } => Code::InvalidArgument,
+        Error::InvalidArgument { .. }
+        | Error::LifetimeExceedsCap { .. }
+        | Error::LogoutTokenInvalid(_) => Code::InvalidArgument,
         Error::ModuleUnauthenticated
         | Error::AdminUnauthenticated
         | Error::SubjectTokenInvalid(_)
@@ -46,7 +48,8 @@ pub fn code(e: &Error) -> Code {
         | Error::NoPermissionsGranted
         | Error::ActorMismatch
         | Error::TenantNotServed(_)
-        | Error::AudienceNotAllowed(_) => Code::PermissionDenied,
+        | Error::AudienceNotAllowed(_)
+        | Error::LogoutPolicyNotAllowed(_) => Code::PermissionDenied,
         Error::RateLimited { .. } | Error::TooManyStreams { .. } => Code::ResourceExhausted,
         Error::LeaseNotFound => Code::NotFound,
         Error::LeaseAlreadyExists(_) => Code::AlreadyExists,
@@ -173,6 +176,8 @@ mod tests {
             Error::RefreshTokenReused,
             Error::TenantNotServed("diku".into()),
             Error::AudienceNotAllowed("admin-console".into()),
+            Error::LogoutPolicyNotAllowed("end".into()),
+            Error::LogoutTokenInvalid("no jti".into()),
             Error::RateLimited {
                 what: "renewals",
                 retry_after: std::time::Duration::from_millis(250),
@@ -236,6 +241,8 @@ mod tests {
             (Code::Unauthenticated, "REFRESH_TOKEN_REUSED"),
             (Code::PermissionDenied, "TENANT_NOT_SERVED"),
             (Code::PermissionDenied, "AUDIENCE_NOT_ALLOWED"),
+            (Code::PermissionDenied, "LOGOUT_POLICY_NOT_ALLOWED"),
+            (Code::InvalidArgument, "LOGOUT_TOKEN_INVALID"),
             (Code::ResourceExhausted, "RATE_LIMITED"),
             (Code::ResourceExhausted, "TOO_MANY_STREAMS"),
             (Code::Unavailable, "UNAVAILABLE"),
@@ -247,6 +254,10 @@ mod tests {
             (Code::FailedPrecondition, "LEASE_IDLE_TIMEOUT"),
             (Code::FailedPrecondition, "LEASE_REVOKED"),
             (Code::FailedPrecondition, "REFRESH_TOKEN_REUSED"),
+            (Code::FailedPrecondition, "PERMISSIONS_WITHDRAWN"),
+            (Code::FailedPrecondition, "SUBJECT_DISABLED"),
+            (Code::FailedPrecondition, "SUBJECT_LOGGED_OUT"),
+            (Code::FailedPrecondition, "PERMISSIONS_UNVERIFIABLE"),
         ];
         let all = every_variant();
         assert_eq!(all.len(), expected.len());
