@@ -1016,8 +1016,13 @@ impl LeaseService {
             return Ok(None);
         }
         let lease = self.store.get_lease(&claims.lease_id).await?;
+        // A token minted before a narrowing carries permissions the lease no longer has:
+        // inactive from the narrowing on, though its signature still verifies.
         let active = lease.is_some_and(|l| {
-            l.tenant == claims.tenant && l.is_active() && l.due_end(now).is_none()
+            l.tenant == claims.tenant
+                && l.is_active()
+                && l.due_end(now).is_none()
+                && claims.permissions.iter().all(|p| l.permissions.contains(p))
         });
         Ok(active.then_some(claims))
     }

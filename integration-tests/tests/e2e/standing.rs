@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use token_sdk::proto::{GetLeaseRequest, IssueJobTokenRequest, OnLogout, RefreshJobTokenRequest};
+use token_sdk::proto::{
+    GetLeaseRequest, IntrospectTokenRequest, IssueJobTokenRequest, OnLogout, RefreshJobTokenRequest,
+};
 use token_sdk::{Client, EndReason, Lease, LeaseState, Verifier};
 use token_service::config::{
     BackchannelLogoutConfig, IssuerConfig, OnWithdrawn, PermissionSourceConfig,
@@ -309,6 +311,7 @@ async fn withdrawn_permissions_end_the_lease_or_narrow_it() {
         &["inventory.read", "inventory.write"],
     )
     .await;
+    let before = lease.access_token().secret().to_owned();
     world.platform.set("u-alice", &["inventory.read"], true);
     let narrowed = async {
         loop {
@@ -335,6 +338,18 @@ async fn withdrawn_permissions_end_the_lease_or_narrow_it() {
         .unwrap()
         .into_inner();
     assert_eq!(story.lease.unwrap().granted_permissions, ["inventory.read"]);
+    // Introspection refuses a token minted before the narrowing at once.
+    let introspected = server
+        .client_with_key(IMPORTER_KEY)
+        .await
+        .introspect_token(IntrospectTokenRequest { token: before })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !introspected.active,
+        "a token with a withdrawn permission is inactive"
+    );
     let event = story.events.iter().find(|e| e.kind == "narrowed").unwrap();
     assert!(event.detail.contains("inventory.write"), "{}", event.detail);
     world.platform.set("u-alice", &[], true);
