@@ -6,24 +6,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tonic::Status;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::ClientTlsConfig;
 
 use crate::api::Grpc;
 use crate::health::{Health, RenewalStats};
 use crate::lease::{Lease, LeaseInfo, Renewal};
 use crate::schedule::RenewalConfig;
+use crate::transport::{self, JobTokenClient, KeyInterceptor};
 use crate::watcher::LeaseWatch;
-use crate::{Error, JobTokenClient, KeyInterceptor, proto};
+use crate::{Error, proto};
 
 /// How long a grant waits for the revocation stream to open.
 const WATCH_READY_WAIT: Duration = Duration::from_secs(2);
-/// HTTP/2 ping interval and timeout of the revocation stream's connection: a stalled
-/// connection is given up within about twice this.
-const WATCH_KEEPALIVE: Duration = Duration::from_secs(2);
-/// Connect timeout of the revocation stream's connection, short so that a partition
-/// does not leave it waiting on a connection attempt made while it lasted.
-const WATCH_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Configures a [`Client`].
 #[derive(Clone)]
 pub struct ClientBuilder {
@@ -52,7 +46,7 @@ impl fmt::Debug for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Authenticate with a module key (sent as `x-module-key`).
+    /// Authenticate with a module key (sent under [`crate::MODULE_KEY_HEADER`]).
     pub fn module_key(mut self, key: impl Into<String>) -> Self {
         self.module_key = Some(key.into());
         self
@@ -89,31 +83,8 @@ impl ClientBuilder {
             Some(key) => KeyInterceptor::module_key(key)?,
             None => KeyInterceptor::none(),
         };
-        // Notice dead connections (a replica gone, a half-open socket) within seconds.
-        let mut endpoint = Endpoint::from_shared(self.endpoint)?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
-        if let Some(tls) = self.tls {
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        // The revocation stream gets a connection of its own, so it does not share the
-        // fate of renewals (a connection closed over a burst of cancelled calls, say),
-        // and pings more often: its reopening is how leases learn the service is back.
-        let watch_channel = endpoint
-            .clone()
-            .connect_timeout(WATCH_CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(WATCH_KEEPALIVE)
-            .keep_alive_timeout(WATCH_KEEPALIVE)
-            .connect_lazy();
-        let channel = endpoint.connect().await?;
-        let client = |channel| {
-            proto::job_token_service_client::JobTokenServiceClient::with_interceptor(
-                channel,
-                interceptor.clone(),
-            )
-        };
+        let (channel, watch_channel) = transport::channels(self.endpoint, self.tls).await?;
+        let client = |channel| transport::job_token_client(channel, interceptor.clone());
         Ok(Client {
             inner: Arc::new(Inner {
                 grpc: client(channel),

@@ -15,8 +15,8 @@ use tonic::Status;
 use tonic::service::Interceptor;
 
 use crate::api::Api;
+use crate::error::{is_transient, retry_delay};
 use crate::health::{Health, RevocationFeed, millis};
-use crate::is_transient;
 use crate::proto;
 use crate::schedule::{RenewalConfig, backoff, phase, refresh_in};
 use crate::watcher::LeaseWatch;
@@ -467,20 +467,6 @@ fn end_from(status: &Status) -> LeaseEnd {
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shortest such wait, for tokens about to expire.
 const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(1);
-/// Longest `RetryInfo` delay believed; the service's word is clamped like its lifetimes.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
-
-/// The wait a `RESOURCE_EXHAUSTED` answer asks for (`google.rpc.RetryInfo`), clamped.
-pub(crate) fn retry_delay(status: &Status) -> Option<Duration> {
-    if status.code() != tonic::Code::ResourceExhausted {
-        return None;
-    }
-    <Status as tonic_types::StatusExt>::get_error_details(status)
-        .retry_info()
-        .and_then(|info| info.retry_delay)
-        .map(|d| d.min(MAX_RETRY_DELAY))
-}
-
 /// The background renewal: sleep to the renewal point (or until asked), renew, publish;
 /// retry transient failures on the schedule of [`backoff`], sooner when a caller asks or
 /// the service is seen back, never sooner than a `RetryInfo` allows; stop on a terminal
@@ -681,6 +667,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
+    use crate::error::MAX_RETRY_DELAY;
 
     /// A scripted service: answers renewals from a script, then with fresh tokens of
     /// `life`; records every call.

@@ -15,8 +15,9 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use tokio::sync::watch;
 
+use crate::error::retry_delay;
 use crate::health::{Feed, RevocationFeed, millis};
-use crate::lease::{EndReason, LeaseEnd, Shared, retry_delay};
+use crate::lease::{EndReason, LeaseEnd, Shared};
 use crate::schedule::{RenewalConfig, reconnect_in};
 use crate::{JobTokenClient, proto};
 
@@ -183,7 +184,7 @@ impl Follower {
                     // (restored or recreated). Waiting for that cursor would be blind
                     // forever; start over from what the service has.
                     if status.code() == tonic::Code::InvalidArgument
-                        && crate::error_field(&status).as_deref() == Some("after_cursor")
+                        && crate::error::error_field(&status).as_deref() == Some("after_cursor")
                     {
                         tracing::warn!(
                             "the revocation stream's cursor is ahead of the service; starting over"
