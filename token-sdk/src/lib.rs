@@ -39,36 +39,33 @@
 //! connection of its own and reports whether it is live ([`RevocationFeed`]).
 
 mod api;
-mod auth_layer;
 mod client;
 mod clock;
 mod error;
 mod health;
-mod interceptor;
-mod jwt;
-mod layer;
+mod incoming;
 mod lease;
+mod outgoing;
 mod schedule;
 mod transport;
-mod verifier;
 mod watcher;
 
-pub use auth_layer::{AuthLayer, AuthService};
 pub use client::{Client, ClientBuilder, LeaseRequest};
 pub use error::{Error, error_reason, is_transient};
 pub use health::{RenewalStats, RevocationFeed};
-pub use interceptor::BearerInterceptor;
-pub use layer::{VerifyLayer, VerifyService};
+pub use incoming::layer::{VerifyLayer, VerifyService};
+pub use incoming::verifier::{
+    Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError, WhenBlind,
+};
 pub use lease::{AccessToken, EndReason, Lease, LeaseEnd, LeaseInfo, LeaseState, Outcome};
+pub use outgoing::auth_layer::{AuthLayer, AuthService};
+pub use outgoing::interceptor::BearerInterceptor;
 pub use schedule::{
     FLOOR, Phase, RenewalConfig, URGENT_RETRIES, backoff, phase, reconnect_in, refresh_in,
 };
 pub use transport::{
     ADMIN_KEY_HEADER, AdminClient, JobTokenClient, KeyInterceptor, MODULE_KEY_HEADER, connect,
     connect_admin,
-};
-pub use verifier::{
-    Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError, WhenBlind,
 };
 
 /// The generated `jobtoken.v1` types and clients.

@@ -7,30 +7,33 @@ use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::lease::{Lease, LeaseState};
+use crate::lease::{Lease, LeaseEnd, LeaseState};
 
-/// Which header carries the token, and in which form. Shared by [`BearerInterceptor`] and
-/// [`crate::AuthLayer`].
+/// The lease whose token goes out, and which header carries it in which form. Shared by
+/// [`BearerInterceptor`] and [`crate::AuthLayer`].
 #[derive(Debug, Clone)]
 pub(crate) struct TokenHeader {
+    pub(crate) lease: Lease,
     pub(crate) name: HeaderName,
     bearer: bool,
 }
 
 impl TokenHeader {
     /// `authorization: Bearer <token>`.
-    pub(crate) fn authorization() -> Self {
+    pub(crate) fn authorization(lease: Lease) -> Self {
         Self {
+            lease,
             name: http::header::AUTHORIZATION,
             bearer: true,
         }
     }
 
     /// `<name>: <token>`; fails if `name` is not a valid header name.
-    pub(crate) fn raw(name: &str) -> Result<Self, crate::Error> {
+    pub(crate) fn raw(lease: Lease, name: &str) -> Result<Self, crate::Error> {
         let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
             .map_err(|_| crate::Error::InvalidKey)?;
         Ok(Self {
+            lease,
             name,
             bearer: false,
         })
@@ -38,14 +41,11 @@ impl TokenHeader {
 
     /// The (sensitive) header value for the lease's current token, and that token's
     /// generation. Refuses locally, as UNAUTHENTICATED, once the lease has ended.
-    pub(crate) fn value(&self, lease: &Lease) -> Result<(HeaderValue, u64), Status> {
-        if let LeaseState::Ended(end) = lease.state() {
-            return Err(Status::unauthenticated(format!(
-                "the job's lease has ended ({:?})",
-                end.reason
-            )));
+    pub(crate) fn value(&self) -> Result<(HeaderValue, u64), Status> {
+        if let LeaseState::Ended(end) = self.lease.state() {
+            return Err(ended(&end));
         }
-        let token = lease.access_token();
+        let token = self.lease.access_token();
         let text = if self.bearer {
             format!("Bearer {}", token.secret())
         } else {
@@ -58,20 +58,24 @@ impl TokenHeader {
     }
 }
 
+/// The local refusal of a call once the job's lease has ended.
+fn ended(end: &LeaseEnd) -> Status {
+    Status::unauthenticated(format!("the job's lease has ended ({:?})", end.reason))
+}
+
 /// Adds the lease's current access token to every request: `authorization: Bearer …` by
 /// default, or the raw token under a header of your choice (for platforms that expect
 /// their own token header). Refuses locally, as UNAUTHENTICATED, once the lease has ended.
 /// A small `Clone` struct; it does not log.
 #[derive(Clone)]
 pub struct BearerInterceptor {
-    lease: Lease,
     header: TokenHeader,
 }
 
 impl fmt::Debug for BearerInterceptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BearerInterceptor")
-            .field("lease_id", &self.lease.info().lease_id)
+            .field("lease_id", &self.header.lease.info().lease_id)
             .field("header", &self.header.name)
             .finish_non_exhaustive()
     }
@@ -81,8 +85,7 @@ impl BearerInterceptor {
     /// `authorization: Bearer <token>`.
     pub fn new(lease: Lease) -> Self {
         Self {
-            lease,
-            header: TokenHeader::authorization(),
+            header: TokenHeader::authorization(lease),
         }
     }
 
@@ -90,15 +93,14 @@ impl BearerInterceptor {
     /// [`crate::Error::InvalidKey`] if `header` is not a valid metadata key.
     pub fn with_header(lease: Lease, header: &str) -> Result<Self, crate::Error> {
         Ok(Self {
-            lease,
-            header: TokenHeader::raw(header)?,
+            header: TokenHeader::raw(lease, header)?,
         })
     }
 }
 
 impl Interceptor for BearerInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let (value, _) = self.header.value(&self.lease)?;
+        let (value, _) = self.header.value()?;
         let mut headers = std::mem::take(request.metadata_mut()).into_headers();
         headers.insert(self.header.name.clone(), value);
         *request.metadata_mut() = MetadataMap::from_headers(headers);
@@ -138,10 +140,7 @@ impl Lease {
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
                 // Renew only if nobody has since the call read its token.
                 if let Err(end) = self.refresh_if_stale(sent).await {
-                    return Err(Status::unauthenticated(format!(
-                        "the job's lease has ended ({:?})",
-                        end.reason
-                    )));
+                    return Err(ended(&end));
                 }
                 call().await
             }
