@@ -41,6 +41,7 @@
 mod api;
 mod client;
 mod clock;
+mod end;
 mod error;
 mod health;
 mod incoming;
@@ -51,13 +52,14 @@ mod transport;
 mod watcher;
 
 pub use client::{Client, ClientBuilder, LeaseRequest};
+pub use end::{EndReason, LeaseEnd};
 pub use error::{Error, error_reason, is_transient};
 pub use health::{RenewalStats, RevocationFeed};
 pub use incoming::layer::{VerifyLayer, VerifyService};
 pub use incoming::verifier::{
     Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError, WhenBlind,
 };
-pub use lease::{AccessToken, EndReason, Lease, LeaseEnd, LeaseInfo, LeaseState, Outcome};
+pub use lease::{AccessToken, Lease, LeaseInfo, LeaseState, Outcome};
 pub use outgoing::auth_layer::{AuthLayer, AuthService};
 pub use outgoing::interceptor::BearerInterceptor;
 pub use schedule::{

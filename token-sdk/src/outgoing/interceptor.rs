@@ -7,7 +7,8 @@ use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::lease::{Lease, LeaseEnd, LeaseState};
+use crate::end::LeaseEnd;
+use crate::lease::{Lease, LeaseState};
 
 /// The lease whose token goes out, and which header carries it in which form. Shared by
 /// [`BearerInterceptor`] and [`crate::AuthLayer`].
@@ -166,5 +167,91 @@ impl Lease {
             }
             Err(_) => request,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::lease::fake::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn with_retry_renews_once_after_an_unauthenticated_answer() {
+        let fake = Fake::new(Duration::from_secs(300));
+        let lease = hold(&fake, no_jitter());
+        let seen = Mutex::new(Vec::new());
+        // The callee refuses the first token (expired in flight), accepts the renewed one.
+        let answer = lease
+            .with_retry(|| {
+                let token = lease.access_token();
+                seen.lock().unwrap().push(token.generation());
+                async move {
+                    if token.generation() == 0 {
+                        Err(Status::unauthenticated("token expired"))
+                    } else {
+                        Ok(token.generation())
+                    }
+                }
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 1);
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
+        // A second refusal is returned, not retried again.
+        let calls = AtomicUsize::new(0);
+        let err = lease
+            .with_retry(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(Status::unauthenticated("no")) }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Other errors are not retried.
+        let calls = AtomicUsize::new(0);
+        let _ = lease
+            .with_retry(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(Status::not_found("x")) }
+            })
+            .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[cfg(feature = "reqwest")]
+    #[tokio::test(start_paused = true)]
+    async fn reqwest_requests_carry_the_current_token() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let request = lease
+            .authorize(reqwest::Client::new().get("http://127.0.0.1:9/records"))
+            .build()
+            .unwrap();
+        let value = request.headers().get("authorization").unwrap();
+        assert_eq!(value, "Bearer access-0");
+        assert!(value.is_sensitive());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_interceptor_sends_the_current_token() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let mut interceptor = lease.interceptor();
+        let request = interceptor.call(Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer access-0"
+        );
+        lease.refresh_now().await.unwrap();
+        let mut custom =
+            crate::BearerInterceptor::with_header(lease.clone(), "X-Okapi-Token").unwrap();
+        assert!(crate::BearerInterceptor::with_header(lease.clone(), "bad header").is_err());
+        let request = custom.call(Request::new(())).unwrap();
+        assert_eq!(request.metadata().get("x-okapi-token").unwrap(), "access-1");
+        assert_eq!(lease.authorization_header(), "Bearer access-1");
     }
 }
