@@ -11,11 +11,19 @@ use crate::proto;
 /// reason, say), on the error of a renewal of an ended lease.
 pub(crate) const END_DETAIL_METADATA: &str = "end_detail";
 
-/// Why a lease ended.
+/// Why a lease ended: the job's doing ([`Released`](EndReason::Released),
+/// [`Stalled`](EndReason::Stalled)), the lease's limits ([`Expired`](EndReason::Expired),
+/// [`IdleTimeout`](EndReason::IdleTimeout)), an administrator or a theft
+/// ([`Revoked`](EndReason::Revoked), [`RefreshTokenReused`](EndReason::RefreshTokenReused)),
+/// another instance ([`Superseded`](EndReason::Superseded)), or the user's standing, which
+/// the service re-checks at renewal ([`PermissionsWithdrawn`](EndReason::PermissionsWithdrawn),
+/// [`SubjectDisabled`](EndReason::SubjectDisabled),
+/// [`SubjectLoggedOut`](EndReason::SubjectLoggedOut),
+/// [`PermissionsUnverifiable`](EndReason::PermissionsUnverifiable)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EndReason {
-    /// Released by its holder ([`Lease::release`], or every handle dropped).
+    /// Released by its holder ([`Lease::release`](crate::Lease::release), or every handle dropped).
     Released,
     /// Its hard expiry (maximum lifetime) passed.
     Expired,
@@ -34,13 +42,14 @@ pub enum EndReason {
     PermissionsWithdrawn,
     /// The identity platform says the user no longer exists or is disabled.
     SubjectDisabled,
-    /// The user's session was logged out and the lease was granted with `on_logout = end`.
+    /// The user's session was logged out and the lease was granted with
+    /// [`OnLogout::End`](crate::OnLogout::End).
     SubjectLoggedOut,
     /// The user's permissions could not be confirmed for longer than the service allows.
     PermissionsUnverifiable,
     /// The job reported no progress within its stall timeout, so the SDK released the
     /// lease (outcome `failed`) instead of renewing it (see
-    /// [`RenewalConfig::stall_timeout`]).
+    /// [`RenewalConfig::stall_timeout`](crate::RenewalConfig::stall_timeout)).
     Stalled,
 }
 

@@ -37,6 +37,17 @@
 //! Terminal failures end the lease and [`Lease::ended`] says why. Revocations reach the
 //! lease within a second through the service's revocation stream, which runs on a
 //! connection of its own and reports whether it is live ([`RevocationFeed`]).
+//!
+//! The lease follows the user's standing: the service re-checks the user at renewal.
+//! Depending on the module's policy, a user who lost a permission the lease carried
+//! either ends it ([`EndReason::PermissionsWithdrawn`]) or narrows it: the renewal
+//! carries fewer permissions, and [`Lease::permissions`] and
+//! [`Lease::permission_changes`] tell the job, so it can checkpoint the work it can no
+//! longer do. A user disabled at the identity platform ends the lease
+//! ([`EndReason::SubjectDisabled`]), as does a user's logout for a lease granted with
+//! [`OnLogout::End`] ([`EndReason::SubjectLoggedOut`]; see [`LeaseRequest::on_logout`]),
+//! and permissions the service cannot confirm for too long
+//! ([`EndReason::PermissionsUnverifiable`]).
 
 mod api;
 mod client;
@@ -59,7 +70,7 @@ pub use incoming::layer::{VerifyLayer, VerifyService};
 pub use incoming::verifier::{
     Claims, DEFAULT_REFETCH_INTERVAL, Verifier, VerifierBuilder, VerifyError, WhenBlind,
 };
-pub use lease::{AccessToken, Lease, LeaseInfo, LeaseState, Outcome};
+pub use lease::{AccessToken, Lease, LeaseInfo, LeaseState, OnLogout, Outcome};
 pub use outgoing::auth_layer::{AuthLayer, AuthService};
 pub use outgoing::interceptor::BearerInterceptor;
 pub use schedule::{

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::{AccessToken, Lease, LeaseInfo, Renewal};
-use crate::api::Api;
+use crate::api::{Api, Renewed};
 use crate::health::Health;
 use crate::proto;
 use crate::schedule::RenewalConfig;
@@ -32,6 +32,9 @@ pub(crate) struct Fake {
     pub(crate) down_until: Mutex<Option<Instant>>,
     /// Releases never answer.
     pub(crate) release_hangs: AtomicBool,
+    /// The lease's permissions stated by successful renewals; `None`: answers carry no
+    /// lease.
+    pub(crate) granted: Mutex<Option<Vec<String>>>,
 }
 
 impl Fake {
@@ -45,6 +48,7 @@ impl Fake {
             issued: AtomicUsize::new(0),
             down_until: Mutex::new(None),
             release_hangs: AtomicBool::new(false),
+            granted: Mutex::new(Some(info().permissions)),
         })
     }
 
@@ -74,7 +78,7 @@ impl Fake {
 
 #[async_trait]
 impl Api for Fake {
-    async fn refresh(&self, _: &str, refresh_token: &str) -> Result<proto::TokenPair, Status> {
+    async fn refresh(&self, _: &str, refresh_token: &str) -> Result<Renewed, Status> {
         self.presented
             .lock()
             .unwrap()
@@ -95,7 +99,10 @@ impl Api for Fake {
         let next = self.script.lock().unwrap().pop_front();
         match next {
             Some(Err(status)) => Err(status),
-            _ => Ok(self.pair()),
+            _ => Ok(Renewed {
+                tokens: self.pair(),
+                permissions: self.granted.lock().unwrap().clone(),
+            }),
         }
     }
 
@@ -123,6 +130,7 @@ pub(crate) fn info_with(remaining: Option<Duration>, idle_timeout: Option<Durati
         expires_at: None,
         idle_timeout,
         remaining,
+        on_logout: None,
     }
 }
 

@@ -52,6 +52,37 @@ impl Outcome {
     }
 }
 
+/// What happens to a lease when the user's session is logged out (OpenID Connect
+/// back-channel logout). Set with [`crate::LeaseRequest::on_logout`]; the module's
+/// configured default applies when not set (`Survive` unless configured otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnLogout {
+    /// The lease outlives the user's session: the job finishes what the user started.
+    Survive,
+    /// The lease ends, with [`EndReason::SubjectLoggedOut`], when the session it was
+    /// granted from (or the user) is logged out.
+    End,
+}
+
+impl OnLogout {
+    pub(crate) fn to_proto(self) -> proto::OnLogout {
+        match self {
+            OnLogout::Survive => proto::OnLogout::Survive,
+            OnLogout::End => proto::OnLogout::End,
+        }
+    }
+
+    /// From a lease's `on_logout`; `None` if the service did not say.
+    pub(crate) fn from_proto(on_logout: proto::OnLogout) -> Option<Self> {
+        match on_logout {
+            proto::OnLogout::Survive => Some(OnLogout::Survive),
+            proto::OnLogout::End => Some(OnLogout::End),
+            proto::OnLogout::Unspecified => None,
+        }
+    }
+}
+
 /// A job access token. `Debug` never shows the token itself.
 #[derive(Clone)]
 pub struct AccessToken {
@@ -107,7 +138,8 @@ pub struct LeaseInfo {
     pub subject: String,
     /// This module.
     pub actor: String,
-    /// Granted permissions.
+    /// The permissions granted when the lease was granted or resumed. A renewal may
+    /// narrow them; [`Lease::permissions`] gives them as they stand now.
     pub permissions: Vec<String>,
     /// Hard expiry (the service's clock).
     pub expires_at: Option<SystemTime>,
@@ -116,6 +148,8 @@ pub struct LeaseInfo {
     /// Time left until the hard expiry when the lease was granted or resumed, computed
     /// from the service's own timestamps (so local clock skew does not matter).
     pub remaining: Option<Duration>,
+    /// What the user's logout does to the lease; `None` if the service did not say.
+    pub on_logout: Option<OnLogout>,
 }
 
 /// Dropped with the last [`Lease`] handle, which tells the renewal task to stop (its
@@ -184,7 +218,7 @@ impl Lease {
 
     /// Tells the lease the job is making progress (a record imported, a page written).
     /// Cheap: a clock read and an atomic store. Only matters with a
-    /// [`RenewalConfig::stall_timeout`]: without a call for that long, the lease is
+    /// [`RenewalConfig::stall_timeout`](crate::RenewalConfig::stall_timeout): without a call for that long, the lease is
     /// released instead of renewed.
     pub fn progress(&self) {
         let shared = self.shared();
@@ -204,6 +238,36 @@ impl Lease {
     /// Every new token, as it arrives.
     pub fn changes(&self) -> watch::Receiver<Arc<AccessToken>> {
         self.shared().changes.subscribe()
+    }
+
+    /// The lease's permissions as they stand now, in the service's order: those granted,
+    /// then as each renewal (or resume) states them. The service re-checks the user's
+    /// permissions at renewal; under the module's `narrow` policy a renewal may carry
+    /// fewer than before, and the new access token carries only those. A job should stop
+    /// (or checkpoint) the work that needs a permission no longer here rather than fail
+    /// on it call by call. Cheap: one `Arc` clone.
+    pub fn permissions(&self) -> Arc<[String]> {
+        Arc::clone(&self.shared().permissions.borrow())
+    }
+
+    /// Every change of [`Lease::permissions`], as it arrives: the receiver is marked
+    /// changed only when a renewal states a different set, and that set is visible
+    /// before the token that carries it appears on [`Lease::changes`].
+    ///
+    /// ```no_run
+    /// # async fn f(lease: token_sdk::Lease) {
+    /// let mut permissions = lease.permission_changes();
+    /// while permissions.changed().await.is_ok() {
+    ///     let now = permissions.borrow_and_update().clone();
+    ///     if !now.iter().any(|p| p == "inventory.write") {
+    ///         // checkpoint: this job can no longer write records
+    ///         break;
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn permission_changes(&self) -> watch::Receiver<Arc<[String]>> {
+        self.shared().permissions.subscribe()
     }
 
     /// Active, or how it ended. Cheap.
@@ -394,5 +458,55 @@ mod tests {
         assert_eq!(fake.releases.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(fake.calls().is_empty(), "no renewal after release");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_with_fewer_permissions_narrows_the_lease_and_says_so() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let granted = vec!["a.read".to_owned(), "a.write".to_owned()];
+        *fake.granted.lock().unwrap() = Some(granted.clone());
+        let info = LeaseInfo {
+            permissions: granted.clone(),
+            ..info()
+        };
+        let lease = hold_with(&fake, no_jitter(), info);
+        // The grant's permissions are reported from the start.
+        assert_eq!(*lease.permissions(), *granted);
+        let mut permissions = lease.permission_changes();
+        let mut changes = lease.changes();
+        // A renewal that states the same permissions is no change.
+        changes.changed().await.unwrap();
+        assert!(!permissions.has_changed().unwrap());
+        // The user lost `a.write`: the next renewal narrows the lease, and the narrowed
+        // set is there by the time its token is.
+        *fake.granted.lock().unwrap() = Some(vec!["a.read".to_owned()]);
+        changes.changed().await.unwrap();
+        assert!(permissions.has_changed().unwrap());
+        assert_eq!(**permissions.borrow_and_update(), ["a.read".to_owned()]);
+        assert_eq!(*lease.permissions(), ["a.read".to_owned()]);
+        assert_eq!(
+            lease.info().permissions,
+            granted,
+            "info keeps what was granted"
+        );
+        assert_eq!(lease.state(), LeaseState::Active);
+        // An answer without the lease (an older service) leaves them as they are.
+        *fake.granted.lock().unwrap() = None;
+        changes.changed().await.unwrap();
+        assert!(!permissions.has_changed().unwrap());
+        assert_eq!(*lease.permissions(), ["a.read".to_owned()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permission_change_wakes_a_waiting_job() {
+        let fake = Fake::new(Duration::from_secs(10));
+        *fake.granted.lock().unwrap() = Some(Vec::new());
+        let lease = hold(&fake, no_jitter());
+        let start = crate::clock::now();
+        let mut permissions = lease.permission_changes();
+        permissions.changed().await.unwrap();
+        // At the first renewal (70% of the 10 s token, plus the 5 ms answer).
+        assert_eq!(crate::clock::now() - start, Duration::from_millis(7005));
+        assert!(permissions.borrow_and_update().is_empty());
     }
 }

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::state::{Shared, token_from};
-use crate::api::Api;
+use crate::api::{Api, Renewed};
 use crate::end::{EndReason, LeaseEnd};
 use crate::error::{is_transient, retry_delay};
 use crate::health::{Health, millis};
@@ -179,9 +179,18 @@ pub(super) async fn run(
             .unwrap_or_else(|_| Err(Status::deadline_exceeded("renewal timed out")));
         let now = crate::clock::now();
         match answer {
-            Ok(pair) => {
-                let (token, life) = token_from(&pair, generation + 1);
-                refresh_token = pair.refresh_token;
+            Ok(Renewed {
+                tokens,
+                permissions,
+            }) => {
+                let (token, life) = token_from(&tokens, generation + 1);
+                refresh_token = tokens.refresh_token;
+                // Permissions first: a job that sees a narrowed set before the narrowed
+                // token only holds back early; the other order would try what the new
+                // token no longer allows.
+                if let Some(permissions) = permissions {
+                    shared.set_permissions(permissions);
+                }
                 shared.publish(token);
                 health.renewal_succeeded(now.saturating_duration_since(old_expiry));
                 attempt = 0;

@@ -18,6 +18,8 @@ pub(crate) struct Shared {
     pub(super) current: ArcSwap<AccessToken>,
     pub(super) changes: watch::Sender<Arc<AccessToken>>,
     pub(super) end: watch::Sender<Option<LeaseEnd>>,
+    /// The lease's permissions as the service last stated them.
+    pub(super) permissions: watch::Sender<Arc<[String]>>,
     /// Highest generation some caller of `refresh_now` wants to see exceeded.
     pub(super) wanted: watch::Sender<u64>,
     /// When the job last reported progress, in milliseconds after `origin`.
@@ -30,13 +32,14 @@ impl Shared {
     pub(super) fn new(info: LeaseInfo, token: AccessToken) -> Shared {
         let token = Arc::new(token);
         Shared {
-            info,
             current: ArcSwap::new(Arc::clone(&token)),
             changes: watch::channel(token).0,
             end: watch::channel(None).0,
+            permissions: watch::channel(Arc::from(info.permissions.as_slice())).0,
             wanted: watch::channel(0).0,
             progress_ms: AtomicU64::new(0),
             origin: crate::clock::now(),
+            info,
         }
     }
 
@@ -54,6 +57,29 @@ impl Shared {
                 "lease ended"
             );
             *current = Some(end);
+            true
+        });
+    }
+
+    /// Records the permissions a renewal stated; subscribers hear only of a change.
+    pub(super) fn set_permissions(&self, permissions: Vec<String>) {
+        self.permissions.send_if_modified(|current| {
+            if **current == *permissions {
+                return false;
+            }
+            let dropped: Vec<&String> = current
+                .iter()
+                .filter(|p| !permissions.contains(p))
+                .collect();
+            tracing::info!(
+                lease_id = %self.info.lease_id,
+                job_id = %self.info.job_id,
+                tenant = %self.info.tenant,
+                ?dropped,
+                now = ?permissions,
+                "the lease's permissions changed"
+            );
+            *current = Arc::from(permissions);
             true
         });
     }
