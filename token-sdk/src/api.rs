@@ -5,15 +5,21 @@ use tonic::Status;
 
 use crate::{JobTokenClient, proto};
 
+/// A renewal's answer.
+pub(crate) struct Renewed {
+    /// The new token pair.
+    pub(crate) tokens: proto::TokenPair,
+    /// The lease's permissions as they now stand (fewer than before when the service
+    /// narrowed the lease to the user's standing); `None` when the answer carried no
+    /// lease, which leaves them as they were.
+    pub(crate) permissions: Option<Vec<String>>,
+}
+
 /// Renewal and release of one lease.
 #[async_trait]
 pub(crate) trait Api: Send + Sync + 'static {
     /// `RefreshJobToken`.
-    async fn refresh(
-        &self,
-        lease_id: &str,
-        refresh_token: &str,
-    ) -> Result<proto::TokenPair, Status>;
+    async fn refresh(&self, lease_id: &str, refresh_token: &str) -> Result<Renewed, Status>;
     /// `RevokeJobToken` by the holder.
     async fn release(
         &self,
@@ -28,11 +34,7 @@ pub(crate) struct Grpc(pub(crate) JobTokenClient);
 
 #[async_trait]
 impl Api for Grpc {
-    async fn refresh(
-        &self,
-        lease_id: &str,
-        refresh_token: &str,
-    ) -> Result<proto::TokenPair, Status> {
+    async fn refresh(&self, lease_id: &str, refresh_token: &str) -> Result<Renewed, Status> {
         let response = self
             .0
             .clone()
@@ -42,9 +44,13 @@ impl Api for Grpc {
             })
             .await?
             .into_inner();
-        response
+        let tokens = response
             .tokens
-            .ok_or_else(|| Status::internal("the service sent no tokens"))
+            .ok_or_else(|| Status::internal("the service sent no tokens"))?;
+        Ok(Renewed {
+            tokens,
+            permissions: response.lease.map(|lease| lease.granted_permissions),
+        })
     }
 
     async fn release(

@@ -6,24 +6,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tonic::Status;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::ClientTlsConfig;
 
 use crate::api::Grpc;
 use crate::health::{Health, RenewalStats};
-use crate::lease::{Lease, LeaseInfo, Renewal};
+use crate::lease::{Lease, LeaseInfo, OnLogout, Renewal};
 use crate::schedule::RenewalConfig;
+use crate::transport::{self, JobTokenClient, KeyInterceptor};
 use crate::watcher::LeaseWatch;
-use crate::{Error, JobTokenClient, KeyInterceptor, proto};
+use crate::{Error, proto};
 
 /// How long a grant waits for the revocation stream to open.
 const WATCH_READY_WAIT: Duration = Duration::from_secs(2);
-/// HTTP/2 ping interval and timeout of the revocation stream's connection: a stalled
-/// connection is given up within about twice this.
-const WATCH_KEEPALIVE: Duration = Duration::from_secs(2);
-/// Connect timeout of the revocation stream's connection, short so that a partition
-/// does not leave it waiting on a connection attempt made while it lasted.
-const WATCH_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Configures a [`Client`].
 #[derive(Clone)]
 pub struct ClientBuilder {
@@ -52,7 +46,7 @@ impl fmt::Debug for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Authenticate with a module key (sent as `x-module-key`).
+    /// Authenticate with a module key (sent under [`crate::MODULE_KEY_HEADER`]).
     pub fn module_key(mut self, key: impl Into<String>) -> Self {
         self.module_key = Some(key.into());
         self
@@ -89,31 +83,8 @@ impl ClientBuilder {
             Some(key) => KeyInterceptor::module_key(key)?,
             None => KeyInterceptor::none(),
         };
-        // Notice dead connections (a replica gone, a half-open socket) within seconds.
-        let mut endpoint = Endpoint::from_shared(self.endpoint)?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
-        if let Some(tls) = self.tls {
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        // The revocation stream gets a connection of its own, so it does not share the
-        // fate of renewals (a connection closed over a burst of cancelled calls, say),
-        // and pings more often: its reopening is how leases learn the service is back.
-        let watch_channel = endpoint
-            .clone()
-            .connect_timeout(WATCH_CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(WATCH_KEEPALIVE)
-            .keep_alive_timeout(WATCH_KEEPALIVE)
-            .connect_lazy();
-        let channel = endpoint.connect().await?;
-        let client = |channel| {
-            proto::job_token_service_client::JobTokenServiceClient::with_interceptor(
-                channel,
-                interceptor.clone(),
-            )
-        };
+        let (channel, watch_channel) = transport::channels(self.endpoint, self.tls).await?;
+        let client = |channel| transport::job_token_client(channel, interceptor.clone());
         Ok(Client {
             inner: Arc::new(Inner {
                 grpc: client(channel),
@@ -283,6 +254,7 @@ impl Client {
         let remaining = expires_at
             .zip(service_now)
             .map(|(end, now)| end.duration_since(now).unwrap_or_default());
+        let on_logout = OnLogout::from_proto(lease.on_logout());
         let info = LeaseInfo {
             lease_id: lease.lease_id,
             job_id: lease.job_id,
@@ -293,6 +265,7 @@ impl Client {
             expires_at,
             idle_timeout: lease.idle_timeout.and_then(|d| Duration::try_from(d).ok()),
             remaining,
+            on_logout,
         };
         let renewal = Renewal {
             api: Arc::new(Grpc(self.grpc())),
@@ -346,6 +319,14 @@ impl LeaseRequest {
         self
     }
 
+    /// What the user's logout does to the lease (see [`OnLogout`]). Default: the
+    /// module's configured default, `Survive` unless configured otherwise. The service
+    /// refuses a policy the module may not ask for (`LOGOUT_POLICY_NOT_ALLOWED`).
+    pub fn on_logout(mut self, on_logout: OnLogout) -> Self {
+        self.request.set_on_logout(on_logout.to_proto());
+        self
+    }
+
     /// Ends the lease when the job reports no [`Lease::progress`] for this long (see
     /// [`RenewalConfig::stall_timeout`]). Default: the client's `RenewalConfig`.
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
@@ -369,5 +350,83 @@ impl LeaseRequest {
         }
         self.client
             .hold(response.lease, response.tokens, watcher, config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::transport::Endpoint;
+
+    use super::*;
+
+    /// A client whose connection is never used (it connects lazily, to nowhere).
+    fn unconnected() -> Client {
+        let grpc = || {
+            let channel = Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+            transport::job_token_client(channel, KeyInterceptor::none())
+        };
+        Client {
+            inner: Arc::new(Inner {
+                grpc: grpc(),
+                watch_grpc: grpc(),
+                health: Arc::new(Health::new()),
+                renewal: RenewalConfig::default(),
+                release_on_drop: false,
+                watch_revocations: false,
+                watcher: Mutex::new(Weak::new()),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_grant_request_carries_the_logout_policy_asked_for() {
+        let client = unconnected();
+        let request = client.lease("job-1", "user-token");
+        assert_eq!(request.request.on_logout(), proto::OnLogout::Unspecified);
+        for (asked, sent) in [
+            (OnLogout::Survive, proto::OnLogout::Survive),
+            (OnLogout::End, proto::OnLogout::End),
+        ] {
+            let request = client.lease("job-1", "user-token").on_logout(asked);
+            assert_eq!(request.request.on_logout(), sent, "{asked:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_granted_lease_reports_its_permissions_and_logout_policy() {
+        let client = unconnected();
+        let granted = vec!["a.read".to_owned(), "a.write".to_owned()];
+        let lease = proto::Lease {
+            lease_id: "lease-1".into(),
+            granted_permissions: granted.clone(),
+            on_logout: proto::OnLogout::End as i32,
+            ..Default::default()
+        };
+        let tokens = proto::TokenPair {
+            access_token: "access-0".into(),
+            access_token_expires_in: prost_types::Duration::try_from(Duration::from_secs(300)).ok(),
+            ..Default::default()
+        };
+        let renewal = client.inner.renewal.clone();
+        let held = client
+            .hold(
+                Some(lease.clone()),
+                Some(tokens.clone()),
+                None,
+                renewal.clone(),
+            )
+            .unwrap();
+        assert_eq!(*held.permissions(), *granted);
+        assert_eq!(held.info().permissions, granted);
+        assert_eq!(held.info().on_logout, Some(OnLogout::End));
+        // A service that does not say reports no policy.
+        let unsaid = proto::Lease {
+            on_logout: proto::OnLogout::Unspecified as i32,
+            ..lease
+        };
+        let held = client
+            .hold(Some(unsaid), Some(tokens), None, renewal)
+            .unwrap();
+        assert_eq!(held.info().on_logout, None);
     }
 }

@@ -15,8 +15,9 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use tokio::sync::watch;
 
+use crate::end::{EndReason, Ending, LeaseEnd};
+use crate::error::retry_delay;
 use crate::health::{Feed, RevocationFeed, millis};
-use crate::lease::{EndReason, LeaseEnd, Shared, retry_delay};
 use crate::schedule::{RenewalConfig, reconnect_in};
 use crate::{JobTokenClient, proto};
 
@@ -183,7 +184,7 @@ impl Follower {
                     // (restored or recreated). Waiting for that cursor would be blind
                     // forever; start over from what the service has.
                     if status.code() == tonic::Code::InvalidArgument
-                        && crate::error_field(&status).as_deref() == Some("after_cursor")
+                        && crate::error::error_field(&status).as_deref() == Some("after_cursor")
                     {
                         tracing::warn!(
                             "the revocation stream's cursor is ahead of the service; starting over"
@@ -215,7 +216,7 @@ type LeaseKey = (String, String);
 
 /// Routes revocation events to the leases of this process.
 pub(crate) struct Watcher {
-    leases: Mutex<HashMap<LeaseKey, Weak<Shared>>>,
+    leases: Mutex<HashMap<LeaseKey, Weak<dyn Ending>>>,
 }
 
 /// The lease router and its stream; leases hold it, and the stream stops with the last.
@@ -230,8 +231,8 @@ impl EndSink for Watcher {
             let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
             leases.remove(&(event.tenant.clone(), event.lease_id.clone()))
         };
-        if let Some(shared) = lease.and_then(|l| l.upgrade()) {
-            shared.finish(LeaseEnd {
+        if let Some(lease) = lease.and_then(|l| l.upgrade()) {
+            lease.finish(LeaseEnd {
                 reason: EndReason::from_proto(event.reason()),
                 detail: "reported by the revocation stream (the reason an administrator gave is in GetLease)".into(),
             });
@@ -263,11 +264,11 @@ impl LeaseWatch {
         &self.subscription.feed
     }
 
-    pub(crate) fn register(&self, shared: &Arc<Shared>) {
+    /// Routes the ends of lease `lease_id` of `tenant` to `lease` while it lives.
+    pub(crate) fn register(&self, tenant: &str, lease_id: &str, lease: Weak<dyn Ending>) {
         let mut leases = self.router.leases.lock().unwrap_or_else(|e| e.into_inner());
         leases.retain(|_, lease| lease.strong_count() > 0);
-        let key = (shared.info.tenant.clone(), shared.info.lease_id.clone());
-        leases.insert(key, Arc::downgrade(shared));
+        leases.insert((tenant.to_owned(), lease_id.to_owned()), lease);
     }
 }
 

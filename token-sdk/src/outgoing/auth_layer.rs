@@ -16,7 +16,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt as _};
 
-use crate::interceptor::TokenHeader;
+use super::interceptor::TokenHeader;
 use crate::lease::Lease;
 
 /// Largest request body kept for a retry.
@@ -35,7 +35,6 @@ const MAX_REPLAY_BYTES: usize = 64 * 1024;
 /// ```
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
-    lease: Lease,
     header: TokenHeader,
 }
 
@@ -43,22 +42,20 @@ impl AuthLayer {
     /// `authorization: Bearer <token>` on every request.
     pub fn new(lease: Lease) -> Self {
         Self {
-            lease,
-            header: TokenHeader::authorization(),
+            header: TokenHeader::authorization(lease),
         }
     }
 
     /// The raw token under `header` instead (e.g. `x-okapi-token`).
     pub fn with_header(lease: Lease, header: &str) -> Result<Self, crate::Error> {
         Ok(Self {
-            lease,
-            header: TokenHeader::raw(header)?,
+            header: TokenHeader::raw(lease, header)?,
         })
     }
 
     /// The header value for the current token, and its generation.
     fn value(&self) -> Result<(HeaderValue, u64), Status> {
-        self.header.value(&self.lease)
+        self.header.value()
     }
 }
 
@@ -207,7 +204,7 @@ where
             }
             // The token expired in flight: renew (once, shared with other callers that
             // found this generation stale) and send the same request again.
-            if layer.lease.refresh_if_stale(sent).await.is_err() {
+            if layer.header.lease.refresh_if_stale(sent).await.is_err() {
                 return Ok(response);
             }
             let (value, _) = match layer.value() {

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use crate::verifier::{Claims, Verifier, VerifyError};
+use super::verifier::{Claims, Verifier, VerifyError};
 
 /// Wraps a tonic service (or a whole server) with token verification.
 ///

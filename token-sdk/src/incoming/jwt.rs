@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::verifier::{Claims, VerifyError};
+use super::verifier::{Claims, VerifyError};
 
 /// Latest NumericDate believed (the end of year 9999); beyond it a time is refused.
 const MAX_NUMERIC_DATE: f64 = 253_402_300_799.0;

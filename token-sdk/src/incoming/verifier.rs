@@ -9,8 +9,8 @@ use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::time::Instant;
 
+use super::jwt::{self, Rules};
 use crate::health::{Feed, RevocationFeed};
-use crate::jwt::{self, Rules};
 use crate::watcher::{EndSink, Subscription};
 use crate::{Client, JobTokenClient, proto};
 
@@ -186,6 +186,9 @@ impl fmt::Debug for Verifier {
     }
 }
 
+/// The `iss` the service signs with unless configured otherwise.
+const DEFAULT_ISSUER: &str = "jobtoken";
+
 /// Configures a [`Verifier`].
 #[derive(Debug, Clone)]
 pub struct VerifierBuilder {
@@ -312,7 +315,7 @@ impl Client {
     pub fn verifier(&self) -> VerifierBuilder {
         VerifierBuilder {
             client: self.clone(),
-            issuer: "jobtoken".into(),
+            issuer: DEFAULT_ISSUER.into(),
             audience: None,
             leeway: Duration::from_secs(5),
             refetch_interval: DEFAULT_REFETCH_INTERVAL,

@@ -7,30 +7,34 @@ use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::end::LeaseEnd;
 use crate::lease::{Lease, LeaseState};
 
-/// Which header carries the token, and in which form. Shared by [`BearerInterceptor`] and
-/// [`crate::AuthLayer`].
+/// The lease whose token goes out, and which header carries it in which form. Shared by
+/// [`BearerInterceptor`] and [`crate::AuthLayer`].
 #[derive(Debug, Clone)]
 pub(crate) struct TokenHeader {
+    pub(crate) lease: Lease,
     pub(crate) name: HeaderName,
     bearer: bool,
 }
 
 impl TokenHeader {
     /// `authorization: Bearer <token>`.
-    pub(crate) fn authorization() -> Self {
+    pub(crate) fn authorization(lease: Lease) -> Self {
         Self {
+            lease,
             name: http::header::AUTHORIZATION,
             bearer: true,
         }
     }
 
     /// `<name>: <token>`; fails if `name` is not a valid header name.
-    pub(crate) fn raw(name: &str) -> Result<Self, crate::Error> {
+    pub(crate) fn raw(lease: Lease, name: &str) -> Result<Self, crate::Error> {
         let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
             .map_err(|_| crate::Error::InvalidKey)?;
         Ok(Self {
+            lease,
             name,
             bearer: false,
         })
@@ -38,14 +42,11 @@ impl TokenHeader {
 
     /// The (sensitive) header value for the lease's current token, and that token's
     /// generation. Refuses locally, as UNAUTHENTICATED, once the lease has ended.
-    pub(crate) fn value(&self, lease: &Lease) -> Result<(HeaderValue, u64), Status> {
-        if let LeaseState::Ended(end) = lease.state() {
-            return Err(Status::unauthenticated(format!(
-                "the job's lease has ended ({:?})",
-                end.reason
-            )));
+    pub(crate) fn value(&self) -> Result<(HeaderValue, u64), Status> {
+        if let LeaseState::Ended(end) = self.lease.state() {
+            return Err(ended(&end));
         }
-        let token = lease.access_token();
+        let token = self.lease.access_token();
         let text = if self.bearer {
             format!("Bearer {}", token.secret())
         } else {
@@ -58,20 +59,24 @@ impl TokenHeader {
     }
 }
 
+/// The local refusal of a call once the job's lease has ended.
+fn ended(end: &LeaseEnd) -> Status {
+    Status::unauthenticated(format!("the job's lease has ended ({:?})", end.reason))
+}
+
 /// Adds the lease's current access token to every request: `authorization: Bearer …` by
 /// default, or the raw token under a header of your choice (for platforms that expect
 /// their own token header). Refuses locally, as UNAUTHENTICATED, once the lease has ended.
 /// A small `Clone` struct; it does not log.
 #[derive(Clone)]
 pub struct BearerInterceptor {
-    lease: Lease,
     header: TokenHeader,
 }
 
 impl fmt::Debug for BearerInterceptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BearerInterceptor")
-            .field("lease_id", &self.lease.info().lease_id)
+            .field("lease_id", &self.header.lease.info().lease_id)
             .field("header", &self.header.name)
             .finish_non_exhaustive()
     }
@@ -81,8 +86,7 @@ impl BearerInterceptor {
     /// `authorization: Bearer <token>`.
     pub fn new(lease: Lease) -> Self {
         Self {
-            lease,
-            header: TokenHeader::authorization(),
+            header: TokenHeader::authorization(lease),
         }
     }
 
@@ -90,15 +94,14 @@ impl BearerInterceptor {
     /// [`crate::Error::InvalidKey`] if `header` is not a valid metadata key.
     pub fn with_header(lease: Lease, header: &str) -> Result<Self, crate::Error> {
         Ok(Self {
-            lease,
-            header: TokenHeader::raw(header)?,
+            header: TokenHeader::raw(lease, header)?,
         })
     }
 }
 
 impl Interceptor for BearerInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let (value, _) = self.header.value(&self.lease)?;
+        let (value, _) = self.header.value()?;
         let mut headers = std::mem::take(request.metadata_mut()).into_headers();
         headers.insert(self.header.name.clone(), value);
         *request.metadata_mut() = MetadataMap::from_headers(headers);
@@ -138,10 +141,7 @@ impl Lease {
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
                 // Renew only if nobody has since the call read its token.
                 if let Err(end) = self.refresh_if_stale(sent).await {
-                    return Err(Status::unauthenticated(format!(
-                        "the job's lease has ended ({:?})",
-                        end.reason
-                    )));
+                    return Err(ended(&end));
                 }
                 call().await
             }
@@ -167,5 +167,91 @@ impl Lease {
             }
             Err(_) => request,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::lease::fake::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn with_retry_renews_once_after_an_unauthenticated_answer() {
+        let fake = Fake::new(Duration::from_secs(300));
+        let lease = hold(&fake, no_jitter());
+        let seen = Mutex::new(Vec::new());
+        // The callee refuses the first token (expired in flight), accepts the renewed one.
+        let answer = lease
+            .with_retry(|| {
+                let token = lease.access_token();
+                seen.lock().unwrap().push(token.generation());
+                async move {
+                    if token.generation() == 0 {
+                        Err(Status::unauthenticated("token expired"))
+                    } else {
+                        Ok(token.generation())
+                    }
+                }
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 1);
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
+        // A second refusal is returned, not retried again.
+        let calls = AtomicUsize::new(0);
+        let err = lease
+            .with_retry(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(Status::unauthenticated("no")) }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Other errors are not retried.
+        let calls = AtomicUsize::new(0);
+        let _ = lease
+            .with_retry(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(Status::not_found("x")) }
+            })
+            .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[cfg(feature = "reqwest")]
+    #[tokio::test(start_paused = true)]
+    async fn reqwest_requests_carry_the_current_token() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let request = lease
+            .authorize(reqwest::Client::new().get("http://127.0.0.1:9/records"))
+            .build()
+            .unwrap();
+        let value = request.headers().get("authorization").unwrap();
+        assert_eq!(value, "Bearer access-0");
+        assert!(value.is_sensitive());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_interceptor_sends_the_current_token() {
+        let fake = Fake::new(Duration::from_secs(10));
+        let lease = hold(&fake, no_jitter());
+        let mut interceptor = lease.interceptor();
+        let request = interceptor.call(Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer access-0"
+        );
+        lease.refresh_now().await.unwrap();
+        let mut custom =
+            crate::BearerInterceptor::with_header(lease.clone(), "X-Okapi-Token").unwrap();
+        assert!(crate::BearerInterceptor::with_header(lease.clone(), "bad header").is_err());
+        let request = custom.call(Request::new(())).unwrap();
+        assert_eq!(request.metadata().get("x-okapi-token").unwrap(), "access-1");
+        assert_eq!(lease.authorization_header(), "Bearer access-1");
     }
 }
