@@ -10,6 +10,12 @@ pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
 pub const ERROR_DOMAIN: &str = "jobtoken.v1";
 /// `google.rpc.ErrorInfo.metadata` key naming the offending request field.
 pub const FIELD_METADATA: &str = "field";
+/// `google.rpc.ErrorInfo.metadata` key of an ended lease's end reason.
+pub const END_REASON_METADATA: &str = "end_reason";
+/// `google.rpc.ErrorInfo.metadata` key of an ended lease's end detail.
+pub const END_DETAIL_METADATA: &str = "end_detail";
+/// The `iss` of the service's access tokens unless configured otherwise.
+pub const DEFAULT_ISSUER: &str = "jobtoken";
 
 /// The stable machine reasons (`google.rpc.ErrorInfo.reason`).
 pub mod reason {

@@ -7,9 +7,9 @@ use tonic_types::StatusExt;
 
 use crate::proto;
 
-/// `google.rpc.ErrorInfo.metadata` key of who ended a lease and why (an administrator's
-/// reason, say), on the error of a renewal of an ended lease.
-pub(crate) const END_DETAIL_METADATA: &str = "end_detail";
+// `google.rpc.ErrorInfo.metadata` key of who ended a lease and why (an administrator's
+// reason, say), on the error of a renewal of an ended lease.
+pub(crate) use jobtoken_proto::wire::END_DETAIL_METADATA;
 
 /// Why a lease ended: the job's doing ([`Released`](EndReason::Released),
 /// [`Stalled`](EndReason::Stalled)), the lease's limits ([`Expired`](EndReason::Expired),

@@ -27,7 +27,7 @@ pub const DEFAULT_MAX_LEASE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Default lease lifetime when the request names none.
 pub const DEFAULT_LEASE_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 /// Default `iss` of access tokens.
-pub const DEFAULT_ISSUER: &str = "jobtoken";
+pub use jobtoken_proto::wire::DEFAULT_ISSUER;
 /// Default `aud` of access tokens.
 pub const DEFAULT_AUDIENCE: &str = "jobtoken";
 /// Default data directory (SQLite file, master key, dev-mode files).

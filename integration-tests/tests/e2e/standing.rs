@@ -328,6 +328,8 @@ async fn withdrawn_permissions_end_the_lease_or_narrow_it() {
         .await
         .expect("a renewal narrows the lease's tokens");
     assert_eq!(lease.state(), LeaseState::Active);
+    // The job sees what it may still do.
+    assert_eq!(&*lease.permissions(), ["inventory.read"]);
     let story = server
         .admin()
         .await

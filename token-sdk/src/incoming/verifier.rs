@@ -186,8 +186,8 @@ impl fmt::Debug for Verifier {
     }
 }
 
-/// The `iss` the service signs with unless configured otherwise.
-const DEFAULT_ISSUER: &str = "jobtoken";
+// The `iss` the service signs with unless configured otherwise.
+use jobtoken_proto::wire::DEFAULT_ISSUER;
 
 /// Configures a [`Verifier`].
 #[derive(Debug, Clone)]

@@ -23,10 +23,7 @@ use crate::auth::{Module, Modules};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
-/// Metadata key carrying a module key.
-pub const MODULE_KEY_HEADER: &str = "x-module-key";
-/// Metadata key carrying the admin key.
-pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
+pub use jobtoken_proto::wire::{ADMIN_KEY_HEADER, MODULE_KEY_HEADER};
 
 /// Refused-credential log lines per second, beyond which they are only counted (and the
 /// next line says how many were left out), so a flood of bad calls can't flood the log.

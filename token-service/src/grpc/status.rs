@@ -10,8 +10,8 @@ use crate::error::Error;
 /// Retry delay sent with `TOO_MANY_STREAMS`.
 pub const STREAM_CAP_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// `google.rpc.ErrorInfo.domain` of every error this service returns.
-pub const ERROR_DOMAIN: &str = "jobtoken.v1";
+pub use jobtoken_proto::wire::ERROR_DOMAIN;
+use jobtoken_proto::wire::{END_DETAIL_METADATA, END_REASON_METADATA, FIELD_METADATA};
 
 /// Longest `end_detail` an ended-lease error carries, in bytes.
 const MAX_END_DETAIL: usize = 256;
@@ -71,12 +71,15 @@ pub fn to_status(e: &Error) -> Status {
             metadata.insert("permissions".to_owned(), names.join(","));
         }
         Error::InvalidArgument { field, .. } => {
-            metadata.insert("field".to_owned(), (*field).to_owned());
+            metadata.insert(FIELD_METADATA.to_owned(), (*field).to_owned());
         }
         Error::LeaseEnded(reason, detail) => {
-            metadata.insert("end_reason".to_owned(), reason.as_str().to_owned());
+            metadata.insert(END_REASON_METADATA.to_owned(), reason.as_str().to_owned());
             if !detail.is_empty() {
-                metadata.insert("end_detail".to_owned(), bounded(detail, MAX_END_DETAIL));
+                metadata.insert(
+                    END_DETAIL_METADATA.to_owned(),
+                    bounded(detail, MAX_END_DETAIL),
+                );
             }
         }
         Error::Internal(source) => {
