@@ -4,8 +4,6 @@
 //! updated with compare-and-set on [`Lease::version`], so concurrent renewals (threads or
 //! replicas) never lose a rotation: the loser re-reads and decides again.
 
-mod batch;
-mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 

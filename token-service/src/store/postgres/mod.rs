@@ -10,114 +10,34 @@
 //!   and concurrent event-less updates one `UPDATE … FROM unnest(…)` statement (one
 //!   commit), each row still guarded by its own version.
 
-use std::collections::{HashMap, HashSet};
+mod batch;
+mod listen;
+mod schema;
+mod tls;
+
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use futures::StreamExt;
 use tokio::sync::watch;
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Row};
 
-use super::batch::Batcher;
-use super::pg_tls::{self, MakeRustls};
 use super::{
     BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Store, StoreError, StoredKey,
 };
 use crate::clock::{from_millis, to_millis};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent, OnLogout, Standing};
+use batch::{Batcher, MAX_BATCH, PARALLEL_BATCHES, read_leases, write_leases};
+use tls::MakeRustls;
 
-/// Lock key for migrations (arbitrary, fixed).
-const MIGRATION_LOCK: i64 = 0x6a6f_6274_6f6b_0001;
 /// Lock key serialising event inserts, so sequence order is commit order.
 const EVENT_LOCK: i64 = 0x6a6f_6274_6f6b_0002;
 /// Lock key serialising key rotations.
 const KEY_LOCK: i64 = 0x6a6f_6274_6f6b_0003;
 /// Connection option that keeps NOTICEs off the wire.
 const QUIET: &str = "-c client_min_messages=warning";
-/// Channel on which lease ends are announced.
-const CHANNEL: &str = "jobtoken_lease_ends";
-
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE leases (
-    id                TEXT PRIMARY KEY,
-    tenant            TEXT NOT NULL,
-    subject           TEXT NOT NULL,
-    actor             TEXT NOT NULL,
-    job_id            TEXT NOT NULL,
-    permissions       TEXT NOT NULL,
-    audience          TEXT NOT NULL,
-    created_at        BIGINT NOT NULL,
-    expires_at        BIGINT NOT NULL,
-    idle_timeout_ms   BIGINT NOT NULL,
-    last_active_at    BIGINT NOT NULL,
-    deadline          BIGINT NOT NULL,
-    active            BOOLEAN NOT NULL,
-    end_reason        TEXT,
-    ended_at          BIGINT,
-    ended_by          TEXT,
-    end_detail        TEXT,
-    generation        BIGINT NOT NULL,
-    seed              BYTEA NOT NULL,
-    rotated_at        BIGINT NOT NULL,
-    refresh_count     BIGINT NOT NULL,
-    last_refreshed_at BIGINT,
-    resume_count      BIGINT NOT NULL,
-    version           BIGINT NOT NULL
-);
-CREATE UNIQUE INDEX leases_active_job ON leases (actor, job_id) WHERE active;
-CREATE INDEX leases_due ON leases (deadline) WHERE active;
-CREATE INDEX leases_created ON leases (created_at DESC, id DESC);
-CREATE INDEX leases_subject ON leases (tenant, subject);
-CREATE INDEX leases_ended_at ON leases (ended_at) WHERE NOT active;
-CREATE TABLE lease_events (
-    seq                BIGSERIAL PRIMARY KEY,
-    lease_id           TEXT NOT NULL,
-    tenant             TEXT NOT NULL,
-    subject            TEXT NOT NULL,
-    actor              TEXT NOT NULL,
-    job_id             TEXT NOT NULL,
-    kind               TEXT NOT NULL,
-    reason             TEXT,
-    at                 BIGINT NOT NULL,
-    by_whom            TEXT NOT NULL,
-    detail             TEXT NOT NULL,
-    tokens_valid_until BIGINT
-);
-CREATE INDEX lease_events_lease ON lease_events (lease_id, seq);
-CREATE INDEX lease_events_ended ON lease_events (seq) WHERE kind = 'ended';
-CREATE TABLE signing_keys (
-    kid                TEXT PRIMARY KEY,
-    algorithm          TEXT NOT NULL,
-    public_key         BYTEA NOT NULL,
-    sealed_private_key BYTEA NOT NULL,
-    created_at         BIGINT NOT NULL,
-    activates_at       BIGINT NOT NULL,
-    retired_at         BIGINT
-);
-"#,
-    // A lease is identified by (tenant, module, job): the same job id in two tenants is
-    // two jobs.
-    r#"
-DROP INDEX leases_active_job;
-CREATE UNIQUE INDEX leases_active_job ON leases (tenant, actor, job_id) WHERE active;
-"#,
-    // The user's standing: who they are at their identity provider (for back-channel
-    // logout) and where their permissions are re-checked.
-    r#"
-ALTER TABLE leases ADD COLUMN issuer TEXT NOT NULL DEFAULT '';
-ALTER TABLE leases ADD COLUMN subject_sub TEXT;
-ALTER TABLE leases ADD COLUMN session_id TEXT;
-ALTER TABLE leases ADD COLUMN on_logout TEXT NOT NULL DEFAULT 'survive';
-ALTER TABLE leases ADD COLUMN permission_source TEXT;
-ALTER TABLE leases ADD COLUMN permissions_checked_at BIGINT;
-CREATE INDEX leases_logout_session ON leases (issuer, session_id) WHERE active AND on_logout = 'end';
-CREATE INDEX leases_logout_user ON leases (issuer, subject_sub) WHERE active AND on_logout = 'end';
-"#,
-];
 
 const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
     created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
@@ -165,124 +85,6 @@ pub struct PostgresStore {
     batches: BatchHook,
 }
 
-/// Most rows one batched statement carries.
-const MAX_BATCH: usize = 256;
-/// Batched statements of one kind in flight at once.
-const PARALLEL_BATCHES: usize = 4;
-
-/// Reads many leases in one query; one answer per id, in order.
-async fn read_leases(pool: Pool, ids: Vec<String>) -> Result<Vec<Option<Lease>>, StoreError> {
-    let client = pool.get().await.map_err(pool_err)?;
-    let select = client
-        .prepare_cached(&format!(
-            "SELECT {LEASE_COLUMNS} FROM leases WHERE id = ANY($1)"
-        ))
-        .await
-        .map_err(db_err)?;
-    let rows = client.query(&select, &[&ids]).await.map_err(db_err)?;
-    let mut found = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let lease = lease_from_row(row)?;
-        found.insert(lease.id.clone(), lease);
-    }
-    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
-}
-
-/// Compare-and-set of many leases in one statement (one commit): each row is written
-/// only if its stored version is still the one given. Two updates of one lease in a
-/// batch: at most one matches, and `RETURNING u.ord` says which.
-async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<bool>, StoreError> {
-    let client = pool.get().await.map_err(pool_err)?;
-    let update = client
-        .prepare_cached(
-            "UPDATE leases AS l SET last_active_at = u.last_active_at, deadline = u.deadline, \
-             active = u.active, end_reason = u.end_reason, ended_at = u.ended_at, \
-             ended_by = u.ended_by, end_detail = u.end_detail, generation = u.generation, \
-             seed = u.seed, rotated_at = u.rotated_at, refresh_count = u.refresh_count, \
-             last_refreshed_at = u.last_refreshed_at, resume_count = u.resume_count, \
-             permissions = u.permissions, permissions_checked_at = u.permissions_checked_at, \
-             version = l.version + 1 \
-             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
-             $6::boolean[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
-             $12::bytea[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], \
-             $17::text[], $18::bigint[]) \
-             AS u(ord, id, version, last_active_at, deadline, active, end_reason, ended_at, \
-             ended_by, end_detail, generation, seed, rotated_at, refresh_count, \
-             last_refreshed_at, resume_count, permissions, permissions_checked_at) \
-             WHERE l.id = u.id AND l.version = u.version RETURNING u.ord",
-        )
-        .await
-        .map_err(db_err)?;
-    let ord: Vec<i64> = (0..leases.len())
-        .map(|i| i64::try_from(i).unwrap_or(i64::MAX))
-        .collect();
-    let column = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(f).collect::<Vec<i64>>();
-    let ends = |f: &dyn Fn(&LeaseEnd) -> String| {
-        leases
-            .iter()
-            .map(|l| l.end.as_ref().map(f))
-            .collect::<Vec<Option<String>>>()
-    };
-    let ids: Vec<&str> = leases.iter().map(|l| l.id.as_str()).collect();
-    let versions = column(&|l| l.version);
-    let last_active = column(&|l| to_millis(l.last_active_at));
-    let deadlines = column(&|l| to_millis(l.deadline()));
-    let active: Vec<bool> = leases.iter().map(Lease::is_active).collect();
-    let end_reasons = ends(&|e| e.reason.as_str().to_owned());
-    let ended_at: Vec<Option<i64>> = leases
-        .iter()
-        .map(|l| l.end.as_ref().map(|e| to_millis(e.at)))
-        .collect();
-    let ended_by = ends(&|e| e.by.clone());
-    let end_details = ends(&|e| e.detail.clone());
-    let generations = column(&|l| u64_to_i64(l.generation));
-    let seeds: Vec<&[u8]> = leases.iter().map(|l| l.seed.as_slice()).collect();
-    let rotated = column(&|l| to_millis(l.rotated_at));
-    let refreshes = column(&|l| u64_to_i64(l.refresh_count));
-    let last_refreshed: Vec<Option<i64>> = leases
-        .iter()
-        .map(|l| l.last_refreshed_at.map(to_millis))
-        .collect();
-    let resumes = column(&|l| u64_to_i64(l.resume_count));
-    let permissions = leases
-        .iter()
-        .map(|l| serde_json::to_string(&l.permissions))
-        .collect::<Result<Vec<String>, _>>()
-        .map_err(|e| StoreError::Database(Box::new(e)))?;
-    let checked: Vec<Option<i64>> = leases
-        .iter()
-        .map(|l| l.standing.permissions_checked_at.map(to_millis))
-        .collect();
-    let rows = client
-        .query(
-            &update,
-            &[
-                &ord,
-                &ids,
-                &versions,
-                &last_active,
-                &deadlines,
-                &active,
-                &end_reasons,
-                &ended_at,
-                &ended_by,
-                &end_details,
-                &generations,
-                &seeds,
-                &rotated,
-                &refreshes,
-                &last_refreshed,
-                &resumes,
-                &permissions,
-                &checked,
-            ],
-        )
-        .await
-        .map_err(db_err)?;
-    let written: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    Ok(ord.iter().map(|i| written.contains(i)).collect())
-}
-
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore").finish_non_exhaustive()
@@ -305,9 +107,9 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
                 || *c == SqlState::T_R_DEADLOCK_DETECTED
         );
     if unavailable {
-        StoreError::Unavailable(pg_tls::describe(&e))
+        StoreError::Unavailable(tls::describe(&e))
     } else {
-        StoreError::Database(pg_tls::describe(&e).into())
+        StoreError::Database(tls::describe(&e).into())
     }
 }
 
@@ -327,21 +129,21 @@ fn pg_config(
         target: "PostgreSQL".into(),
         problem,
     };
-    let split = pg_tls::split_url(&options.url).map_err(|e| invalid(format!("store.url: {e}")))?;
+    let split = tls::split_url(&options.url).map_err(|e| invalid(format!("store.url: {e}")))?;
     let mut config: tokio_postgres::Config = split
         .rest
         .parse()
         .map_err(|_| invalid("store.url is not a valid PostgreSQL URL".into()))?;
-    let target = pg_tls::target(&config);
+    let target = tls::target(&config);
     let ca_file = split.root_cert.as_deref().or(options.ca_file.as_deref());
     // A CA file means "check the server": as libpq does with a root certificate, prefer
     // and require then verify the chain, so a man in the middle answering "no TLS"
     // cannot downgrade the connection to plaintext.
     let mode = match (split.mode, ca_file) {
-        (pg_tls::TlsMode::Prefer | pg_tls::TlsMode::Require, Some(_)) => pg_tls::TlsMode::VerifyCa,
+        (tls::TlsMode::Prefer | tls::TlsMode::Require, Some(_)) => tls::TlsMode::VerifyCa,
         (mode, _) => mode,
     };
-    let tls = pg_tls::client_config(mode, ca_file).map_err(|problem| StoreError::Open {
+    let tls = tls::client_config(mode, ca_file).map_err(|problem| StoreError::Open {
         target: target.clone(),
         problem,
     })?;
@@ -535,7 +337,7 @@ async fn insert_event(
     .map_err(db_err)?;
     if e.kind == EventKind::Ended {
         // Delivered to every listening replica when the transaction commits.
-        tx.execute(&format!("NOTIFY {CHANNEL}"), &[])
+        tx.execute(&format!("NOTIFY {}", listen::CHANNEL), &[])
             .await
             .map_err(db_err)?;
     }
@@ -586,9 +388,9 @@ impl PostgresStore {
             .recycle_timeout(Some(options.statement_timeout))
             .build()
             .map_err(|e| opened(StoreError::Database(Box::new(e))))?;
-        migrate(&pool).await.map_err(opened)?;
+        schema::migrate(&pool).await.map_err(opened)?;
         let (tx, ends) = watch::channel(0);
-        tokio::spawn(listen(config, tls, tx));
+        tokio::spawn(listen::listen(config, tls, tx));
         // Waiting for a pooled connection, then the statement: each bounded by the
         // statement timeout.
         let batch_timeout = options.statement_timeout * 2;
@@ -626,93 +428,6 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
-    }
-}
-
-async fn migrate(pool: &Pool) -> Result<(), StoreError> {
-    let mut client = pool.get().await.map_err(pool_err)?;
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(db_err)?;
-    let result = async {
-        client
-            .batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY)")
-            .await
-            .map_err(db_err)?;
-        let done: i64 = client
-            .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
-            .await
-            .map_err(db_err)?
-            .get(0);
-        for (i, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(i64_to_u64(done) as usize)
-        {
-            let tx = client.transaction().await.map_err(db_err)?;
-            tx.batch_execute(sql).await.map_err(db_err)?;
-            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
-            tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)",
-                &[&version],
-            )
-            .await
-            .map_err(db_err)?;
-            tx.commit().await.map_err(db_err)?;
-        }
-        Ok(())
-    }
-    .await;
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(db_err)?;
-    result
-}
-
-/// Keeps one connection `LISTEN`ing for lease ends, reconnecting after failures; bumps
-/// `tx` on every notification (and after each reconnect, in case one was missed).
-async fn listen(config: tokio_postgres::Config, tls: MakeRustls, tx: watch::Sender<u64>) {
-    let mut attempt = 0u32;
-    while !tx.is_closed() {
-        match config.connect(tls.clone()).await {
-            Ok((client, mut connection)) => {
-                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let listening = async { client.batch_execute(&format!("LISTEN {CHANNEL}")).await };
-                // The connection must be driven while LISTEN runs.
-                let ok = tokio::select! {
-                    r = listening => r.is_ok(),
-                    _ = messages.next() => false,
-                };
-                if ok {
-                    attempt = 0;
-                    tx.send_modify(|n| *n = n.wrapping_add(1));
-                    while let Some(message) = messages.next().await {
-                        match message {
-                            Ok(AsyncMessage::Notification(_)) => {
-                                tx.send_modify(|n| *n = n.wrapping_add(1));
-                            }
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
-                        if tx.is_closed() {
-                            return;
-                        }
-                    }
-                }
-                drop(client);
-            }
-            Err(e) => {
-                tracing::warn!(
-                    error = %pg_tls::describe(&e),
-                    "cannot reach PostgreSQL to listen for lease ends"
-                )
-            }
-        }
-        attempt = attempt.saturating_add(1);
-        let wait = Duration::from_millis(200u64.saturating_mul(1 << attempt.min(5)));
-        tokio::time::sleep(wait).await;
     }
 }
 

@@ -17,7 +17,11 @@
 //! that group; it never loads rows read from the file; and a compare-and-set that finds
 //! the file ahead of the cache evicts the lease instead of trusting it.
 
-use std::collections::HashMap;
+mod cache;
+mod lock;
+mod schema;
+mod writer;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime};
@@ -31,86 +35,8 @@ use super::{
 };
 use crate::clock::{from_millis, to_millis};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent, OnLogout, Standing};
-
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE leases (
-    id                TEXT PRIMARY KEY,
-    tenant            TEXT NOT NULL,
-    subject           TEXT NOT NULL,
-    actor             TEXT NOT NULL,
-    job_id            TEXT NOT NULL,
-    permissions       TEXT NOT NULL,
-    audience          TEXT NOT NULL,
-    created_at        INTEGER NOT NULL,
-    expires_at        INTEGER NOT NULL,
-    idle_timeout_ms   INTEGER NOT NULL,
-    last_active_at    INTEGER NOT NULL,
-    deadline          INTEGER NOT NULL,
-    active            INTEGER NOT NULL,
-    end_reason        TEXT,
-    ended_at          INTEGER,
-    ended_by          TEXT,
-    end_detail        TEXT,
-    generation        INTEGER NOT NULL,
-    seed              BLOB NOT NULL,
-    rotated_at        INTEGER NOT NULL,
-    refresh_count     INTEGER NOT NULL,
-    last_refreshed_at INTEGER,
-    resume_count      INTEGER NOT NULL,
-    version           INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX leases_active_job ON leases (actor, job_id) WHERE active = 1;
-CREATE INDEX leases_due ON leases (deadline) WHERE active = 1;
-CREATE INDEX leases_created ON leases (created_at DESC, id DESC);
-CREATE INDEX leases_subject ON leases (tenant, subject);
-CREATE TABLE lease_events (
-    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
-    lease_id           TEXT NOT NULL,
-    tenant             TEXT NOT NULL,
-    subject            TEXT NOT NULL,
-    actor              TEXT NOT NULL,
-    job_id             TEXT NOT NULL,
-    kind               TEXT NOT NULL,
-    reason             TEXT,
-    at                 INTEGER NOT NULL,
-    by_whom            TEXT NOT NULL,
-    detail             TEXT NOT NULL,
-    tokens_valid_until INTEGER
-);
-CREATE INDEX lease_events_lease ON lease_events (lease_id, seq);
-CREATE INDEX lease_events_ended ON lease_events (seq) WHERE kind = 'ended';
-CREATE INDEX leases_ended_at ON leases (ended_at) WHERE active = 0;
-CREATE TABLE signing_keys (
-    kid                TEXT PRIMARY KEY,
-    algorithm          TEXT NOT NULL,
-    public_key         BLOB NOT NULL,
-    sealed_private_key BLOB NOT NULL,
-    created_at         INTEGER NOT NULL,
-    activates_at       INTEGER NOT NULL,
-    retired_at         INTEGER
-);
-"#,
-    // A lease is identified by (tenant, module, job): the same job id in two tenants is
-    // two jobs.
-    r#"
-DROP INDEX leases_active_job;
-CREATE UNIQUE INDEX leases_active_job ON leases (tenant, actor, job_id) WHERE active = 1;
-"#,
-    // The user's standing: who they are at their identity provider (for back-channel
-    // logout) and where their permissions are re-checked.
-    r#"
-ALTER TABLE leases ADD COLUMN issuer TEXT NOT NULL DEFAULT '';
-ALTER TABLE leases ADD COLUMN subject_sub TEXT;
-ALTER TABLE leases ADD COLUMN session_id TEXT;
-ALTER TABLE leases ADD COLUMN on_logout TEXT NOT NULL DEFAULT 'survive';
-ALTER TABLE leases ADD COLUMN permission_source TEXT;
-ALTER TABLE leases ADD COLUMN permissions_checked_at INTEGER;
-CREATE INDEX leases_logout_session ON leases (issuer, session_id) WHERE active = 1 AND on_logout = 'end';
-CREATE INDEX leases_logout_user ON leases (issuer, subject_sub) WHERE active = 1 AND on_logout = 'end';
-"#,
-];
+use cache::LeaseCache;
+use writer::{Job, WriteJob};
 
 const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
     created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
@@ -131,9 +57,6 @@ pub enum SyncMode {
     /// fsync at every commit: survives a power cut too.
     Full,
 }
-
-/// Most writes one transaction groups; bounds how long the first of them waits.
-const MAX_GROUP: usize = 512;
 
 /// Default number of active leases kept in memory (about 1 KiB each).
 pub const DEFAULT_LEASE_CACHE: usize = 100_000;
@@ -204,7 +127,7 @@ impl SqliteStore {
         {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Database(Box::new(e)))?;
         }
-        let exclusive = lock_exclusively(path)?;
+        let exclusive = lock::lock_exclusively(path)?;
         let mut conn = open_connection(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(map_err)?;
@@ -217,7 +140,7 @@ impl SqliteStore {
         // Each grouped write runs in a savepoint; keep its undo journal off the disk.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(map_err)?;
-        migrate(&mut conn)?;
+        schema::migrate(&mut conn)?;
         // Reads are point lookups and short scans; two per core keeps both cores busy
         // while one waits on the disk.
         let pool = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
@@ -230,7 +153,7 @@ impl SqliteStore {
             .name("sqlite-writer".into())
             .spawn({
                 let batches = batches.clone();
-                move || write_loop(conn, rx, batches)
+                move || writer::write_loop(conn, rx, batches)
             })
             .map_err(|e| StoreError::Database(Box::new(e)))?;
         Ok(Self {
@@ -306,225 +229,14 @@ impl SqliteStore {
     }
 }
 
-/// Active leases by id, as of the last commit that touched each (see the module docs).
-struct LeaseCache {
-    leases: HashMap<String, Lease>,
-    capacity: usize,
-}
-
-impl LeaseCache {
-    fn new(capacity: usize) -> Self {
-        Self {
-            leases: HashMap::new(),
-            capacity,
-        }
-    }
-
-    /// Records the committed state of a lease: kept while active (room permitting),
-    /// dropped once it ends. Times are cut to the file's millisecond precision, so a
-    /// cached lease equals the one the file would return.
-    fn committed(&mut self, mut lease: Lease) {
-        let ms = |t: SystemTime| from_millis(to_millis(t));
-        lease.created_at = ms(lease.created_at);
-        lease.expires_at = ms(lease.expires_at);
-        lease.last_active_at = ms(lease.last_active_at);
-        lease.rotated_at = ms(lease.rotated_at);
-        lease.last_refreshed_at = lease.last_refreshed_at.map(ms);
-        if !lease.is_active() {
-            self.leases.remove(&lease.id);
-        } else if let Some(slot) = self.leases.get_mut(&lease.id) {
-            *slot = lease;
-        } else if self.leases.len() < self.capacity {
-            self.leases.insert(lease.id.clone(), lease);
-        }
-    }
-
-    fn get(&self, id: &str) -> Option<Lease> {
-        self.leases.get(id).cloned()
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Takes an exclusive lock on `<path>.lock` (released when the process ends, even by
-/// `kill -9`), so two services never share one database file.
-fn lock_exclusively(path: &Path) -> Result<std::fs::File, StoreError> {
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| {
-            StoreError::Unavailable(format!("{}: {e}", PathBuf::from(&lock_path).display()))
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
-            "{} is in use by another process (one service per SQLite file; several \
-             replicas need store.kind = \"postgres\")",
-            path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
-            "{}: {e}",
-            PathBuf::from(&lock_path).display()
-        ))),
-    }
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(map_err)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(map_err)?;
     Ok(conn)
-}
-
-/// One write waiting for the writer thread.
-trait WriteJob: Send {
-    /// Applies the write inside the open group transaction. `false` if the connection
-    /// is left in a state the group cannot commit from (its savepoint could not be
-    /// undone or released).
-    fn run(&mut self, conn: &Connection) -> bool;
-    /// Runs the job's commit hook, once the group has committed.
-    fn committed(&mut self);
-    /// Answers the caller: `Err` if the group did not commit.
-    fn answer(self: Box<Self>, committed: Result<(), &str>);
-}
-
-struct Job<T, F, C> {
-    work: Option<F>,
-    outcome: Option<Result<T, StoreError>>,
-    on_commit: Option<C>,
-    reply: oneshot::Sender<Result<T, StoreError>>,
-}
-
-impl<T, F, C> WriteJob for Job<T, F, C>
-where
-    T: Send,
-    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
-    C: FnOnce(&T) + Send,
-{
-    fn run(&mut self, conn: &Connection) -> bool {
-        let Some(work) = self.work.take() else {
-            return true;
-        };
-        match in_savepoint(conn, work) {
-            Ok(outcome) => {
-                self.outcome = Some(outcome);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn committed(&mut self) {
-        if let (Some(Ok(value)), Some(on_commit)) = (&self.outcome, self.on_commit.take()) {
-            // A panicking hook must not take the writer thread down with it.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_commit(value)));
-        }
-    }
-
-    fn answer(self: Box<Self>, committed: Result<(), &str>) {
-        let answer = match (committed, self.outcome) {
-            (Ok(()), Some(outcome)) => outcome,
-            (Ok(()), None) => Err(StoreError::Unavailable("write was not applied".into())),
-            (Err(why), _) => Err(StoreError::Unavailable(format!("commit failed: {why}"))),
-        };
-        // The caller may have given up (cancelled request); the write stands regardless.
-        let _ = self.reply.send(answer);
-    }
-}
-
-/// Runs `work` in a savepoint, undone if it fails (or panics). The outer `Err` means the
-/// savepoint itself could not be undone or released: the group must not commit.
-fn in_savepoint<T>(
-    conn: &Connection,
-    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<Result<T, StoreError>, StoreError> {
-    let exec = |sql: &str| {
-        conn.prepare_cached(sql)
-            .and_then(|mut s| s.execute([]))
-            .map_err(map_err)
-    };
-    exec("SAVEPOINT job")?;
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn)))
-        .unwrap_or_else(|_| Err(StoreError::Corrupt("a store write panicked".into())));
-    if outcome.is_err() {
-        exec("ROLLBACK TO job")?;
-    }
-    exec("RELEASE job")?;
-    Ok(outcome)
-}
-
-/// The writer thread: takes every write queued so far, applies them in one transaction,
-/// commits once, updates the lease cache for all of them, then answers them all (so no
-/// caller can observe one commit of the group while the cache still lacks another).
-fn write_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn WriteJob>>, batches: BatchHook) {
-    while let Ok(first) = queue.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        batches.observe("sqlite_group_commit", group.len());
-        let committed = run_group(&conn, &mut group);
-        if committed.is_ok() {
-            for job in &mut group {
-                job.committed();
-            }
-        }
-        let committed = committed.as_ref().map(|_| ()).map_err(String::as_str);
-        for job in group {
-            job.answer(committed);
-        }
-    }
-}
-
-fn run_group(conn: &Connection, group: &mut [Box<dyn WriteJob>]) -> Result<(), String> {
-    if !conn.is_autocommit() {
-        // A previous group's rollback failed and left a transaction open: never build
-        // on it.
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| e.to_string())?;
-    for job in group.iter_mut() {
-        let clean = job.run(conn);
-        // Some errors (disk full, I/O) make SQLite roll the whole transaction back; the
-        // writes before this one are gone, and those after must not run outside it.
-        if conn.is_autocommit() {
-            return Err("the transaction was rolled back".into());
-        }
-        if !clean {
-            // A write whose savepoint could not be undone may be half-applied: commit
-            // none of the group rather than that.
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err("a write could not be undone".into());
-        }
-    }
-    if let Err(e) = conn.execute_batch("COMMIT") {
-        let _ = conn.execute_batch("ROLLBACK");
-        return Err(e.to_string());
-    }
-    Ok(())
-}
-
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let done: usize = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(map_err)?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
-        let tx = conn.transaction().map_err(map_err)?;
-        tx.execute_batch(sql).map_err(map_err)?;
-        tx.pragma_update(None, "user_version", i + 1)
-            .map_err(map_err)?;
-        tx.commit().map_err(map_err)?;
-    }
-    Ok(())
 }
 
 fn map_err(e: rusqlite::Error) -> StoreError {
@@ -1128,9 +840,8 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::EventKind;
 
-    fn lease(job: &str) -> Lease {
+    pub(super) fn lease(job: &str) -> Lease {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         Lease {
             id: uuid::Uuid::new_v4().to_string(),
@@ -1156,85 +867,8 @@ mod tests {
         }
     }
 
-    fn issued(l: &Lease) -> LeaseEvent {
+    pub(super) fn issued(l: &Lease) -> LeaseEvent {
         LeaseEvent::new(l, EventKind::Issued, l.created_at, "module:importer", "")
-    }
-
-    #[test]
-    fn a_failed_write_in_a_group_undoes_only_itself() {
-        let store = SqliteStore::temporary().unwrap();
-        let path = store.inner.temporary.clone().unwrap().join("jobtoken.db");
-        let conn = open_connection(&path).unwrap();
-        let (reply_ok, mut ok) = oneshot::channel();
-        let (reply_bad, mut bad) = oneshot::channel();
-        let (reply_late, mut late) = oneshot::channel();
-        fn insert(id: &'static str) -> impl Fn(&Connection) -> Result<usize, StoreError> {
-            move |conn: &Connection| {
-                conn.execute(
-                    "INSERT INTO signing_keys VALUES (?1, 'EdDSA', x'00', x'00', 0, 0, NULL)",
-                    [id],
-                )
-                .map_err(map_err)
-            }
-        }
-        let mut group: Vec<Box<dyn WriteJob>> = vec![
-            Box::new(Job {
-                work: Some(insert("a")),
-                outcome: None,
-                on_commit: None::<fn(&usize)>,
-                reply: reply_ok,
-            }),
-            // Writes a row, then fails: the row must not survive the group's commit.
-            Box::new(Job {
-                work: Some(|conn: &Connection| {
-                    insert("b")(conn)?;
-                    Err::<usize, _>(StoreError::Conflict)
-                }),
-                outcome: None,
-                on_commit: None::<fn(&usize)>,
-                reply: reply_bad,
-            }),
-            Box::new(Job {
-                work: Some(insert("c")),
-                outcome: None,
-                on_commit: None::<fn(&usize)>,
-                reply: reply_late,
-            }),
-        ];
-        let committed = run_group(&conn, &mut group);
-        assert_eq!(committed, Ok(()));
-        for mut job in group {
-            job.committed();
-            job.answer(Ok(()));
-        }
-        assert_eq!(ok.try_recv().unwrap().unwrap(), 1);
-        assert!(matches!(bad.try_recv().unwrap(), Err(StoreError::Conflict)));
-        assert_eq!(late.try_recv().unwrap().unwrap(), 1);
-        let mut kids: Vec<String> = conn
-            .prepare("SELECT kid FROM signing_keys")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        kids.sort();
-        assert_eq!(kids, ["a", "c"]);
-    }
-
-    #[test]
-    fn a_group_that_does_not_commit_fails_every_write_in_it() {
-        let (reply, mut answer) = oneshot::channel::<Result<usize, StoreError>>();
-        let job: Box<dyn WriteJob> = Box::new(Job {
-            work: Some(|_: &Connection| Ok(1)),
-            outcome: Some(Ok(1)),
-            on_commit: None::<fn(&usize)>,
-            reply,
-        });
-        job.answer(Err("disk I/O error"));
-        assert!(matches!(
-            answer.try_recv().unwrap(),
-            Err(StoreError::Unavailable(why)) if why.contains("disk I/O error")
-        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1283,61 +917,5 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM lease_events", [], |r| r.get(0))
             .unwrap();
         assert_eq!(events, 100);
-    }
-
-    #[tokio::test]
-    async fn the_lease_cache_follows_every_commit_and_only_commits() {
-        for capacity in [0, 1, DEFAULT_LEASE_CACHE] {
-            let store = SqliteStore::temporary().unwrap();
-            lock(&store.inner.cache).capacity = capacity;
-            let a = lease("job-a");
-            let b = lease("job-b");
-            for l in [&a, &b] {
-                store.insert_lease(l, &issued(l)).await.unwrap();
-            }
-            assert_eq!(lock(&store.inner.cache).leases.len(), capacity.min(2));
-            assert_eq!(store.get_lease(&a.id).await.unwrap().unwrap(), a);
-
-            let mut renewed = a.clone();
-            renewed.generation = 1;
-            assert!(store.update_lease(&renewed, None).await.unwrap());
-            if capacity > 0 {
-                // The cache holds the committed row: new generation, bumped version.
-                let cached = lock(&store.inner.cache).get(&a.id).unwrap();
-                assert_eq!((cached.generation, cached.version), (1, 1));
-            }
-            // A stale compare-and-set loses; the cache drops the lease rather than
-            // guess, and the next read comes from the file.
-            assert!(!store.update_lease(&a, None).await.unwrap());
-            assert!(!lock(&store.inner.cache).leases.contains_key(&a.id));
-            let got = store.get_lease(&a.id).await.unwrap().unwrap();
-            assert_eq!((got.generation, got.version), (1, 1));
-
-            let mut ended = got.clone();
-            ended.finish(EndReason::Released, ended.created_at, "module:importer", "");
-            assert!(store.update_lease(&ended, None).await.unwrap());
-            assert!(!lock(&store.inner.cache).leases.contains_key(&a.id));
-            let got = store.get_lease(&a.id).await.unwrap().unwrap();
-            assert_eq!(got.end.map(|e| e.reason), Some(EndReason::Released));
-            assert_eq!(got.version, 2);
-        }
-    }
-
-    #[test]
-    fn a_second_process_cannot_open_the_same_file() {
-        let store = SqliteStore::temporary().unwrap();
-        let path = store.inner.temporary.clone().unwrap().join("jobtoken.db");
-        let second = SqliteStore::open(&path, SyncMode::Normal, 10);
-        assert!(
-            matches!(&second, Err(StoreError::Unavailable(why)) if why.contains("another process")),
-            "{second:?}"
-        );
-        drop(store);
-        // Once the first is closed, the file opens again.
-        let dir = path.parent().unwrap();
-        std::fs::create_dir_all(dir).unwrap();
-        let reopened = SqliteStore::open(&path, SyncMode::Normal, 10).unwrap();
-        drop(reopened);
-        let _ = std::fs::remove_dir_all(dir);
     }
 }
