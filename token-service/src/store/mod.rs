@@ -4,7 +4,11 @@
 //! updated with compare-and-set on [`Lease::version`], so concurrent renewals (threads or
 //! replicas) never lose a rotation: the loser re-reads and decides again.
 
+#[cfg(test)]
+mod conformance;
+mod filter;
 pub mod postgres;
+mod row;
 pub mod sqlite;
 
 pub use postgres::PostgresStore;

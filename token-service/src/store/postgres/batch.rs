@@ -11,16 +11,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use deadpool_postgres::Pool;
 
-use super::{LEASE_COLUMNS, db_err, lease_from_row, pool_err, u64_to_i64};
-use crate::clock::to_millis;
-use crate::lease::{Lease, LeaseEnd};
+use bytes::BytesMut;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+
+use super::{db_err, pool_err};
+use crate::lease::Lease;
+use crate::store::row::{self, Column, Kind, Value};
 use crate::store::{BatchHook, StoreError};
 
 /// Most rows one batched statement carries.
@@ -34,115 +37,145 @@ pub(super) async fn read_leases(
     ids: Vec<String>,
 ) -> Result<Vec<Option<Lease>>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
-    let select = client
-        .prepare_cached(&format!(
-            "SELECT {LEASE_COLUMNS} FROM leases WHERE id = ANY($1)"
-        ))
-        .await
-        .map_err(db_err)?;
+    let sql = format!(
+        "SELECT {} FROM leases WHERE id = ANY($1)",
+        row::lease_columns()
+    );
+    let select = client.prepare_cached(&sql).await.map_err(db_err)?;
     let rows = client.query(&select, &[&ids]).await.map_err(db_err)?;
     let mut found = HashMap::with_capacity(rows.len());
     for row in &rows {
-        let lease = lease_from_row(row)?;
+        let lease = row::lease_from(row)?;
         found.insert(lease.id.clone(), lease);
     }
     Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
 }
 
+/// The batched compare-and-set: the updated columns of [`row::LEASE`] as typed arrays,
+/// after the batch position, id and expected version of each lease.
+static WRITE_LEASES: LazyLock<String> = LazyLock::new(|| {
+    let columns: Vec<&Column> = row::updated_columns().collect();
+    let set: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{0} = u.{0}", c.name))
+        .collect();
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::{}[]", i + 4, pg_type(c.kind)))
+        .collect();
+    let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
+    format!(
+        "UPDATE leases AS l SET {}, version = l.version + 1 \
+         FROM unnest($1::bigint[], $2::text[], $3::bigint[], {}) \
+         AS u(ord, id, version, {}) \
+         WHERE l.id = u.id AND l.version = u.version RETURNING u.ord",
+        set.join(", "),
+        arrays.join(", "),
+        names.join(", ")
+    )
+});
+
 /// Compare-and-set of many leases in one statement (one commit): each row is written
 /// only if its stored version is still the one given. Two updates of one lease in a
 /// batch: at most one matches, and `RETURNING u.ord` says which.
 pub(super) async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<bool>, StoreError> {
-    let client = pool.get().await.map_err(pool_err)?;
-    let update = client
-        .prepare_cached(
-            "UPDATE leases AS l SET last_active_at = u.last_active_at, deadline = u.deadline, \
-             active = u.active, end_reason = u.end_reason, ended_at = u.ended_at, \
-             ended_by = u.ended_by, end_detail = u.end_detail, generation = u.generation, \
-             seed = u.seed, rotated_at = u.rotated_at, refresh_count = u.refresh_count, \
-             last_refreshed_at = u.last_refreshed_at, resume_count = u.resume_count, \
-             permissions = u.permissions, permissions_checked_at = u.permissions_checked_at, \
-             version = l.version + 1 \
-             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
-             $6::boolean[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
-             $12::bytea[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], \
-             $17::text[], $18::bigint[]) \
-             AS u(ord, id, version, last_active_at, deadline, active, end_reason, ended_at, \
-             ended_by, end_detail, generation, seed, rotated_at, refresh_count, \
-             last_refreshed_at, resume_count, permissions, permissions_checked_at) \
-             WHERE l.id = u.id AND l.version = u.version RETURNING u.ord",
-        )
-        .await
-        .map_err(db_err)?;
-    let ord: Vec<i64> = (0..leases.len())
-        .map(|i| i64::try_from(i).unwrap_or(i64::MAX))
-        .collect();
-    let column = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(f).collect::<Vec<i64>>();
-    let ends = |f: &dyn Fn(&LeaseEnd) -> String| {
-        leases
-            .iter()
-            .map(|l| l.end.as_ref().map(f))
-            .collect::<Vec<Option<String>>>()
-    };
+    let ord: Vec<i64> = (0..).take(leases.len()).collect();
     let ids: Vec<&str> = leases.iter().map(|l| l.id.as_str()).collect();
-    let versions = column(&|l| l.version);
-    let last_active = column(&|l| to_millis(l.last_active_at));
-    let deadlines = column(&|l| to_millis(l.deadline()));
-    let active: Vec<bool> = leases.iter().map(Lease::is_active).collect();
-    let end_reasons = ends(&|e| e.reason.as_str().to_owned());
-    let ended_at: Vec<Option<i64>> = leases
-        .iter()
-        .map(|l| l.end.as_ref().map(|e| to_millis(e.at)))
-        .collect();
-    let ended_by = ends(&|e| e.by.clone());
-    let end_details = ends(&|e| e.detail.clone());
-    let generations = column(&|l| u64_to_i64(l.generation));
-    let seeds: Vec<&[u8]> = leases.iter().map(|l| l.seed.as_slice()).collect();
-    let rotated = column(&|l| to_millis(l.rotated_at));
-    let refreshes = column(&|l| u64_to_i64(l.refresh_count));
-    let last_refreshed: Vec<Option<i64>> = leases
-        .iter()
-        .map(|l| l.last_refreshed_at.map(to_millis))
-        .collect();
-    let resumes = column(&|l| u64_to_i64(l.resume_count));
-    let permissions = leases
-        .iter()
-        .map(|l| serde_json::to_string(&l.permissions))
-        .collect::<Result<Vec<String>, _>>()
-        .map_err(|e| StoreError::Database(Box::new(e)))?;
-    let checked: Vec<Option<i64>> = leases
-        .iter()
-        .map(|l| l.standing.permissions_checked_at.map(to_millis))
-        .collect();
-    let rows = client
-        .query(
-            &update,
-            &[
-                &ord,
-                &ids,
-                &versions,
-                &last_active,
-                &deadlines,
-                &active,
-                &end_reasons,
-                &ended_at,
-                &ended_by,
-                &end_details,
-                &generations,
-                &seeds,
-                &rotated,
-                &refreshes,
-                &last_refreshed,
-                &resumes,
-                &permissions,
-                &checked,
-            ],
-        )
-        .await
-        .map_err(db_err)?;
+    let versions: Vec<i64> = leases.iter().map(|l| l.version).collect();
+    let mut columns: Vec<Array> = row::updated_columns().map(|c| Array::new(c.kind)).collect();
+    for lease in &leases {
+        // The updated columns' values come first; `zip` leaves out the id and version.
+        for (column, value) in columns.iter_mut().zip(row::update_values(lease)?) {
+            column.push(value)?;
+        }
+    }
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ord, &ids, &versions];
+    params.extend(columns.iter().map(|c| c as &(dyn ToSql + Sync)));
+    let client = pool.get().await.map_err(pool_err)?;
+    let update = client.prepare_cached(&WRITE_LEASES).await.map_err(db_err)?;
+    let rows = client.query(&update, &params).await.map_err(db_err)?;
     let written: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
     Ok(ord.iter().map(|i| written.contains(i)).collect())
 }
+
+/// The array type `unnest` takes for a column of this kind.
+fn pg_type(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Text => "text",
+        Kind::Int => "bigint",
+        Kind::Bool => "boolean",
+        Kind::Bytes => "bytea",
+    }
+}
+
+/// One column of a batch, as the typed array `unnest` takes.
+#[derive(Debug)]
+enum Array {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Bool(Vec<Option<bool>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+}
+
+impl Array {
+    fn new(kind: Kind) -> Self {
+        match kind {
+            Kind::Text => Array::Text(Vec::new()),
+            Kind::Int => Array::Int(Vec::new()),
+            Kind::Bool => Array::Bool(Vec::new()),
+            Kind::Bytes => Array::Bytes(Vec::new()),
+        }
+    }
+
+    fn push(&mut self, value: Value) -> Result<(), StoreError> {
+        match (self, value) {
+            (Array::Text(a), Value::Text(v)) => a.push(Some(v)),
+            (Array::Text(a), Value::Null) => a.push(None),
+            (Array::Int(a), Value::Int(v)) => a.push(Some(v)),
+            (Array::Int(a), Value::Null) => a.push(None),
+            (Array::Bool(a), Value::Bool(v)) => a.push(Some(v)),
+            (Array::Bool(a), Value::Null) => a.push(None),
+            (Array::Bytes(a), Value::Bytes(v)) => a.push(Some(v)),
+            (Array::Bytes(a), Value::Null) => a.push(None),
+            (array, value) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{value:?} in a batch column of {array:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ToSql for Array {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, ToSqlError> {
+        match self {
+            Array::Text(a) => a.to_sql(ty, out),
+            Array::Int(a) => a.to_sql(ty, out),
+            Array::Bool(a) => a.to_sql(ty, out),
+            Array::Bytes(a) => a.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <Vec<Option<String>>>::accepts(ty)
+            || <Vec<Option<i64>>>::accepts(ty)
+            || <Vec<Option<bool>>>::accepts(ty)
+            || <Vec<Option<Vec<u8>>>>::accepts(ty)
+    }
+
+    fn to_sql_checked(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, ToSqlError> {
+        match self {
+            Array::Text(a) => a.to_sql_checked(ty, out),
+            Array::Int(a) => a.to_sql_checked(ty, out),
+            Array::Bool(a) => a.to_sql_checked(ty, out),
+            Array::Bytes(a) => a.to_sql_checked(ty, out),
+        }
+    }
+}
+
+type ToSqlError = Box<dyn std::error::Error + Sync + Send>;
 
 type Waiting<Q, A> = (Q, oneshot::Sender<Result<A, StoreError>>);
 

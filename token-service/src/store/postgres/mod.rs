@@ -16,19 +16,24 @@ mod schema;
 mod tls;
 
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::watch;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type};
 
+use super::filter;
+use super::row::{self, Columns, Placeholder, Statements, Value, i64_to_u64, u64_to_i64};
 use super::{
     BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Store, StoreError, StoredKey,
 };
-use crate::clock::{from_millis, to_millis};
-use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent, OnLogout, Standing};
+use crate::clock::to_millis;
+use crate::lease::{EventKind, Lease, LeaseEvent};
 use batch::{Batcher, MAX_BATCH, PARALLEL_BATCHES, read_leases, write_leases};
 use tls::MakeRustls;
 
@@ -38,15 +43,6 @@ const EVENT_LOCK: i64 = 0x6a6f_6274_6f6b_0002;
 const KEY_LOCK: i64 = 0x6a6f_6274_6f6b_0003;
 /// Connection option that keeps NOTICEs off the wire.
 const QUIET: &str = "-c client_min_messages=warning";
-
-const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
-    created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
-    ended_by, end_detail, generation, seed, rotated_at, refresh_count, last_refreshed_at, \
-    resume_count, version, issuer, subject_sub, session_id, on_logout, permission_source, \
-    permissions_checked_at";
-
-const EVENT_COLUMNS: &str = "seq, lease_id, tenant, subject, actor, job_id, kind, reason, at, \
-    by_whom, detail, tokens_valid_until";
 
 /// Connection settings.
 #[derive(Clone)]
@@ -168,136 +164,67 @@ fn open_err(target: &str, e: StoreError) -> StoreError {
     }
 }
 
-fn u64_to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+/// This store's statements generated from the column lists.
+static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Placeholder::Dollar));
+
+impl Columns for Row {
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        self.try_get(i).map_err(corrupt)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        self.try_get(i).map_err(corrupt)
+    }
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        self.try_get(i).map_err(corrupt)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        self.try_get(i).map_err(corrupt)
+    }
+    fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        self.try_get(i).map_err(corrupt)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        self.try_get(i).map_err(corrupt)
+    }
 }
 
-fn i64_to_u64(v: i64) -> u64 {
-    v.max(0).unsigned_abs()
+fn corrupt(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
 }
 
-fn lease_from_row(row: &Row) -> Result<Lease, StoreError> {
-    let get = |e: tokio_postgres::Error| StoreError::Corrupt(e.to_string());
-    let active: bool = row.try_get(11).map_err(get)?;
-    let end = if active {
-        None
-    } else {
-        let reason: Option<String> = row.try_get(12).map_err(get)?;
-        let reason = reason
-            .as_deref()
-            .and_then(EndReason::parse)
-            .ok_or_else(|| StoreError::Corrupt("ended lease without a known reason".into()))?;
-        Some(LeaseEnd {
-            reason,
-            at: from_millis(
-                row.try_get::<_, Option<i64>>(13)
-                    .map_err(get)?
-                    .unwrap_or_default(),
-            ),
-            by: row
-                .try_get::<_, Option<String>>(14)
-                .map_err(get)?
-                .unwrap_or_default(),
-            detail: row
-                .try_get::<_, Option<String>>(15)
-                .map_err(get)?
-                .unwrap_or_default(),
-        })
-    };
-    let permissions: String = row.try_get(5).map_err(get)?;
-    let idle_ms: i64 = row.try_get(9).map_err(get)?;
-    let on_logout: String = row.try_get(26).map_err(get)?;
-    let on_logout = OnLogout::parse(&on_logout)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown logout policy {on_logout:?}")))?;
-    Ok(Lease {
-        id: row.try_get(0).map_err(get)?,
-        tenant: row.try_get(1).map_err(get)?,
-        subject: row.try_get(2).map_err(get)?,
-        actor: row.try_get(3).map_err(get)?,
-        job_id: row.try_get(4).map_err(get)?,
-        permissions: serde_json::from_str(&permissions)
-            .map_err(|e| StoreError::Corrupt(format!("permissions: {e}")))?,
-        audience: row.try_get(6).map_err(get)?,
-        created_at: from_millis(row.try_get(7).map_err(get)?),
-        expires_at: from_millis(row.try_get(8).map_err(get)?),
-        idle_timeout: Duration::from_millis(i64_to_u64(idle_ms)),
-        last_active_at: from_millis(row.try_get(10).map_err(get)?),
-        end,
-        generation: i64_to_u64(row.try_get(16).map_err(get)?),
-        seed: row.try_get(17).map_err(get)?,
-        rotated_at: from_millis(row.try_get(18).map_err(get)?),
-        refresh_count: i64_to_u64(row.try_get(19).map_err(get)?),
-        last_refreshed_at: row
-            .try_get::<_, Option<i64>>(20)
-            .map_err(get)?
-            .map(from_millis),
-        resume_count: i64_to_u64(row.try_get(21).map_err(get)?),
-        standing: Standing {
-            issuer: row.try_get(23).map_err(get)?,
-            sub: row.try_get(24).map_err(get)?,
-            session_id: row.try_get(25).map_err(get)?,
-            on_logout,
-            permission_source: row.try_get(27).map_err(get)?,
-            permissions_checked_at: row
-                .try_get::<_, Option<i64>>(28)
-                .map_err(get)?
-                .map(from_millis),
-        },
-        version: row.try_get(22).map_err(get)?,
-    })
+impl ToSql for Value {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, ToSqlError> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Text(v) => v.to_sql(ty, out),
+            Value::Int(v) => v.to_sql(ty, out),
+            Value::Bool(v) => v.to_sql(ty, out),
+            Value::Bytes(v) => v.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        String::accepts(ty) || i64::accepts(ty) || bool::accepts(ty) || Vec::<u8>::accepts(ty)
+    }
+
+    /// Checks the type the value's own variant accepts (a `NULL` fits any column).
+    fn to_sql_checked(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, ToSqlError> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Text(v) => v.to_sql_checked(ty, out),
+            Value::Int(v) => v.to_sql_checked(ty, out),
+            Value::Bool(v) => v.to_sql_checked(ty, out),
+            Value::Bytes(v) => v.to_sql_checked(ty, out),
+        }
+    }
 }
 
-fn event_from_row(row: &Row) -> Result<LeaseEvent, StoreError> {
-    let get = |e: tokio_postgres::Error| StoreError::Corrupt(e.to_string());
-    let kind: String = row.try_get(6).map_err(get)?;
-    let reason: Option<String> = row.try_get(7).map_err(get)?;
-    Ok(LeaseEvent {
-        sequence: i64_to_u64(row.try_get(0).map_err(get)?),
-        lease_id: row.try_get(1).map_err(get)?,
-        tenant: row.try_get(2).map_err(get)?,
-        subject: row.try_get(3).map_err(get)?,
-        actor: row.try_get(4).map_err(get)?,
-        job_id: row.try_get(5).map_err(get)?,
-        kind: EventKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {kind:?}")))?,
-        reason: match reason {
-            None => None,
-            Some(r) => Some(
-                EndReason::parse(&r)
-                    .ok_or_else(|| StoreError::Corrupt(format!("unknown end reason {r:?}")))?,
-            ),
-        },
-        at: from_millis(row.try_get(8).map_err(get)?),
-        by: row.try_get(9).map_err(get)?,
-        detail: row.try_get(10).map_err(get)?,
-        tokens_valid_until: row
-            .try_get::<_, Option<i64>>(11)
-            .map_err(get)?
-            .map(from_millis),
-    })
-}
+type ToSqlError = Box<dyn std::error::Error + Sync + Send>;
 
-fn key_from_row(row: &Row) -> Result<StoredKey, StoreError> {
-    let get = |e: tokio_postgres::Error| StoreError::Corrupt(e.to_string());
-    Ok(StoredKey {
-        kid: row.try_get(0).map_err(get)?,
-        algorithm: row.try_get(1).map_err(get)?,
-        public_key: row.try_get(2).map_err(get)?,
-        sealed_private_key: row.try_get(3).map_err(get)?,
-        created_at: from_millis(row.try_get(4).map_err(get)?),
-        activates_at: from_millis(row.try_get(5).map_err(get)?),
-        retired_at: row
-            .try_get::<_, Option<i64>>(6)
-            .map_err(get)?
-            .map(from_millis),
-    })
+/// `values` as the driver's statement parameters.
+fn params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
-
-const UPDATE_LEASE: &str = "UPDATE leases SET last_active_at = $1, deadline = $2, active = $3, \
-    end_reason = $4, ended_at = $5, ended_by = $6, end_detail = $7, generation = $8, seed = $9, \
-    rotated_at = $10, refresh_count = $11, last_refreshed_at = $12, resume_count = $13, \
-    permissions = $16, permissions_checked_at = $17, version = version + 1 \
-    WHERE id = $14 AND version = $15";
 
 async fn insert_event(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -309,32 +236,10 @@ async fn insert_event(
         .await
         .map_err(db_err)?;
     tx.execute(&lock, &[&EVENT_LOCK]).await.map_err(db_err)?;
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO lease_events (lease_id, tenant, subject, actor, job_id, kind, reason, \
-             at, by_whom, detail, tokens_valid_until) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
+    let insert = tx.prepare_cached(&SQL.insert_event).await.map_err(db_err)?;
+    tx.execute(&insert, &params(&row::event_values(e)))
         .await
         .map_err(db_err)?;
-    tx.execute(
-        &insert,
-        &[
-            &e.lease_id,
-            &e.tenant,
-            &e.subject,
-            &e.actor,
-            &e.job_id,
-            &e.kind.as_str(),
-            &e.reason.map(EndReason::as_str),
-            &to_millis(e.at),
-            &e.by,
-            &e.detail,
-            &e.tokens_valid_until.map(to_millis),
-        ],
-    )
-    .await
-    .map_err(db_err)?;
     if e.kind == EventKind::Ended {
         // Delivered to every listening replica when the transaction commits.
         tx.execute(&format!("NOTIFY {}", listen::CHANNEL), &[])
@@ -448,56 +353,13 @@ impl Store for PostgresStore {
     }
 
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
+        let values = row::lease_values(lease)?;
         let mut client = self.client().await?;
-        let permissions = serde_json::to_string(&lease.permissions)
-            .map_err(|e| StoreError::Database(Box::new(e)))?;
         let tx = client.transaction().await.map_err(db_err)?;
-        let end = lease.end.as_ref();
-        let insert = tx
-            .prepare_cached(&format!(
-                "INSERT INTO leases ({LEASE_COLUMNS}, deadline) VALUES ($1, $2, $3, $4, $5, $6, \
-                 $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
-                 $23, $24, $25, $26, $27, $28, $29, $30)"
-            ))
+        let insert = tx.prepare_cached(&SQL.insert_lease).await.map_err(db_err)?;
+        tx.execute(&insert, &params(&values))
             .await
             .map_err(db_err)?;
-        tx.execute(
-            &insert,
-            &[
-                &lease.id,
-                &lease.tenant,
-                &lease.subject,
-                &lease.actor,
-                &lease.job_id,
-                &permissions,
-                &lease.audience,
-                &to_millis(lease.created_at),
-                &to_millis(lease.expires_at),
-                &i64::try_from(lease.idle_timeout.as_millis()).unwrap_or(i64::MAX),
-                &to_millis(lease.last_active_at),
-                &lease.is_active(),
-                &end.map(|e| e.reason.as_str()),
-                &end.map(|e| to_millis(e.at)),
-                &end.map(|e| e.by.as_str()),
-                &end.map(|e| e.detail.as_str()),
-                &u64_to_i64(lease.generation),
-                &lease.seed,
-                &to_millis(lease.rotated_at),
-                &u64_to_i64(lease.refresh_count),
-                &lease.last_refreshed_at.map(to_millis),
-                &u64_to_i64(lease.resume_count),
-                &lease.version,
-                &lease.standing.issuer,
-                &lease.standing.sub,
-                &lease.standing.session_id,
-                &lease.standing.on_logout.as_str(),
-                &lease.standing.permission_source,
-                &lease.standing.permissions_checked_at.map(to_millis),
-                &to_millis(lease.deadline()),
-            ],
-        )
-        .await
-        .map_err(db_err)?;
         insert_event(&tx, event).await?;
         tx.commit().await.map_err(db_err)
     }
@@ -513,17 +375,15 @@ impl Store for PostgresStore {
         job_id: &str,
     ) -> Result<Option<Lease>, StoreError> {
         let client = self.client().await?;
+        let sql = format!(
+            "SELECT {} FROM leases WHERE tenant = $1 AND actor = $2 AND job_id = $3 AND active",
+            row::lease_columns()
+        );
         let row = client
-            .query_opt(
-                &format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases \
-                     WHERE tenant = $1 AND actor = $2 AND job_id = $3 AND active"
-                ),
-                &[&tenant, &actor, &job_id],
-            )
+            .query_opt(&sql, &[&tenant, &actor, &job_id])
             .await
             .map_err(db_err)?;
-        row.as_ref().map(lease_from_row).transpose()
+        row.as_ref().map(row::lease_from).transpose()
     }
 
     async fn update_lease(
@@ -535,32 +395,16 @@ impl Store for PostgresStore {
             // A renewal writes no event: it joins the next batched compare-and-set.
             return self.renewals.call(lease.clone()).await;
         };
+        let values = row::update_values(lease)?;
         let mut client = self.client().await?;
-        let end = lease.end.as_ref();
-        let permissions = serde_json::to_string(&lease.permissions)
-            .map_err(|e| StoreError::Database(Box::new(e)))?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
-            &to_millis(lease.last_active_at),
-            &to_millis(lease.deadline()),
-            &lease.is_active(),
-            &end.map(|e| e.reason.as_str()),
-            &end.map(|e| to_millis(e.at)),
-            &end.map(|e| e.by.as_str()),
-            &end.map(|e| e.detail.as_str()),
-            &u64_to_i64(lease.generation),
-            &lease.seed,
-            &to_millis(lease.rotated_at),
-            &u64_to_i64(lease.refresh_count),
-            &lease.last_refreshed_at.map(to_millis),
-            &u64_to_i64(lease.resume_count),
-            &lease.id,
-            &lease.version,
-            &permissions,
-            &lease.standing.permissions_checked_at.map(to_millis),
-        ];
         let tx = client.transaction().await.map_err(db_err)?;
-        let update = tx.prepare_cached(UPDATE_LEASE).await.map_err(db_err)?;
-        if tx.execute(&update, &params).await.map_err(db_err)? == 0 {
+        let update = tx.prepare_cached(&SQL.update_lease).await.map_err(db_err)?;
+        if tx
+            .execute(&update, &params(&values))
+            .await
+            .map_err(db_err)?
+            == 0
+        {
             return Ok(false);
         }
         insert_event(&tx, event).await?;
@@ -573,44 +417,10 @@ impl Store for PostgresStore {
         filter: &LeaseFilter,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        let mut sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE TRUE");
-        let mut args: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
-        for (column, value) in [
-            ("tenant", &filter.tenant),
-            ("subject", &filter.subject),
-            ("actor", &filter.actor),
-            ("job_id", &filter.job_id),
-        ] {
-            if let Some(v) = value {
-                args.push(Box::new(v.clone()));
-                sql.push_str(&format!(" AND {column} = ${}", args.len()));
-            }
-        }
-        if let Some(active) = filter.active {
-            args.push(Box::new(active));
-            sql.push_str(&format!(" AND active = ${}", args.len()));
-        }
-        if let Some((created, id)) = &filter.after {
-            args.push(Box::new(to_millis(*created)));
-            let c = args.len();
-            args.push(Box::new(id.clone()));
-            let i = args.len();
-            sql.push_str(&format!(
-                " AND (created_at < ${c} OR (created_at = ${c} AND id < ${i}))"
-            ));
-        }
-        args.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
-        sql.push_str(&format!(
-            " ORDER BY created_at DESC, id DESC LIMIT ${}",
-            args.len()
-        ));
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
-            .iter()
-            .map(|a| a.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
+        let (sql, args) = filter::list_leases(filter, limit, Placeholder::Dollar);
         let client = self.client().await?;
-        let rows = client.query(&sql, &params).await.map_err(db_err)?;
-        rows.iter().map(lease_from_row).collect()
+        let rows = client.query(&sql, &params(&args)).await.map_err(db_err)?;
+        rows.iter().map(row::lease_from).collect()
     }
 
     async fn lease_events(&self, lease_id: &str) -> Result<Vec<LeaseEvent>, StoreError> {
@@ -618,13 +428,14 @@ impl Store for PostgresStore {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {EVENT_COLUMNS} FROM lease_events WHERE lease_id = $1 ORDER BY seq"
+                    "SELECT {} FROM lease_events WHERE lease_id = $1 ORDER BY seq",
+                    row::event_columns()
                 ),
                 &[&lease_id],
             )
             .await
             .map_err(db_err)?;
-        rows.iter().map(event_from_row).collect()
+        rows.iter().map(row::event_from).collect()
     }
 
     async fn end_events_after(
@@ -636,17 +447,15 @@ impl Store for PostgresStore {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {EVENT_COLUMNS} FROM lease_events WHERE kind = 'ended' AND seq > $1 \
-                     ORDER BY seq LIMIT $2"
+                    "SELECT {} FROM lease_events WHERE kind = 'ended' AND seq > $1 \
+                     ORDER BY seq LIMIT $2",
+                    row::event_columns()
                 ),
-                &[
-                    &u64_to_i64(cursor),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                ],
+                &[&u64_to_i64(cursor), &row::limit(limit)],
             )
             .await
             .map_err(db_err)?;
-        rows.iter().map(event_from_row).collect()
+        rows.iter().map(row::event_from).collect()
     }
 
     async fn earliest_live_end(&self, now: SystemTime) -> Result<Option<u64>, StoreError> {
@@ -676,14 +485,15 @@ impl Store for PostgresStore {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases WHERE active AND deadline <= $1 \
-                     ORDER BY deadline LIMIT $2"
+                    "SELECT {} FROM leases WHERE active AND deadline <= $1 \
+                     ORDER BY deadline LIMIT $2",
+                    row::lease_columns()
                 ),
-                &[&to_millis(now), &i64::try_from(limit).unwrap_or(i64::MAX)],
+                &[&to_millis(now), &row::limit(limit)],
             )
             .await
             .map_err(db_err)?;
-        rows.iter().map(lease_from_row).collect()
+        rows.iter().map(row::lease_from).collect()
     }
 
     async fn leases_to_log_out(
@@ -695,23 +505,24 @@ impl Store for PostgresStore {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases \
+                    "SELECT {} FROM leases \
                      WHERE active AND on_logout = 'end' AND issuer = $1 AND \
                      (($2::text IS NOT NULL AND session_id = $2) OR \
                       ($3::text IS NOT NULL AND subject_sub = $3 \
                        AND ($2::text IS NULL OR session_id IS NULL))) \
-                     LIMIT $4"
+                     LIMIT $4",
+                    row::lease_columns()
                 ),
                 &[
                     &logout.issuer,
                     &logout.session_id,
                     &logout.sub,
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                    &row::limit(limit),
                 ],
             )
             .await
             .map_err(db_err)?;
-        rows.iter().map(lease_from_row).collect()
+        rows.iter().map(row::lease_from).collect()
     }
 
     async fn count_active_leases(&self) -> Result<u64, StoreError> {
@@ -727,13 +538,15 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT kid, algorithm, public_key, sealed_private_key, created_at, activates_at, \
-                 retired_at FROM signing_keys ORDER BY created_at DESC, kid DESC",
+                &format!(
+                    "SELECT {} FROM signing_keys ORDER BY created_at DESC, kid DESC",
+                    row::key_columns()
+                ),
                 &[],
             )
             .await
             .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
+        rows.iter().map(row::key_from).collect()
     }
 
     async fn rotate_signing_key(
@@ -760,20 +573,13 @@ impl Store for PostgresStore {
         )
         .await
         .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO signing_keys (kid, algorithm, public_key, sealed_private_key, \
-             created_at, activates_at, retired_at) VALUES ($1, $2, $3, $4, $5, $6, NULL)",
-            &[
-                &new.kid,
-                &new.algorithm,
-                &new.public_key,
-                &new.sealed_private_key,
-                &to_millis(new.created_at),
-                &to_millis(new.activates_at),
-            ],
-        )
-        .await
-        .map_err(db_err)?;
+        let new = row::key_values(&StoredKey {
+            retired_at: None,
+            ..new.clone()
+        });
+        tx.execute(&SQL.insert_key, &params(&new))
+            .await
+            .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }
@@ -786,10 +592,7 @@ impl Store for PostgresStore {
             .query(
                 "SELECT id FROM leases WHERE NOT active AND ended_at < $1 \
                  LIMIT $2 FOR UPDATE SKIP LOCKED",
-                &[
-                    &to_millis(before),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                ],
+                &[&to_millis(before), &row::limit(limit)],
             )
             .await
             .map_err(db_err)?

@@ -49,7 +49,7 @@ impl LeaseCache {
 mod tests {
     use crate::lease::EndReason;
     use crate::store::Store;
-    use crate::store::sqlite::tests::{issued, lease};
+    use crate::store::conformance::{issued, lease};
     use crate::store::sqlite::{DEFAULT_LEASE_CACHE, SqliteStore, lock};
 
     #[tokio::test]

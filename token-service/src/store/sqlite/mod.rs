@@ -23,29 +23,24 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, LazyLock, Mutex, mpsc};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params};
+use rusqlite::{
+    Connection, ErrorCode, OptionalExtension, Row, Statement, params, params_from_iter,
+};
 use tokio::sync::{Semaphore, oneshot};
 
+use super::filter;
+use super::row::{self, Columns, Placeholder, Statements, Value, u64_to_i64};
 use super::{
     BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Store, StoreError, StoredKey,
 };
-use crate::clock::{from_millis, to_millis};
-use crate::lease::{EndReason, EventKind, Lease, LeaseEnd, LeaseEvent, OnLogout, Standing};
+use crate::clock::to_millis;
+use crate::lease::{Lease, LeaseEvent};
 use cache::LeaseCache;
 use writer::{Job, WriteJob};
-
-const LEASE_COLUMNS: &str = "id, tenant, subject, actor, job_id, permissions, audience, \
-    created_at, expires_at, idle_timeout_ms, last_active_at, active, end_reason, ended_at, \
-    ended_by, end_detail, generation, seed, rotated_at, refresh_count, last_refreshed_at, \
-    resume_count, version, issuer, subject_sub, session_id, on_logout, permission_source, \
-    permissions_checked_at";
-
-const EVENT_COLUMNS: &str = "seq, lease_id, tenant, subject, actor, job_id, kind, reason, at, \
-    by_whom, detail, tokens_valid_until";
 
 /// How hard a commit is pushed to disk before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -252,152 +247,71 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn opt_millis(t: Option<SystemTime>) -> Option<i64> {
-    t.map(to_millis)
+/// This store's statements generated from the column lists.
+static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Placeholder::Question));
+
+impl Columns for Row<'_> {
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        self.get(i).map_err(map_err)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        self.get(i).map_err(map_err)
+    }
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        self.get(i).map_err(map_err)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        self.get(i).map_err(map_err)
+    }
+    fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        self.get(i).map_err(map_err)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        self.get(i).map_err(map_err)
+    }
 }
 
-fn u64_to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::ValueRef;
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Int(n) => ValueRef::Integer(*n),
+            Value::Bool(b) => ValueRef::Integer(i64::from(*b)),
+            Value::Bytes(b) => ValueRef::Blob(b),
+        }))
+    }
 }
 
-fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Lease, StoreError>> {
-    let permissions: String = row.get(5)?;
-    let active: bool = row.get(11)?;
-    let end_reason: Option<String> = row.get(12)?;
-    let end = match (active, end_reason) {
-        (true, _) => Ok(None),
-        (false, Some(reason)) => match EndReason::parse(&reason) {
-            Some(reason) => Ok(Some(LeaseEnd {
-                reason,
-                at: from_millis(row.get::<_, Option<i64>>(13)?.unwrap_or_default()),
-                by: row.get::<_, Option<String>>(14)?.unwrap_or_default(),
-                detail: row.get::<_, Option<String>>(15)?.unwrap_or_default(),
-            })),
-            None => Err(StoreError::Corrupt(format!(
-                "unknown end reason {reason:?}"
-            ))),
-        },
-        (false, None) => Err(StoreError::Corrupt("ended lease without reason".into())),
-    };
-    let permissions = serde_json::from_str::<Vec<String>>(&permissions)
-        .map_err(|e| StoreError::Corrupt(format!("permissions: {e}")));
-    let idle_ms: i64 = row.get(9)?;
-    let on_logout: String = row.get(26)?;
-    let on_logout = OnLogout::parse(&on_logout)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown logout policy {on_logout:?}")));
-    let lease = (|| {
-        Ok(Lease {
-            id: row.get(0)?,
-            tenant: row.get(1)?,
-            subject: row.get(2)?,
-            actor: row.get(3)?,
-            job_id: row.get(4)?,
-            permissions: Vec::new(),
-            audience: row.get(6)?,
-            created_at: from_millis(row.get(7)?),
-            expires_at: from_millis(row.get(8)?),
-            idle_timeout: Duration::from_millis(idle_ms.max(0).unsigned_abs()),
-            last_active_at: from_millis(row.get(10)?),
-            end: None,
-            generation: row.get::<_, i64>(16)?.max(0).unsigned_abs(),
-            seed: row.get(17)?,
-            rotated_at: from_millis(row.get(18)?),
-            refresh_count: row.get::<_, i64>(19)?.max(0).unsigned_abs(),
-            last_refreshed_at: row.get::<_, Option<i64>>(20)?.map(from_millis),
-            resume_count: row.get::<_, i64>(21)?.max(0).unsigned_abs(),
-            standing: Standing {
-                issuer: row.get(23)?,
-                sub: row.get(24)?,
-                session_id: row.get(25)?,
-                on_logout: OnLogout::default(),
-                permission_source: row.get(27)?,
-                permissions_checked_at: row.get::<_, Option<i64>>(28)?.map(from_millis),
-            },
-            version: row.get(22)?,
-        })
-    })();
-    let lease: rusqlite::Result<Lease> = lease;
-    let mut lease = lease?;
-    Ok((|| {
-        lease.permissions = permissions?;
-        lease.end = end?;
-        lease.standing.on_logout = on_logout?;
-        Ok(lease)
-    })())
-}
-
-fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Result<LeaseEvent, StoreError>> {
-    let kind: String = row.get(6)?;
-    let reason: Option<String> = row.get(7)?;
-    let event = LeaseEvent {
-        sequence: row.get::<_, i64>(0)?.max(0).unsigned_abs(),
-        lease_id: row.get(1)?,
-        tenant: row.get(2)?,
-        subject: row.get(3)?,
-        actor: row.get(4)?,
-        job_id: row.get(5)?,
-        kind: EventKind::Issued,
-        reason: None,
-        at: from_millis(row.get(8)?),
-        by: row.get(9)?,
-        detail: row.get(10)?,
-        tokens_valid_until: row.get::<_, Option<i64>>(11)?.map(from_millis),
-    };
-    Ok((|| {
-        let mut event = event;
-        event.kind = EventKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {kind:?}")))?;
-        event.reason = match reason {
-            None => None,
-            Some(r) => Some(
-                EndReason::parse(&r)
-                    .ok_or_else(|| StoreError::Corrupt(format!("unknown end reason {r:?}")))?,
-            ),
-        };
-        Ok(event)
-    })())
-}
-
-fn collect<T>(
-    rows: impl Iterator<Item = rusqlite::Result<Result<T, StoreError>>>,
+/// Runs a query and reads every row it returns with `read`.
+fn query<T>(
+    stmt: &mut Statement<'_>,
+    params: impl rusqlite::Params,
+    read: impl Fn(&Row<'_>) -> Result<T, StoreError>,
 ) -> Result<Vec<T>, StoreError> {
-    rows.map(|r| r.map_err(map_err)?).collect()
+    let mut rows = stmt.query(params).map_err(map_err)?;
+    let mut found = Vec::new();
+    while let Some(row) = rows.next().map_err(map_err)? {
+        found.push(read(row)?);
+    }
+    Ok(found)
 }
 
-fn insert_event(conn: &Connection, e: &LeaseEvent) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO lease_events (lease_id, tenant, subject, actor, job_id, kind, reason, at, \
-         by_whom, detail, tokens_valid_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            e.lease_id,
-            e.tenant,
-            e.subject,
-            e.actor,
-            e.job_id,
-            e.kind.as_str(),
-            e.reason.map(EndReason::as_str),
-            to_millis(e.at),
-            e.by,
-            e.detail,
-            opt_millis(e.tokens_valid_until),
-        ])
-    })
-    .map_err(map_err)?;
-    Ok(())
+/// Runs a query and reads its first row, if any, with `read`.
+fn query_opt<T>(
+    stmt: &mut Statement<'_>,
+    params: impl rusqlite::Params,
+    read: impl Fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut rows = stmt.query(params).map_err(map_err)?;
+    rows.next().map_err(map_err)?.map(read).transpose()
 }
 
-fn key_from_row(row: &Row<'_>) -> rusqlite::Result<StoredKey> {
-    Ok(StoredKey {
-        kid: row.get(0)?,
-        algorithm: row.get(1)?,
-        public_key: row.get(2)?,
-        sealed_private_key: row.get(3)?,
-        created_at: from_millis(row.get(4)?),
-        activates_at: from_millis(row.get(5)?),
-        retired_at: row.get::<_, Option<i64>>(6)?.map(from_millis),
-    })
+fn execute(conn: &Connection, sql: &str, values: &[Value]) -> Result<usize, StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute(params_from_iter(values)))
+        .map_err(map_err)
 }
 
 #[async_trait]
@@ -419,58 +333,16 @@ impl Store for SqliteStore {
 
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
         let cache = Arc::clone(&self.inner.cache);
-        // One copy, shared by the write and the cache: by the time the hook runs the
-        // write has dropped its handle, so the cache takes the lease without copying.
-        let lease = Arc::new(lease.clone());
-        let committed = Arc::clone(&lease);
-        let event = event.clone();
+        let values = row::lease_values(lease)?;
+        let event = row::event_values(event);
+        let committed = lease.clone();
         self.write_then(
             move |conn| {
-                let permissions = serde_json::to_string(&lease.permissions)
-                    .map_err(|e| StoreError::Database(Box::new(e)))?;
-                conn.prepare_cached(&format!(
-                    "INSERT INTO leases ({LEASE_COLUMNS}, deadline) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
-                ))
-                .and_then(|mut s| {
-                    s.execute(params![
-                        lease.id,
-                        lease.tenant,
-                        lease.subject,
-                        lease.actor,
-                        lease.job_id,
-                        permissions,
-                        lease.audience,
-                        to_millis(lease.created_at),
-                        to_millis(lease.expires_at),
-                        i64::try_from(lease.idle_timeout.as_millis()).unwrap_or(i64::MAX),
-                        to_millis(lease.last_active_at),
-                        lease.is_active(),
-                        lease.end.as_ref().map(|e| e.reason.as_str()),
-                        opt_millis(lease.end.as_ref().map(|e| e.at)),
-                        lease.end.as_ref().map(|e| e.by.as_str()),
-                        lease.end.as_ref().map(|e| e.detail.as_str()),
-                        u64_to_i64(lease.generation),
-                        lease.seed,
-                        to_millis(lease.rotated_at),
-                        u64_to_i64(lease.refresh_count),
-                        opt_millis(lease.last_refreshed_at),
-                        u64_to_i64(lease.resume_count),
-                        lease.version,
-                        lease.standing.issuer,
-                        lease.standing.sub,
-                        lease.standing.session_id,
-                        lease.standing.on_logout.as_str(),
-                        lease.standing.permission_source,
-                        opt_millis(lease.standing.permissions_checked_at),
-                        to_millis(lease.deadline()),
-                    ])
-                })
-                .map_err(map_err)?;
-                insert_event(conn, &event)
+                execute(conn, &SQL.insert_lease, &values)?;
+                execute(conn, &SQL.insert_event, &event)?;
+                Ok(())
             },
-            move |()| lock(&cache).committed(Arc::unwrap_or_clone(committed)),
+            move |()| lock(&cache).committed(committed),
         )
         .await
     }
@@ -481,10 +353,9 @@ impl Store for SqliteStore {
         }
         let id = id.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1"))
-                .and_then(|mut s| s.query_row([id], lease_from_row).optional())
-                .map_err(map_err)?
-                .transpose()
+            let sql = format!("SELECT {} FROM leases WHERE id = ?1", row::lease_columns());
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            query_opt(&mut stmt, [id], |r| row::lease_from(r))
         })
         .await
     }
@@ -497,13 +368,13 @@ impl Store for SqliteStore {
     ) -> Result<Option<Lease>, StoreError> {
         let key = [tenant.to_owned(), actor.to_owned(), job_id.to_owned()];
         self.read(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {LEASE_COLUMNS} FROM leases \
-                 WHERE tenant = ?1 AND actor = ?2 AND job_id = ?3 AND active = 1"
-            ))
-            .and_then(|mut s| s.query_row(key, lease_from_row).optional())
-            .map_err(map_err)?
-            .transpose()
+            let sql = format!(
+                "SELECT {} FROM leases \
+                 WHERE tenant = ?1 AND actor = ?2 AND job_id = ?3 AND active = 1",
+                row::lease_columns()
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            query_opt(&mut stmt, key, |r| row::lease_from(r))
         })
         .await
     }
@@ -514,13 +385,11 @@ impl Store for SqliteStore {
         event: Option<&LeaseEvent>,
     ) -> Result<bool, StoreError> {
         let cache = Arc::clone(&self.inner.cache);
-        // As in `insert_lease`: one copy, handed to the cache after the write.
-        let lease = Arc::new(lease.clone());
-        let committed = Arc::clone(&lease);
-        let event = event.cloned();
+        let values = row::update_values(lease)?;
+        let event = event.map(row::event_values);
+        let mut committed = lease.clone();
         let on_commit = move |written: &bool| {
             if *written {
-                let mut committed = Arc::unwrap_or_clone(committed);
                 committed.version += 1;
                 lock(&cache).committed(committed);
             } else {
@@ -531,44 +400,11 @@ impl Store for SqliteStore {
         };
         self.write_then(
             move |conn| {
-                let permissions = serde_json::to_string(&lease.permissions)
-                    .map_err(|e| StoreError::Database(Box::new(e)))?;
-                let changed = conn
-                    .prepare_cached(
-                        "UPDATE leases SET last_active_at = ?1, deadline = ?2, active = ?3, \
-                     end_reason = ?4, ended_at = ?5, ended_by = ?6, end_detail = ?7, \
-                     generation = ?8, seed = ?9, rotated_at = ?10, refresh_count = ?11, \
-                     last_refreshed_at = ?12, resume_count = ?13, permissions = ?16, \
-                     permissions_checked_at = ?17, version = version + 1 \
-                     WHERE id = ?14 AND version = ?15",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            to_millis(lease.last_active_at),
-                            to_millis(lease.deadline()),
-                            lease.is_active(),
-                            lease.end.as_ref().map(|e| e.reason.as_str()),
-                            opt_millis(lease.end.as_ref().map(|e| e.at)),
-                            lease.end.as_ref().map(|e| e.by.as_str()),
-                            lease.end.as_ref().map(|e| e.detail.as_str()),
-                            u64_to_i64(lease.generation),
-                            lease.seed,
-                            to_millis(lease.rotated_at),
-                            u64_to_i64(lease.refresh_count),
-                            opt_millis(lease.last_refreshed_at),
-                            u64_to_i64(lease.resume_count),
-                            lease.id,
-                            lease.version,
-                            permissions,
-                            opt_millis(lease.standing.permissions_checked_at),
-                        ])
-                    })
-                    .map_err(map_err)?;
-                if changed == 0 {
+                if execute(conn, &SQL.update_lease, &values)? == 0 {
                     return Ok(false);
                 }
                 if let Some(event) = &event {
-                    insert_event(conn, event)?;
+                    execute(conn, &SQL.insert_event, event)?;
                 }
                 Ok(true)
             },
@@ -582,43 +418,10 @@ impl Store for SqliteStore {
         filter: &LeaseFilter,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        let filter = filter.clone();
+        let (sql, args) = filter::list_leases(filter, limit, Placeholder::Question);
         self.read(move |conn| {
-            let mut sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE 1 = 1");
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            let mut eq = |column: &str, value: &Option<String>| {
-                if let Some(v) = value {
-                    args.push(v.clone().into());
-                    sql.push_str(&format!(" AND {column} = ?{}", args.len()));
-                }
-            };
-            eq("tenant", &filter.tenant);
-            eq("subject", &filter.subject);
-            eq("actor", &filter.actor);
-            eq("job_id", &filter.job_id);
-            if let Some(active) = filter.active {
-                args.push(i64::from(active).into());
-                sql.push_str(&format!(" AND active = ?{}", args.len()));
-            }
-            if let Some((created, id)) = &filter.after {
-                args.push(to_millis(*created).into());
-                let c = args.len();
-                args.push(id.clone().into());
-                let i = args.len();
-                sql.push_str(&format!(
-                    " AND (created_at < ?{c} OR (created_at = ?{c} AND id < ?{i}))"
-                ));
-            }
-            args.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
-            sql.push_str(&format!(
-                " ORDER BY created_at DESC, id DESC LIMIT ?{}",
-                args.len()
-            ));
             let mut stmt = conn.prepare(&sql).map_err(map_err)?;
-            let rows = stmt
-                .query_map(rusqlite::params_from_iter(args), lease_from_row)
-                .map_err(map_err)?;
-            collect(rows)
+            query(&mut stmt, params_from_iter(args), |r| row::lease_from(r))
         })
         .await
     }
@@ -626,15 +429,12 @@ impl Store for SqliteStore {
     async fn lease_events(&self, lease_id: &str) -> Result<Vec<LeaseEvent>, StoreError> {
         let lease_id = lease_id.to_owned();
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM lease_events WHERE lease_id = ?1 ORDER BY seq"
-                ))
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map([lease_id], event_from_row)
-                .map_err(map_err)?;
-            collect(rows)
+            let sql = format!(
+                "SELECT {} FROM lease_events WHERE lease_id = ?1 ORDER BY seq",
+                row::event_columns()
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            query(&mut stmt, [lease_id], |r| row::event_from(r))
         })
         .await
     }
@@ -645,19 +445,14 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<LeaseEvent>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM lease_events WHERE kind = 'ended' AND seq > ?1 \
-                     ORDER BY seq LIMIT ?2"
-                ))
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map(
-                    params![u64_to_i64(cursor), i64::try_from(limit).unwrap_or(i64::MAX)],
-                    event_from_row,
-                )
-                .map_err(map_err)?;
-            collect(rows)
+            let sql = format!(
+                "SELECT {} FROM lease_events WHERE kind = 'ended' AND seq > ?1 \
+                 ORDER BY seq LIMIT ?2",
+                row::event_columns()
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            let args = params![u64_to_i64(cursor), row::limit(limit)];
+            query(&mut stmt, args, |r| row::event_from(r))
         })
         .await
     }
@@ -689,19 +484,14 @@ impl Store for SqliteStore {
 
     async fn leases_due(&self, now: SystemTime, limit: usize) -> Result<Vec<Lease>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases WHERE active = 1 AND deadline <= ?1 \
-                     ORDER BY deadline LIMIT ?2"
-                ))
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map(
-                    params![to_millis(now), i64::try_from(limit).unwrap_or(i64::MAX)],
-                    lease_from_row,
-                )
-                .map_err(map_err)?;
-            collect(rows)
+            let sql = format!(
+                "SELECT {} FROM leases WHERE active = 1 AND deadline <= ?1 \
+                 ORDER BY deadline LIMIT ?2",
+                row::lease_columns()
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            let args = params![to_millis(now), row::limit(limit)];
+            query(&mut stmt, args, |r| row::lease_from(r))
         })
         .await
     }
@@ -713,27 +503,22 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Lease>, StoreError> {
         let logout = logout.clone();
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT {LEASE_COLUMNS} FROM leases \
-                     WHERE active = 1 AND on_logout = 'end' AND issuer = ?1 AND \
-                     ((?2 IS NOT NULL AND session_id = ?2) OR \
-                      (?3 IS NOT NULL AND subject_sub = ?3 AND (?2 IS NULL OR session_id IS NULL))) \
-                     LIMIT ?4"
-                ))
-                .map_err(map_err)?;
-            let rows = stmt
-                .query_map(
-                    params![
-                        logout.issuer,
-                        logout.session_id,
-                        logout.sub,
-                        i64::try_from(limit).unwrap_or(i64::MAX)
-                    ],
-                    lease_from_row,
-                )
-                .map_err(map_err)?;
-            collect(rows)
+            let sql = format!(
+                "SELECT {} FROM leases \
+                 WHERE active = 1 AND on_logout = 'end' AND issuer = ?1 AND \
+                 ((?2 IS NOT NULL AND session_id = ?2) OR \
+                  (?3 IS NOT NULL AND subject_sub = ?3 AND (?2 IS NULL OR session_id IS NULL))) \
+                 LIMIT ?4",
+                row::lease_columns()
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            let args = params![
+                logout.issuer,
+                logout.session_id,
+                logout.sub,
+                row::limit(limit)
+            ];
+            query(&mut stmt, args, |r| row::lease_from(r))
         })
         .await
     }
@@ -752,15 +537,12 @@ impl Store for SqliteStore {
 
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT kid, algorithm, public_key, sealed_private_key, created_at, \
-                     activates_at, retired_at FROM signing_keys \
-                     ORDER BY created_at DESC, kid DESC",
-                )
-                .map_err(map_err)?;
-            let rows = stmt.query_map([], key_from_row).map_err(map_err)?;
-            rows.map(|r| r.map_err(map_err)).collect()
+            let sql = format!(
+                "SELECT {} FROM signing_keys ORDER BY created_at DESC, kid DESC",
+                row::key_columns()
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            query(&mut stmt, [], |r| row::key_from(r))
         })
         .await
     }
@@ -770,7 +552,11 @@ impl Store for SqliteStore {
         new: &StoredKey,
         expected_current: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let new = new.clone();
+        let activates_at = to_millis(new.activates_at);
+        let new = row::key_values(&StoredKey {
+            retired_at: None,
+            ..new.clone()
+        });
         let expected = expected_current.map(str::to_owned);
         self.write(move |conn| {
             let current: Option<String> = conn
@@ -786,22 +572,10 @@ impl Store for SqliteStore {
             }
             conn.execute(
                 "UPDATE signing_keys SET retired_at = ?1 WHERE retired_at IS NULL",
-                [to_millis(new.activates_at)],
+                [activates_at],
             )
             .map_err(map_err)?;
-            conn.execute(
-                "INSERT INTO signing_keys (kid, algorithm, public_key, sealed_private_key, \
-                 created_at, activates_at, retired_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
-                params![
-                    new.kid,
-                    new.algorithm,
-                    new.public_key,
-                    new.sealed_private_key,
-                    to_millis(new.created_at),
-                    to_millis(new.activates_at),
-                ],
-            )
-            .map_err(map_err)?;
+            execute(conn, &SQL.insert_key, &new)?;
             Ok(true)
         })
         .await
@@ -816,10 +590,7 @@ impl Store for SqliteStore {
                     )
                     .map_err(map_err)?;
                 let rows = stmt
-                    .query_map(
-                        params![to_millis(before), i64::try_from(limit).unwrap_or(i64::MAX)],
-                        |r| r.get(0),
-                    )
+                    .query_map(params![to_millis(before), row::limit(limit)], |r| r.get(0))
                     .map_err(map_err)?;
                 rows.collect::<Result<_, _>>().map_err(map_err)?
             };
@@ -840,36 +611,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(super) fn lease(job: &str) -> Lease {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        Lease {
-            id: uuid::Uuid::new_v4().to_string(),
-            tenant: "t".into(),
-            subject: "alice".into(),
-            actor: "importer".into(),
-            job_id: job.into(),
-            permissions: vec!["records:write".into()],
-            audience: "api".into(),
-            created_at: now,
-            expires_at: now + Duration::from_secs(3600),
-            idle_timeout: Duration::from_secs(600),
-            last_active_at: now,
-            end: None,
-            generation: 0,
-            seed: vec![7; 32],
-            rotated_at: now,
-            refresh_count: 0,
-            last_refreshed_at: None,
-            resume_count: 0,
-            standing: Default::default(),
-            version: 0,
-        }
-    }
-
-    pub(super) fn issued(l: &Lease) -> LeaseEvent {
-        LeaseEvent::new(l, EventKind::Issued, l.created_at, "module:importer", "")
-    }
+    use crate::store::conformance::{issued, lease};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_are_grouped_and_every_acknowledged_one_is_on_disk() {
