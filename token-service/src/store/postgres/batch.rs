@@ -78,8 +78,12 @@ static WRITE_LEASES: LazyLock<String> = LazyLock::new(|| {
 
 /// Compare-and-set of many leases in one statement (one commit): each row is written
 /// only if its stored version is still the one given. Two updates of one lease in a
-/// batch: at most one matches, and `RETURNING u.ord` says which.
-pub(super) async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<bool>, StoreError> {
+/// batch: at most one matches, and `RETURNING u.ord` says which. One answer per lease:
+/// its new version if written.
+pub(super) async fn write_leases(
+    pool: Pool,
+    leases: Vec<Lease>,
+) -> Result<Vec<Option<i64>>, StoreError> {
     let ord: Vec<i64> = (0..).take(leases.len()).collect();
     let ids: Vec<&str> = leases.iter().map(|l| l.id.as_str()).collect();
     let versions: Vec<i64> = leases.iter().map(|l| l.version).collect();
@@ -96,7 +100,11 @@ pub(super) async fn write_leases(pool: Pool, leases: Vec<Lease>) -> Result<Vec<b
     let update = client.prepare_cached(&WRITE_LEASES).await.map_err(db_err)?;
     let rows = client.query(&update, &params).await.map_err(db_err)?;
     let written: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    Ok(ord.iter().map(|i| written.contains(i)).collect())
+    Ok(ord
+        .iter()
+        .zip(&leases)
+        .map(|(i, lease)| written.contains(i).then_some(lease.version + 1))
+        .collect())
 }
 
 /// The array type `unnest` takes for a column of this kind.

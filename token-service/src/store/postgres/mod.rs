@@ -77,7 +77,7 @@ pub struct PostgresStore {
     pool: Pool,
     ends: watch::Receiver<u64>,
     reads: Batcher<String, Option<Lease>>,
-    renewals: Batcher<Lease, bool>,
+    renewals: Batcher<Lease, Option<i64>>,
     batches: BatchHook,
 }
 
@@ -390,7 +390,7 @@ impl Store for PostgresStore {
         &self,
         lease: &Lease,
         event: Option<&LeaseEvent>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let Some(event) = event else {
             // A renewal writes no event: it joins the next batched compare-and-set.
             return self.renewals.call(lease.clone()).await;
@@ -405,11 +405,12 @@ impl Store for PostgresStore {
             .map_err(db_err)?
             == 0
         {
-            return Ok(false);
+            return Ok(None);
         }
         insert_event(&tx, event).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok(true)
+        // What the update set, the stored version having been the lease's.
+        Ok(Some(lease.version + 1))
     }
 
     async fn list_leases(

@@ -67,7 +67,7 @@ mod tests {
 
             let mut renewed = a.clone();
             renewed.generation = 1;
-            assert!(store.update_lease(&renewed, None).await.unwrap());
+            assert_eq!(store.update_lease(&renewed, None).await.unwrap(), Some(1));
             if capacity > 0 {
                 // The cache holds the committed row: new generation, bumped version.
                 let cached = lock(&store.inner.cache).get(&a.id).unwrap();
@@ -75,14 +75,14 @@ mod tests {
             }
             // A stale compare-and-set loses; the cache drops the lease rather than
             // guess, and the next read comes from the file.
-            assert!(!store.update_lease(&a, None).await.unwrap());
+            assert_eq!(store.update_lease(&a, None).await.unwrap(), None);
             assert!(!lock(&store.inner.cache).leases.contains_key(&a.id));
             let got = store.get_lease(&a.id).await.unwrap().unwrap();
             assert_eq!((got.generation, got.version), (1, 1));
 
             let mut ended = got.clone();
             ended.finish(EndReason::Released, ended.created_at, "module:importer", "");
-            assert!(store.update_lease(&ended, None).await.unwrap());
+            assert_eq!(store.update_lease(&ended, None).await.unwrap(), Some(2));
             assert!(!lock(&store.inner.cache).leases.contains_key(&a.id));
             let got = store.get_lease(&a.id).await.unwrap().unwrap();
             assert_eq!(got.end.map(|e| e.reason), Some(EndReason::Released));

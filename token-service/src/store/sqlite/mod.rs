@@ -383,14 +383,16 @@ impl Store for SqliteStore {
         &self,
         lease: &Lease,
         event: Option<&LeaseEvent>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let cache = Arc::clone(&self.inner.cache);
         let values = row::update_values(lease)?;
         let event = event.map(row::event_values);
+        // What the update sets where the stored version is still the lease's.
+        let version = lease.version + 1;
         let mut committed = lease.clone();
-        let on_commit = move |written: &bool| {
-            if *written {
-                committed.version += 1;
+        let on_commit = move |written: &Option<i64>| {
+            if let Some(version) = *written {
+                committed.version = version;
                 lock(&cache).committed(committed);
             } else {
                 // The stored version moved on without this cache seeing it: stop
@@ -401,12 +403,12 @@ impl Store for SqliteStore {
         self.write_then(
             move |conn| {
                 if execute(conn, &SQL.update_lease, &values)? == 0 {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 if let Some(event) = &event {
                     execute(conn, &SQL.insert_event, event)?;
                 }
-                Ok(true)
+                Ok(Some(version))
             },
             on_commit,
         )
@@ -629,7 +631,7 @@ mod tests {
                 let mut renewed = false;
                 if written.is_ok() {
                     l.generation = 1;
-                    renewed = store.update_lease(&l, None).await.unwrap();
+                    renewed = store.update_lease(&l, None).await.unwrap().is_some();
                 }
                 (l.id, written, renewed)
             }));
