@@ -150,6 +150,8 @@ pub(super) fn run_group(conn: &Connection, group: &mut [Box<dyn WriteJob>]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
+    use crate::store::conformance::{issued, lease};
     use crate::store::sqlite::{SqliteStore, open_connection};
 
     #[test]
@@ -227,5 +229,53 @@ mod tests {
             answer.try_recv().unwrap(),
             Err(StoreError::Unavailable(why)) if why.contains("disk I/O error")
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_grouped_and_every_acknowledged_one_is_on_disk() {
+        let store = SqliteStore::temporary().unwrap();
+        let path = store.inner.temporary.clone().unwrap().join("jobtoken.db");
+        // Two holders race for each job: the unique index lets exactly one win, and the
+        // loser's failure must not disturb the winners grouped with it.
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut l = lease(&format!("job-{}", i / 2));
+                l.id = format!("lease-{i}");
+                let written = store.insert_lease(&l, &issued(&l)).await;
+                let mut renewed = false;
+                if written.is_ok() {
+                    l.generation = 1;
+                    renewed = store.update_lease(&l, None).await.unwrap().is_some();
+                }
+                (l.id, written, renewed)
+            }));
+        }
+        let mut won = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (id, Ok(()), true) => won.push(id),
+                (_, Err(StoreError::Conflict), false) => {}
+                (id, other, renewed) => panic!("{id}: {other:?} renewed={renewed}"),
+            }
+        }
+        assert_eq!(won.len(), 100);
+        // A fresh connection sees exactly the acknowledged writes, renewals included.
+        let conn = open_connection(&path).unwrap();
+        let rows: Vec<(String, i64)> = conn
+            .prepare("SELECT id, generation FROM leases ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        won.sort();
+        assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), won);
+        assert!(rows.iter().all(|r| r.1 == 1));
+        let events: i64 = conn
+            .query_row("SELECT COUNT(*) FROM lease_events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(events, 100);
     }
 }
