@@ -362,7 +362,11 @@ impl LeaseService {
             self.settings.access_token_ttl,
             self.settings.refresh_grace,
         );
-        let written = self.store.update_lease(ended, event.as_ref()).await?;
+        let written = self
+            .store
+            .update_lease(ended, event.as_ref())
+            .await?
+            .is_some();
         if written {
             if let Some(end) = &ended.end {
                 self.metrics.lease_ended(end.reason.as_str());
@@ -761,11 +765,11 @@ impl LeaseService {
                 lease.last_active_at = now;
                 lease.refresh_count += 1;
                 lease.last_refreshed_at = Some(now);
-                if !self.store.update_lease(&lease, event.as_ref()).await? {
-                    continue;
+                match self.store.update_lease(&lease, event.as_ref()).await? {
+                    Some(version) => lease.version = version,
+                    None => continue,
                 }
                 audit_lease("lease.refreshed", &lease);
-                lease.version += 1;
                 let tokens = self.mint(&lease, now)?;
                 return Ok((lease, tokens));
             }
@@ -877,11 +881,11 @@ impl LeaseService {
                 &module.principal(),
                 &detail,
             );
-            if !self.store.update_lease(&lease, Some(&event)).await? {
-                continue;
+            match self.store.update_lease(&lease, Some(&event)).await? {
+                Some(version) => lease.version = version,
+                None => continue,
             }
             audit_lease("lease.resumed", &lease);
-            lease.version += 1;
             let tokens = self.mint(&lease, now)?;
             return Ok((lease, tokens));
         }

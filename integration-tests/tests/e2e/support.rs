@@ -253,7 +253,7 @@ impl Store for FlakyStore {
         &self,
         lease: &Lease,
         event: Option<&LeaseEvent>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         // Of every ten updates, `failure_rate` fail, evenly spread; failures alternate
         // between before writing (a lost request) and after (a lost answer).
         let n = self

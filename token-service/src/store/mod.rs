@@ -4,9 +4,11 @@
 //! updated with compare-and-set on [`Lease::version`], so concurrent renewals (threads or
 //! replicas) never lose a rotation: the loser re-reads and decides again.
 
-mod batch;
-mod pg_tls;
+#[cfg(test)]
+mod conformance;
+mod filter;
 pub mod postgres;
+mod row;
 pub mod sqlite;
 
 pub use postgres::PostgresStore;
@@ -124,12 +126,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Lease>, StoreError>;
 
     /// Writes `lease` if its stored version is still `lease.version` (and bumps it), with
-    /// `event` appended in the same transaction. `Ok(false)`: someone else wrote first.
+    /// `event` appended in the same transaction. `Ok(Some(version))`: written, now at
+    /// `version`; `Ok(None)`: someone else wrote first.
     async fn update_lease(
         &self,
         lease: &Lease,
         event: Option<&LeaseEvent>,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<i64>, StoreError>;
 
     /// Leases matching `filter`, newest first, at most `limit`.
     async fn list_leases(

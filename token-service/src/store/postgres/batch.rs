@@ -5,14 +5,185 @@
 //! has gathered to one call of its `run` function, with a few such calls in flight, so
 //! a busy service sends a few large statements instead of many small ones while a quiet
 //! one still answers each request at once (a batch of one).
+//!
+//! The PostgreSQL store batches its renewal path with it: lease reads by id
+//! ([`read_leases`]) and event-less compare-and-set writes ([`write_leases`]).
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{BatchHook, StoreError};
+use deadpool_postgres::Pool;
+
+use bytes::BytesMut;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+
+use super::{db_err, pool_err};
+use crate::lease::Lease;
+use crate::store::row::{self, Column, Kind, Value};
+use crate::store::{BatchHook, StoreError};
+
+/// Most rows one batched statement carries.
+pub(super) const MAX_BATCH: usize = 256;
+/// Batched statements of one kind in flight at once.
+pub(super) const PARALLEL_BATCHES: usize = 4;
+
+/// Reads many leases in one query; one answer per id, in order.
+pub(super) async fn read_leases(
+    pool: Pool,
+    ids: Vec<String>,
+) -> Result<Vec<Option<Lease>>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let sql = format!(
+        "SELECT {} FROM leases WHERE id = ANY($1)",
+        row::lease_columns()
+    );
+    let select = client.prepare_cached(&sql).await.map_err(db_err)?;
+    let rows = client.query(&select, &[&ids]).await.map_err(db_err)?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let lease = row::lease_from(row)?;
+        found.insert(lease.id.clone(), lease);
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+}
+
+/// The batched compare-and-set: the updated columns of [`row::LEASE`] as typed arrays,
+/// after the batch position, id and expected version of each lease.
+static WRITE_LEASES: LazyLock<String> = LazyLock::new(|| {
+    let columns: Vec<&Column> = row::updated_columns().collect();
+    let set: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{0} = u.{0}", c.name))
+        .collect();
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::{}[]", i + 4, pg_type(c.kind)))
+        .collect();
+    let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
+    format!(
+        "UPDATE leases AS l SET {}, version = l.version + 1 \
+         FROM unnest($1::bigint[], $2::text[], $3::bigint[], {}) \
+         AS u(ord, id, version, {}) \
+         WHERE l.id = u.id AND l.version = u.version RETURNING u.ord",
+        set.join(", "),
+        arrays.join(", "),
+        names.join(", ")
+    )
+});
+
+/// Compare-and-set of many leases in one statement (one commit): each row is written
+/// only if its stored version is still the one given. Two updates of one lease in a
+/// batch: at most one matches, and `RETURNING u.ord` says which. One answer per lease:
+/// its new version if written.
+pub(super) async fn write_leases(
+    pool: Pool,
+    leases: Vec<Lease>,
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let ord: Vec<i64> = (0..).take(leases.len()).collect();
+    let ids: Vec<&str> = leases.iter().map(|l| l.id.as_str()).collect();
+    let versions: Vec<i64> = leases.iter().map(|l| l.version).collect();
+    let mut columns: Vec<Array> = row::updated_columns().map(|c| Array::new(c.kind)).collect();
+    for lease in &leases {
+        // The updated columns' values come first; `zip` leaves out the id and version.
+        for (column, value) in columns.iter_mut().zip(row::update_values(lease)?) {
+            column.push(value)?;
+        }
+    }
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ord, &ids, &versions];
+    params.extend(columns.iter().map(|c| c as &(dyn ToSql + Sync)));
+    let client = pool.get().await.map_err(pool_err)?;
+    let update = client.prepare_cached(&WRITE_LEASES).await.map_err(db_err)?;
+    let rows = client.query(&update, &params).await.map_err(db_err)?;
+    let written: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(ord
+        .iter()
+        .zip(&leases)
+        .map(|(i, lease)| written.contains(i).then_some(lease.version + 1))
+        .collect())
+}
+
+/// The array type `unnest` takes for a column of this kind.
+fn pg_type(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Text => "text",
+        Kind::Int => "bigint",
+        Kind::Bool => "boolean",
+        Kind::Bytes => "bytea",
+    }
+}
+
+/// One column of a batch, as the typed array `unnest` takes.
+#[derive(Debug)]
+enum Array {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Bool(Vec<Option<bool>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+}
+
+impl Array {
+    fn new(kind: Kind) -> Self {
+        match kind {
+            Kind::Text => Array::Text(Vec::new()),
+            Kind::Int => Array::Int(Vec::new()),
+            Kind::Bool => Array::Bool(Vec::new()),
+            Kind::Bytes => Array::Bytes(Vec::new()),
+        }
+    }
+
+    fn push(&mut self, value: Value) -> Result<(), StoreError> {
+        match (self, value) {
+            (Array::Text(a), Value::Text(v)) => a.push(Some(v)),
+            (Array::Text(a), Value::Null) => a.push(None),
+            (Array::Int(a), Value::Int(v)) => a.push(Some(v)),
+            (Array::Int(a), Value::Null) => a.push(None),
+            (Array::Bool(a), Value::Bool(v)) => a.push(Some(v)),
+            (Array::Bool(a), Value::Null) => a.push(None),
+            (Array::Bytes(a), Value::Bytes(v)) => a.push(Some(v)),
+            (Array::Bytes(a), Value::Null) => a.push(None),
+            (array, value) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{value:?} in a batch column of {array:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ToSql for Array {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, ToSqlError> {
+        match self {
+            Array::Text(a) => a.to_sql(ty, out),
+            Array::Int(a) => a.to_sql(ty, out),
+            Array::Bool(a) => a.to_sql(ty, out),
+            Array::Bytes(a) => a.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <Vec<Option<String>>>::accepts(ty)
+            || <Vec<Option<i64>>>::accepts(ty)
+            || <Vec<Option<bool>>>::accepts(ty)
+            || <Vec<Option<Vec<u8>>>>::accepts(ty)
+    }
+
+    fn to_sql_checked(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, ToSqlError> {
+        match self {
+            Array::Text(a) => a.to_sql_checked(ty, out),
+            Array::Int(a) => a.to_sql_checked(ty, out),
+            Array::Bool(a) => a.to_sql_checked(ty, out),
+            Array::Bytes(a) => a.to_sql_checked(ty, out),
+        }
+    }
+}
+
+type ToSqlError = Box<dyn std::error::Error + Sync + Send>;
 
 type Waiting<Q, A> = (Q, oneshot::Sender<Result<A, StoreError>>);
 
