@@ -77,4 +77,20 @@ mod tests {
         guard.forget("kc", "j1");
         assert_eq!(guard.take("kc", "j1", until, t0), Ok(()));
     }
+
+    #[test]
+    fn the_memory_is_bounded_and_frees_ids_whose_window_ended() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let until = t0 + Duration::from_secs(300);
+        let guard = ReplayGuard::default();
+        for i in 0..MAX_REMEMBERED {
+            assert_eq!(guard.take("kc", &i.to_string(), until, t0), Ok(()));
+        }
+        assert_eq!(guard.take("kc", "one-more", until, t0), Err(Refused::Full));
+        // Once their window has passed, the old ids make room.
+        assert_eq!(
+            guard.take("kc", "one-more", until + Duration::from_secs(300), until),
+            Ok(())
+        );
+    }
 }

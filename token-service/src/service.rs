@@ -178,6 +178,14 @@ impl fmt::Debug for LeaseService {
     }
 }
 
+/// Whether a renewal goes on after following the user's standing.
+enum AfterStanding {
+    /// It renews; a narrowing withdrew what this says, if anything.
+    Renews(Option<String>),
+    /// Ending the lease lost a race with another write: read it again.
+    LostRace,
+}
+
 /// One audit event about a lease that stays active (renewed, retried, resumed).
 fn audit_lease(event: &'static str, lease: &Lease) {
     tracing::info!(
@@ -411,17 +419,43 @@ impl LeaseService {
         Some((policy, found))
     }
 
-    /// Applies what a re-check `found` to `lease` before it renews: `Ok` with the event of
-    /// a narrowing to write, if any; `Err` with the reason the lease must end.
+    /// Follows the user's standing before `lease` renews or resumes at `now`: asks the
+    /// platform when a re-check is due (once per call: `found` keeps the answer across
+    /// compare-and-set retries) and applies the answer. Ends the lease, and returns
+    /// [`Error::LeaseEnded`], when the answer says so.
+    async fn before_renewal(
+        &self,
+        lease: &mut Lease,
+        found: &mut Option<Option<(RecheckPolicy, Recheck)>>,
+        now: SystemTime,
+    ) -> Result<AfterStanding> {
+        if found.is_none() {
+            *found = Some(self.recheck_if_due(lease, now).await);
+        }
+        let Some(Some((policy, answer))) = found.as_ref() else {
+            return Ok(AfterStanding::Renews(None));
+        };
+        match self.follow_standing(lease, policy, answer, now) {
+            Ok(narrowed) => Ok(AfterStanding::Renews(narrowed)),
+            Err((reason, detail)) => {
+                lease.finish(reason, now, "system", &detail);
+                if !self.write_end(lease).await? {
+                    return Ok(AfterStanding::LostRace);
+                }
+                Err(Error::LeaseEnded(reason, detail))
+            }
+        }
+    }
+
+    /// Applies what a re-check found to `lease`: `Ok` with what a narrowing withdrew, if
+    /// anything; `Err` with the reason the lease must end.
     fn follow_standing(
         &self,
         lease: &mut Lease,
-        found: Option<&Option<(RecheckPolicy, Recheck)>>,
+        policy: &RecheckPolicy,
+        answer: &Recheck,
         now: SystemTime,
-    ) -> std::result::Result<Option<LeaseEvent>, (EndReason, String)> {
-        let Some(Some((policy, answer))) = found else {
-            return Ok(None);
-        };
+    ) -> std::result::Result<Option<String>, (EndReason, String)> {
         let verdict = recheck::decide(lease, answer, policy, now);
         let source = lease.standing.permission_source.clone().unwrap_or_default();
         let unverified = match &verdict {
@@ -450,13 +484,7 @@ impl LeaseService {
                     subject = %lease.subject,
                     withdrawn = %withdrawn.join(","),
                 );
-                Ok(Some(LeaseEvent::new(
-                    lease,
-                    EventKind::Narrowed,
-                    now,
-                    "system",
-                    &detail,
-                )))
+                Ok(Some(detail))
             }
             Verdict::End(reason, detail) => Err((reason, detail)),
             Verdict::Unverified {
@@ -504,14 +532,23 @@ impl LeaseService {
         let now = self.clock.now();
         let subjects = self.subjects.load_full();
         let claims = subjects.verify_logout(logout_token, now).await?;
-        self.logouts
+        match self
+            .logouts
             .take(&claims.issuer, &claims.jti, claims.remember_until, now)
-            .map_err(|refused| {
-                Error::LogoutTokenInvalid(match refused {
-                    Refused::Replayed => "the logout token was already received (jti)".into(),
-                    Refused::Full => "too many logouts at once; send it again shortly".into(),
-                })
-            })?;
+        {
+            Ok(()) => {}
+            Err(Refused::Replayed) => {
+                return Err(Error::LogoutTokenInvalid(
+                    "the logout token was already received (jti)".into(),
+                ));
+            }
+            // Refusing would leave the user's leases running. A replay is harmless (ending
+            // is idempotent and later leases are untouched), so carry it out unremembered.
+            Err(Refused::Full) => tracing::warn!(
+                limit = crate::replay::MAX_REMEMBERED,
+                "logout token ids not remembered: too many logouts within max_age"
+            ),
+        }
         let logout = Logout {
             issuer: claims.issuer.clone(),
             session_id: claims.session_id.clone(),
@@ -747,19 +784,14 @@ impl LeaseService {
             }
             let current = lease.generation;
             if presented.generation == current {
-                if found.is_none() {
-                    found = Some(self.recheck_if_due(&lease, now).await);
-                }
-                let event = match self.follow_standing(&mut lease, found.as_ref(), now) {
-                    Ok(event) => event,
-                    Err((reason, detail)) => {
-                        lease.finish(reason, now, "system", &detail);
-                        if !self.write_end(&lease).await? {
-                            continue;
-                        }
-                        return Err(Error::LeaseEnded(reason, detail));
-                    }
+                let AfterStanding::Renews(narrowed) =
+                    self.before_renewal(&mut lease, &mut found, now).await?
+                else {
+                    continue;
                 };
+                let event = narrowed.map(|detail| {
+                    LeaseEvent::new(&lease, EventKind::Narrowed, now, "system", &detail)
+                });
                 lease.generation += 1;
                 lease.rotated_at = now;
                 lease.last_active_at = now;
@@ -853,18 +885,10 @@ impl LeaseService {
                 Some(Some((reason, detail))) => return Err(Error::LeaseEnded(reason, detail)),
                 Some(None) => continue,
             }
-            if found.is_none() {
-                found = Some(self.recheck_if_due(&lease, now).await);
-            }
-            let narrowed = match self.follow_standing(&mut lease, found.as_ref(), now) {
-                Ok(narrowed) => narrowed,
-                Err((reason, detail)) => {
-                    lease.finish(reason, now, "system", &detail);
-                    if !self.write_end(&lease).await? {
-                        continue;
-                    }
-                    return Err(Error::LeaseEnded(reason, detail));
-                }
+            let AfterStanding::Renews(narrowed) =
+                self.before_renewal(&mut lease, &mut found, now).await?
+            else {
+                continue;
             };
             // A new seed invalidates every refresh token issued before.
             lease.seed = random_bytes::<32>().to_vec();
@@ -873,7 +897,7 @@ impl LeaseService {
             lease.last_active_at = now;
             lease.resume_count += 1;
             // One event per write: a narrowing found at resume is told in its detail.
-            let detail = narrowed.map(|e| e.detail).unwrap_or_default();
+            let detail = narrowed.unwrap_or_default();
             let event = LeaseEvent::new(
                 &lease,
                 EventKind::Resumed,

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use token_sdk::proto::{
-    GetLeaseRequest, IntrospectTokenRequest, IssueJobTokenRequest, OnLogout, RefreshJobTokenRequest,
+    GetLeaseRequest, GetLeaseResponse, IntrospectTokenRequest, IssueJobTokenRequest, OnLogout,
+    RefreshJobTokenRequest,
 };
 use token_sdk::{Client, EndReason, Lease, LeaseState, Verifier};
 use token_service::config::{
@@ -211,14 +212,28 @@ async fn sdk(server: &TestServer) -> (Client, Verifier) {
     (client, verifier)
 }
 
-async fn hold(client: &Client, job: &str, token: String, permissions: &[&str]) -> Lease {
+/// Alice's lease for `job`, held by the SDK.
+async fn hold(world: &World, client: &Client, job: &str, permissions: &[&str]) -> Lease {
     client
-        .lease(job, token)
+        .lease(job, world.alice().await)
         .permissions(permissions.iter().map(|p| p.to_string()))
         .max_lifetime(Duration::from_secs(3600))
         .start()
         .await
         .unwrap()
+}
+
+/// The lease's story, as an operator reads it.
+async fn lease_story(server: &TestServer, lease: &Lease) -> GetLeaseResponse {
+    server
+        .admin()
+        .await
+        .get_lease(GetLeaseRequest {
+            lease_id: lease.info().lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// The job hears why its lease ended, and a resource server refuses its last token,
@@ -255,13 +270,7 @@ async fn withdrawn_permissions_end_the_lease_or_narrow_it() {
     // Policy `end`: the next re-check after the withdrawal ends the lease.
     let server = world.server(OnWithdrawn::End, None).await;
     let (client, verifier) = sdk(&server).await;
-    let lease = hold(
-        &client,
-        "import-end",
-        world.alice().await,
-        &["inventory.write"],
-    )
-    .await;
+    let lease = hold(&world, &client, "import-end", &["inventory.write"]).await;
     assert_eq!(lease.info().permissions, ["inventory.write"]);
     // Renewals re-check (every second) and go on while nothing changes.
     let generation = lease.access_token().generation();
@@ -278,15 +287,7 @@ async fn withdrawn_permissions_end_the_lease_or_narrow_it() {
     );
     world.platform.set("u-alice", &["inventory.read"], true);
     ends_with(&lease, &verifier, EndReason::PermissionsWithdrawn).await;
-    let story = server
-        .admin()
-        .await
-        .get_lease(GetLeaseRequest {
-            lease_id: lease.info().lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let story = lease_story(&server, &lease).await;
     let ended = story.lease.unwrap();
     assert_eq!(ended.ended_by, "system");
     assert!(
@@ -305,9 +306,9 @@ async fn withdrawn_permissions_end_the_lease_or_narrow_it() {
     let server = world.server(OnWithdrawn::Narrow, None).await;
     let (client, verifier) = sdk(&server).await;
     let lease = hold(
+        &world,
         &client,
         "import-narrow",
-        world.alice().await,
         &["inventory.read", "inventory.write"],
     )
     .await;
@@ -330,15 +331,7 @@ async fn withdrawn_permissions_end_the_lease_or_narrow_it() {
     assert_eq!(lease.state(), LeaseState::Active);
     // The job sees what it may still do.
     assert_eq!(&*lease.permissions(), ["inventory.read"]);
-    let story = server
-        .admin()
-        .await
-        .get_lease(GetLeaseRequest {
-            lease_id: lease.info().lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let story = lease_story(&server, &lease).await;
     assert_eq!(story.lease.unwrap().granted_permissions, ["inventory.read"]);
     // Introspection refuses a token minted before the narrowing at once.
     let introspected = server
@@ -369,13 +362,7 @@ async fn a_disabled_or_removed_user_ends_the_lease() {
     let server = world.server(OnWithdrawn::Narrow, None).await;
     let (client, verifier) = sdk(&server).await;
 
-    let lease = hold(
-        &client,
-        "import-disabled",
-        world.alice().await,
-        &["inventory.read"],
-    )
-    .await;
+    let lease = hold(&world, &client, "import-disabled", &["inventory.read"]).await;
     world
         .platform
         .set("u-alice", &["inventory.read", "inventory.write"], false);
@@ -394,13 +381,7 @@ async fn a_disabled_or_removed_user_ends_the_lease() {
     world
         .platform
         .set("u-alice", &["inventory.read", "inventory.write"], true);
-    let lease = hold(
-        &client,
-        "import-removed",
-        world.alice().await,
-        &["inventory.read"],
-    )
-    .await;
+    let lease = hold(&world, &client, "import-removed", &["inventory.read"]).await;
     world.platform.users.lock().unwrap().remove("u-alice");
     ends_with(&lease, &verifier, EndReason::SubjectDisabled).await;
     server.stop().await;
@@ -418,13 +399,7 @@ async fn an_outage_of_the_permission_source_never_ends_jobs_unless_bounded() {
     // No bound: renewals go on with the current grant while the source is down.
     let server = world.server(OnWithdrawn::End, None).await;
     let (client, _verifier) = sdk(&server).await;
-    let lease = hold(
-        &client,
-        "import-outage",
-        world.alice().await,
-        &["inventory.read"],
-    )
-    .await;
+    let lease = hold(&world, &client, "import-outage", &["inventory.read"]).await;
     world.platform.down.store(true, Ordering::SeqCst);
     let generation = lease.access_token().generation();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -449,13 +424,7 @@ async fn an_outage_of_the_permission_source_never_ends_jobs_unless_bounded() {
         .server(OnWithdrawn::End, Some(Duration::from_secs(3)))
         .await;
     let (client, verifier) = sdk(&server).await;
-    let lease = hold(
-        &client,
-        "import-bounded",
-        world.alice().await,
-        &["inventory.read"],
-    )
-    .await;
+    let lease = hold(&world, &client, "import-bounded", &["inventory.read"]).await;
     world.platform.down.store(true, Ordering::SeqCst);
     ends_with(&lease, &verifier, EndReason::PermissionsUnverifiable).await;
     server.stop().await;
@@ -486,13 +455,7 @@ async fn back_channel_logout_ends_the_leases_that_asked_for_it() {
     // The importer's leases end at logout (its configured default); the other module's
     // survive (the default policy), and it may not be forced to `end` by mistake: it
     // asks explicitly.
-    let ends = hold(
-        &client,
-        "import-logout",
-        world.alice().await,
-        &["inventory.read"],
-    )
-    .await;
+    let ends = hold(&world, &client, "import-logout", &["inventory.read"]).await;
     assert_eq!(ends.state(), LeaseState::Active);
     let mut other = server.client_with_key(OTHER_KEY).await;
     let survives = other
@@ -579,13 +542,7 @@ async fn back_channel_logout_ends_the_leases_that_asked_for_it() {
 
     // A logout naming only the user ends the user's leases from any session; a lease
     // granted after the logout is not touched by a replay of an old one.
-    let again = hold(
-        &client,
-        "import-user-logout",
-        world.alice().await,
-        &["inventory.read"],
-    )
-    .await;
+    let again = hold(&world, &client, "import-user-logout", &["inventory.read"]).await;
     let by_user = world
         .logout_token("jobtoken", Some("alice-app"), None)
         .await;

@@ -122,7 +122,11 @@ pub fn message_too_large() -> Status {
             "the request message is larger than {} bytes",
             crate::service::MAX_MESSAGE_BYTES
         ),
-        ErrorDetails::with_error_info("MESSAGE_TOO_LARGE", ERROR_DOMAIN, metadata),
+        ErrorDetails::with_error_info(
+            jobtoken_proto::wire::reason::MESSAGE_TOO_LARGE,
+            ERROR_DOMAIN,
+            metadata,
+        ),
     )
 }
 

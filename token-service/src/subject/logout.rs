@@ -121,6 +121,9 @@ impl SubjectVerifier {
             Error::UntrustedIssuer(iss) => {
                 Error::LogoutTokenInvalid(format!("issuer {iss:?} is not trusted"))
             }
+            Error::InvalidArgument { problem, .. } => {
+                Error::LogoutTokenInvalid(format!("logout_token {problem}"))
+            }
             other => Error::LogoutTokenInvalid(other.to_string()),
         };
         let token = Self::parse(token).map_err(refused)?;
