@@ -246,10 +246,8 @@ impl Lease {
     /// grace retries up to `grace` later; none lives past `ttl` (rounded up to a whole
     /// second) or the hard expiry.
     pub fn tokens_valid_until(&self, ttl: Duration, grace: Duration) -> SystemTime {
-        // `exp` is rounded up to a whole second, hence the extra second.
-        let slack = Duration::from_secs(1);
         self.expires_at
-            .min(self.last_active_at.max(self.rotated_at) + grace + ttl + slack)
+            .min(self.last_active_at.max(self.rotated_at) + token_reach(ttl, grace))
     }
 }
 
@@ -271,6 +269,13 @@ impl fmt::Debug for Lease {
             .field("version", &self.version)
             .finish_non_exhaustive()
     }
+}
+
+/// How long after a lease's last grant, renewal or resume one of its access tokens can
+/// still be valid: a grace retry may mint one up to `grace` later, it lives `ttl`, and
+/// its `exp` is rounded up to a whole second.
+pub fn token_reach(ttl: Duration, grace: Duration) -> Duration {
+    grace + ttl + Duration::from_secs(1)
 }
 
 /// What happened to a lease, for its story and the revocation stream.

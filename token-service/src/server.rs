@@ -132,9 +132,10 @@ impl Server {
         };
         let store = wrap(store);
         let remote_ends = store.remote_ends();
-        // A retired key must verify every token it signed: their life plus the grace
-        // window in which a retry can still mint one, plus slack for clock skew.
-        let retain = config.access_token_ttl + config.refresh_grace + Duration::from_secs(60);
+        // A retired key must verify every token it signed (their reach), plus a minute
+        // for verifiers whose clocks run behind.
+        let retain = crate::lease::token_reach(config.access_token_ttl, config.refresh_grace)
+            + Duration::from_secs(60);
         let keys = Arc::new(
             KeyRing::load(
                 Arc::clone(&store),

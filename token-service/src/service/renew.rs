@@ -1,0 +1,285 @@
+//! Renewal and resume: rotating refresh tokens, grace retries, reuse detection, and
+//! following the user's standing (permission re-checks) before new tokens are minted.
+
+use super::*;
+
+impl LeaseService {
+    /// Renews a lease: rotates the refresh token and mints a new access token.
+    pub async fn refresh(
+        &self,
+        module: &Module,
+        lease_id: &str,
+        refresh_token: &str,
+    ) -> Result<(Lease, TokenPair)> {
+        check_id("lease_id", lease_id)?;
+        if refresh_token.is_empty() {
+            return Err(Error::invalid("refresh_token", "is required"));
+        }
+        if refresh_token.len() > MAX_ID_LEN {
+            return Err(Error::RefreshTokenInvalid);
+        }
+        let presented = RefreshToken::parse(refresh_token).ok_or(Error::RefreshTokenInvalid)?;
+        // The user's standing, asked once however often the write below is retried.
+        let mut found = None;
+        with_cas!(self, |now| {
+            let mut lease = self
+                .store
+                .get_lease(lease_id)
+                .await?
+                .ok_or(Error::LeaseNotFound)?;
+            check_holder(module, &lease)?;
+            // A module whose `audiences` no longer include the lease's mints no more of
+            // its tokens (it may still release the lease).
+            if !module.may_address(&lease.audience) {
+                return Err(Error::AudienceNotAllowed(lease.audience));
+            }
+            match self.end_if_due(&lease, now).await? {
+                Liveness::Active => {}
+                Liveness::Ended(reason, detail) => return Err(Error::LeaseEnded(reason, detail)),
+                Liveness::LostRace => return Ok(Cas::Retry),
+            }
+            if !self
+                .master
+                .verify_refresh_token(&lease.id, &lease.seed, &presented)
+            {
+                return Err(Error::RefreshTokenInvalid);
+            }
+            let current = lease.generation;
+            if presented.generation == current {
+                let AfterStanding::Renews(narrowed) =
+                    self.before_renewal(&mut lease, &mut found, now).await?
+                else {
+                    return Ok(Cas::Retry);
+                };
+                let event = narrowed.map(|detail| {
+                    LeaseEvent::new(&lease, EventKind::Narrowed, now, "system", &detail)
+                });
+                lease.generation += 1;
+                lease.rotated_at = now;
+                lease.last_active_at = now;
+                lease.refresh_count += 1;
+                lease.last_refreshed_at = Some(now);
+                match self.store.update_lease(&lease, event.as_ref()).await? {
+                    Some(version) => lease.version = version,
+                    None => return Ok(Cas::Retry),
+                }
+                audit_lease("lease.refreshed", &lease);
+                let tokens = self.mint(&lease, now)?;
+                return Ok(Cas::Done((lease, tokens)));
+            }
+            let in_grace = now < lease.rotated_at + self.settings.refresh_grace;
+            if presented.generation + 1 == current && in_grace {
+                // A retry of the previous token (lost response, racing callers): answer
+                // with the same successor so both converge.
+                audit_lease("lease.refresh_retry", &lease);
+                let tokens = self.mint(&lease, now)?;
+                return Ok(Cas::Done((lease, tokens)));
+            }
+            // The MAC covers the generation, so a genuine token is never from the future:
+            // this one is genuine but superseded, from before `current - 1` or outside
+            // the grace window.
+            // A genuine but superseded token: someone replays a stolen token, or the
+            // holder was cloned. Either way the lease can no longer be trusted.
+            lease.finish(
+                EndReason::RefreshTokenReused,
+                now,
+                "system",
+                &format!(
+                    "refresh token generation {} presented after generation {} was issued",
+                    presented.generation, current
+                ),
+            );
+            if self.write_end(&lease).await?.is_none() {
+                return Ok(Cas::Retry);
+            }
+            tracing::warn!(
+                target: "audit",
+                event = "lease.reuse_detected",
+                lease_id = %lease.id,
+                job_id = %lease.job_id,
+                tenant = %lease.tenant,
+                actor = %lease.actor,
+                presented_generation = presented.generation,
+                current_generation = current,
+            );
+            return Err(Error::RefreshTokenReused);
+        })
+    }
+
+    /// Re-attaches `module` to its active lease for `job_id` in `tenant`; earlier refresh
+    /// tokens die. `tenant` may be left out only by a module that serves one tenant.
+    pub async fn resume(
+        &self,
+        module: &Module,
+        tenant: Option<&str>,
+        job_id: &str,
+    ) -> Result<(Lease, TokenPair)> {
+        check_id("job_id", job_id)?;
+        let tenant = match tenant {
+            Some(t) => {
+                check_id("tenant", t)?;
+                t
+            }
+            None => module.only_tenant().ok_or_else(|| {
+                Error::invalid(
+                    "tenant",
+                    "is required: a lease is identified by tenant, module and job",
+                )
+            })?,
+        };
+        if !module.serves(tenant) {
+            return Err(Error::TenantNotServed(tenant.to_owned()));
+        }
+        let mut found = None;
+        with_cas!(self, |now| {
+            let mut lease = self
+                .store
+                .find_active_lease(tenant, &module.id, job_id)
+                .await?
+                .ok_or(Error::LeaseNotFound)?;
+            if !module.may_address(&lease.audience) {
+                return Err(Error::AudienceNotAllowed(lease.audience));
+            }
+            match self.end_if_due(&lease, now).await? {
+                Liveness::Active => {}
+                Liveness::Ended(reason, detail) => return Err(Error::LeaseEnded(reason, detail)),
+                Liveness::LostRace => return Ok(Cas::Retry),
+            }
+            let AfterStanding::Renews(narrowed) =
+                self.before_renewal(&mut lease, &mut found, now).await?
+            else {
+                return Ok(Cas::Retry);
+            };
+            // A new seed invalidates every refresh token issued before.
+            lease.seed = random_bytes::<32>().to_vec();
+            lease.generation += 1;
+            lease.rotated_at = now;
+            lease.last_active_at = now;
+            lease.resume_count += 1;
+            // One event per write: a narrowing found at resume is told in its detail.
+            let detail = narrowed.unwrap_or_default();
+            let event = LeaseEvent::new(
+                &lease,
+                EventKind::Resumed,
+                now,
+                &module.principal(),
+                &detail,
+            );
+            match self.store.update_lease(&lease, Some(&event)).await? {
+                Some(version) => lease.version = version,
+                None => return Ok(Cas::Retry),
+            }
+            audit_lease("lease.resumed", &lease);
+            let tokens = self.mint(&lease, now)?;
+            return Ok(Cas::Done((lease, tokens)));
+        })
+    }
+
+    /// Asks the platform for the user's standing when a re-check of `lease` is due.
+    pub(super) async fn recheck_if_due(
+        &self,
+        lease: &Lease,
+        now: SystemTime,
+    ) -> Option<(RecheckPolicy, Recheck)> {
+        let source = lease.standing.permission_source.as_deref()?;
+        let sources = self.permission_source.load_full();
+        let policy = sources.recheck_policy(source)?;
+        if !recheck::due(lease, &policy, now) {
+            return None;
+        }
+        let found = sources
+            .recheck(&RecheckQuery {
+                source,
+                tenant: &lease.tenant,
+                user_id: &lease.subject,
+                sub: lease.standing.sub.as_deref(),
+            })
+            .await;
+        Some((policy, found))
+    }
+
+    /// Follows the user's standing before `lease` renews or resumes at `now`: asks the
+    /// platform when a re-check is due (once per call: `found` keeps the answer across
+    /// compare-and-set retries) and applies the answer. Ends the lease, and returns
+    /// [`Error::LeaseEnded`], when the answer says so.
+    pub(super) async fn before_renewal(
+        &self,
+        lease: &mut Lease,
+        found: &mut Option<Option<(RecheckPolicy, Recheck)>>,
+        now: SystemTime,
+    ) -> Result<AfterStanding> {
+        if found.is_none() {
+            *found = Some(self.recheck_if_due(lease, now).await);
+        }
+        let Some(Some((policy, answer))) = found.as_ref() else {
+            return Ok(AfterStanding::Renews(None));
+        };
+        match self.follow_standing(lease, policy, answer, now) {
+            Ok(narrowed) => Ok(AfterStanding::Renews(narrowed)),
+            Err((reason, detail)) => {
+                lease.finish(reason, now, "system", &detail);
+                if self.write_end(lease).await?.is_none() {
+                    return Ok(AfterStanding::LostRace);
+                }
+                Err(Error::LeaseEnded(reason, detail))
+            }
+        }
+    }
+
+    /// Applies what a re-check found to `lease`: `Ok` with what a narrowing withdrew, if
+    /// anything; `Err` with the reason the lease must end.
+    pub(super) fn follow_standing(
+        &self,
+        lease: &mut Lease,
+        policy: &RecheckPolicy,
+        answer: &Recheck,
+        now: SystemTime,
+    ) -> std::result::Result<Option<String>, (EndReason, String)> {
+        let verdict = recheck::decide(lease, answer, policy, now);
+        let source = lease.standing.permission_source.clone().unwrap_or_default();
+        let unverified = match &verdict {
+            Verdict::Unverified { unverified_for, .. } => Some(*unverified_for),
+            _ => None,
+        };
+        self.metrics.recheck(&source, verdict.label(), unverified);
+        match verdict {
+            Verdict::Confirmed => {
+                lease.standing.permissions_checked_at = Some(now);
+                Ok(None)
+            }
+            Verdict::Narrow {
+                remaining,
+                withdrawn,
+            } => {
+                lease.permissions = remaining;
+                lease.standing.permissions_checked_at = Some(now);
+                let detail = format!("permissions withdrawn: {}", withdrawn.join(", "));
+                tracing::info!(
+                    target: "audit",
+                    event = "lease.narrowed",
+                    lease_id = %lease.id,
+                    tenant = %lease.tenant,
+                    actor = %lease.actor,
+                    subject = %lease.subject,
+                    withdrawn = %withdrawn.join(","),
+                );
+                Ok(Some(detail))
+            }
+            Verdict::End(reason, detail) => Err((reason, detail)),
+            Verdict::Unverified {
+                unverified_for,
+                problem,
+            } => {
+                tracing::warn!(
+                    lease_id = %lease.id,
+                    tenant = %lease.tenant,
+                    issuer = %source,
+                    unverified_secs = unverified_for.as_secs(),
+                    error = %problem,
+                    "permission re-check failed: the lease renews with what it holds"
+                );
+                Ok(None)
+            }
+        }
+    }
+}
