@@ -144,6 +144,19 @@ pub struct Standing {
     pub permissions_checked_at: Option<SystemTime>,
 }
 
+/// What a renewal with a genuine refresh token does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// The current token: rotate to the next generation.
+    Rotate,
+    /// The previous token within the grace window (a lost answer, racing callers): answer
+    /// with the current generation again, so both converge.
+    GraceRetry,
+    /// A superseded token outside the grace window: a replayed stolen token or a cloned
+    /// holder. The lease can no longer be trusted.
+    Reused,
+}
+
 /// How and when a lease ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseEnd {
@@ -227,6 +240,27 @@ impl Lease {
         } else {
             None
         }
+    }
+
+    /// What presenting a genuine refresh token of generation `presented` at `now` means
+    /// (genuine: its MAC verified, so it is never from a generation not yet issued).
+    pub fn renewal(&self, presented: u64, now: SystemTime, grace: Duration) -> Renewal {
+        if presented == self.generation {
+            Renewal::Rotate
+        } else if presented.saturating_add(1) == self.generation && now < self.rotated_at + grace {
+            Renewal::GraceRetry
+        } else {
+            Renewal::Reused
+        }
+    }
+
+    /// Records a rotation at `now`: the next generation is current.
+    pub fn rotate(&mut self, now: SystemTime) {
+        self.generation += 1;
+        self.rotated_at = now;
+        self.last_active_at = now;
+        self.refresh_count += 1;
+        self.last_refreshed_at = Some(now);
     }
 
     /// Ends the lease (no-op if it already ended).
@@ -385,5 +419,58 @@ mod tests {
             assert!(seen.insert(r.error_reason()));
         }
         assert_eq!(EndReason::parse("nope"), None);
+    }
+
+    #[test]
+    fn a_renewal_rotates_retries_within_grace_or_detects_reuse() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let grace = Duration::from_secs(10);
+        let mut lease = Lease {
+            id: "l".into(),
+            tenant: "t".into(),
+            subject: "s".into(),
+            actor: "a".into(),
+            job_id: "j".into(),
+            permissions: vec![],
+            audience: "api".into(),
+            created_at: t0,
+            expires_at: t0 + Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(600),
+            last_active_at: t0,
+            end: None,
+            generation: 0,
+            seed: vec![],
+            rotated_at: t0,
+            refresh_count: 0,
+            last_refreshed_at: None,
+            resume_count: 0,
+            standing: Standing::default(),
+            version: 0,
+        };
+        assert_eq!(lease.renewal(0, t0, grace), Renewal::Rotate);
+        let t1 = t0 + Duration::from_secs(5);
+        lease.rotate(t1);
+        assert_eq!(
+            (
+                lease.generation,
+                lease.refresh_count,
+                lease.rotated_at,
+                lease.last_active_at
+            ),
+            (1, 1, t1, t1)
+        );
+        assert_eq!(lease.renewal(1, t1, grace), Renewal::Rotate);
+        assert_eq!(
+            lease.renewal(0, t1 + grace - Duration::from_millis(1), grace),
+            Renewal::GraceRetry
+        );
+        assert_eq!(lease.renewal(0, t1 + grace, grace), Renewal::Reused);
+        lease.rotate(t1);
+        assert_eq!(
+            lease.renewal(0, t1, grace),
+            Renewal::Reused,
+            "two generations old"
+        );
+        assert_eq!(lease.renewal(u64::MAX, t1, grace), Renewal::Reused);
     }
 }

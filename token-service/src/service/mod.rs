@@ -18,7 +18,7 @@ use crate::clock::{Clock, from_millis, to_millis, to_unix_secs};
 use crate::config::{Config, OverCap};
 use crate::error::{Error, Result};
 use crate::keys::{AccessClaims, Actor, KeyRing};
-use crate::lease::{EndReason, EventKind, Lease, LeaseEvent, OnLogout, Standing};
+use crate::lease::{EndReason, EventKind, Lease, LeaseEvent, OnLogout, Renewal, Standing};
 use crate::metrics::Metrics;
 use crate::permissions;
 use crate::platform::{

@@ -45,41 +45,32 @@ impl LeaseService {
                 return Err(Error::RefreshTokenInvalid);
             }
             let current = lease.generation;
-            if presented.generation == current {
-                let AfterStanding::Renews(narrowed) =
-                    self.before_renewal(&mut lease, &mut found, now).await?
-                else {
-                    return Ok(Cas::Retry);
-                };
-                let event = narrowed.map(|detail| {
-                    LeaseEvent::new(&lease, EventKind::Narrowed, now, "system", &detail)
-                });
-                lease.generation += 1;
-                lease.rotated_at = now;
-                lease.last_active_at = now;
-                lease.refresh_count += 1;
-                lease.last_refreshed_at = Some(now);
-                match self.store.update_lease(&lease, event.as_ref()).await? {
-                    Some(version) => lease.version = version,
-                    None => return Ok(Cas::Retry),
+            match lease.renewal(presented.generation, now, self.settings.refresh_grace) {
+                Renewal::Rotate => {
+                    let AfterStanding::Renews(narrowed) =
+                        self.before_renewal(&mut lease, &mut found, now).await?
+                    else {
+                        return Ok(Cas::Retry);
+                    };
+                    let event = narrowed.map(|detail| {
+                        LeaseEvent::new(&lease, EventKind::Narrowed, now, "system", &detail)
+                    });
+                    lease.rotate(now);
+                    match self.store.update_lease(&lease, event.as_ref()).await? {
+                        Some(version) => lease.version = version,
+                        None => return Ok(Cas::Retry),
+                    }
+                    audit_lease("lease.refreshed", &lease);
+                    let tokens = self.mint(&lease, now)?;
+                    return Ok(Cas::Done((lease, tokens)));
                 }
-                audit_lease("lease.refreshed", &lease);
-                let tokens = self.mint(&lease, now)?;
-                return Ok(Cas::Done((lease, tokens)));
+                Renewal::GraceRetry => {
+                    audit_lease("lease.refresh_retry", &lease);
+                    let tokens = self.mint(&lease, now)?;
+                    return Ok(Cas::Done((lease, tokens)));
+                }
+                Renewal::Reused => {}
             }
-            let in_grace = now < lease.rotated_at + self.settings.refresh_grace;
-            if presented.generation + 1 == current && in_grace {
-                // A retry of the previous token (lost response, racing callers): answer
-                // with the same successor so both converge.
-                audit_lease("lease.refresh_retry", &lease);
-                let tokens = self.mint(&lease, now)?;
-                return Ok(Cas::Done((lease, tokens)));
-            }
-            // The MAC covers the generation, so a genuine token is never from the future:
-            // this one is genuine but superseded, from before `current - 1` or outside
-            // the grace window.
-            // A genuine but superseded token: someone replays a stolen token, or the
-            // holder was cloned. Either way the lease can no longer be trusted.
             lease.finish(
                 EndReason::RefreshTokenReused,
                 now,
