@@ -28,15 +28,8 @@ impl LeaseService {
                 .await?
                 .ok_or(Error::LeaseNotFound)?;
             check_holder(module, &lease)?;
-            // A module whose `audiences` no longer include the lease's mints no more of
-            // its tokens (it may still release the lease).
-            if !module.may_address(&lease.audience) {
-                return Err(Error::AudienceNotAllowed(lease.audience));
-            }
-            match self.end_if_due(&lease, now).await? {
-                Liveness::Active => {}
-                Liveness::Ended(reason, detail) => return Err(Error::LeaseEnded(reason, detail)),
-                Liveness::LostRace => return Ok(Cas::Retry),
+            if !self.renewable(module, &lease, now).await? {
+                return Ok(Cas::Retry);
             }
             if !self
                 .master
@@ -128,13 +121,8 @@ impl LeaseService {
                 .find_active_lease(tenant, &module.id, job_id)
                 .await?
                 .ok_or(Error::LeaseNotFound)?;
-            if !module.may_address(&lease.audience) {
-                return Err(Error::AudienceNotAllowed(lease.audience));
-            }
-            match self.end_if_due(&lease, now).await? {
-                Liveness::Active => {}
-                Liveness::Ended(reason, detail) => return Err(Error::LeaseEnded(reason, detail)),
-                Liveness::LostRace => return Ok(Cas::Retry),
+            if !self.renewable(module, &lease, now).await? {
+                return Ok(Cas::Retry);
             }
             let AfterStanding::Renews(narrowed) =
                 self.before_renewal(&mut lease, &mut found, now).await?
@@ -164,6 +152,26 @@ impl LeaseService {
             let tokens = self.mint(&lease, now)?;
             return Ok(Cas::Done((lease, tokens)));
         })
+    }
+
+    /// Whether `module` may have new tokens of `lease` at `now`: refused when the
+    /// module's `audiences` no longer include the lease's (it may still release it) or
+    /// the lease has ended (ending it if its time ran out); `false` when that end lost a
+    /// race, so the caller reads the lease again.
+    pub(super) async fn renewable(
+        &self,
+        module: &Module,
+        lease: &Lease,
+        now: SystemTime,
+    ) -> Result<bool> {
+        if !module.may_address(&lease.audience) {
+            return Err(Error::AudienceNotAllowed(lease.audience.clone()));
+        }
+        match self.end_if_due(lease, now).await? {
+            Liveness::Active => Ok(true),
+            Liveness::Ended(reason, detail) => Err(Error::LeaseEnded(reason, detail)),
+            Liveness::LostRace => Ok(false),
+        }
     }
 
     /// Asks the platform for the user's standing when a re-check of `lease` is due.
