@@ -343,14 +343,40 @@ pub(crate) fn lease_values(lease: &Lease) -> Result<Vec<Value>, StoreError> {
 }
 
 /// The values of [`Statements::update_lease`]: the updated columns, then the id and the version
-/// the stored row must still have.
+/// the stored row must still have. Built on its own, not filtered from [`lease_values`]:
+/// a renewal's write should not copy the columns it doesn't write.
 pub(crate) fn update_values(lease: &Lease) -> Result<Vec<Value>, StoreError> {
-    let mut values: Vec<Value> = lease_values(lease)?
-        .into_iter()
-        .zip(&LEASE)
-        .filter(|(_, c)| c.updated)
-        .map(|(v, _)| v)
-        .collect();
+    let permissions =
+        serde_json::to_string(&lease.permissions).map_err(|e| StoreError::Database(Box::new(e)))?;
+    let end = lease.end.as_ref();
+    let mut columns = updated_columns();
+    let mut values = Vec::with_capacity(LEASE.len());
+    let mut put = |name: &str, value: Value| {
+        debug_assert_eq!(columns.next().map(|c| c.name), Some(name));
+        values.push(value);
+    };
+    put("permissions", permissions.into());
+    put("last_active_at", to_millis(lease.last_active_at).into());
+    put("active", lease.is_active().into());
+    put("end_reason", end.map(|e| e.reason.as_str()).into());
+    put("ended_at", end.map(|e| to_millis(e.at)).into());
+    put("ended_by", end.map(|e| e.by.as_str()).into());
+    put("end_detail", end.map(|e| e.detail.as_str()).into());
+    put("generation", u64_to_i64(lease.generation).into());
+    put("seed", lease.seed.clone().into());
+    put("rotated_at", to_millis(lease.rotated_at).into());
+    put("refresh_count", u64_to_i64(lease.refresh_count).into());
+    put(
+        "last_refreshed_at",
+        lease.last_refreshed_at.map(to_millis).into(),
+    );
+    put("resume_count", u64_to_i64(lease.resume_count).into());
+    put(
+        "permissions_checked_at",
+        lease.standing.permissions_checked_at.map(to_millis).into(),
+    );
+    put("deadline", to_millis(lease.deadline()).into());
+    debug_assert!(columns.next().is_none());
     values.push(lease.id.as_str().into());
     values.push(lease.version.into());
     Ok(values)
