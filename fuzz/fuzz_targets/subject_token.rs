@@ -20,7 +20,8 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use token_service::config::Config;
 use token_service::ident;
-use token_service::subject::{MAX_CLAIM_LEN, Subject, SubjectVerifier};
+use token_service::limits::MAX_ID_LEN;
+use token_service::subject::{Subject, SubjectVerifier};
 
 const ISSUER: &str = "https://fuzz.invalid";
 const SECRET: &[u8] = b"fuzzing-secret-of-at-least-32-bytes!";
@@ -84,8 +85,8 @@ fuzz_target!(|data: &[u8]| {
 
 fn check_accepted(token: &str, subject: &Subject) {
     assert_eq!(subject.issuer, ISSUER);
-    assert!(ident::check(&subject.subject, MAX_CLAIM_LEN).is_ok());
-    assert!(ident::check(&subject.tenant, MAX_CLAIM_LEN).is_ok());
+    assert!(ident::check(&subject.subject, MAX_ID_LEN).is_ok());
+    assert!(ident::check(&subject.tenant, MAX_ID_LEN).is_ok());
     for p in &subject.permissions {
         assert!(ident::check(p, 200).is_ok(), "{p:?}");
     }

@@ -20,7 +20,7 @@ pub mod jobtoken {
 
 pub mod codec;
 mod redact;
-pub mod wire;
+pub use jobtoken_wire as wire;
 
 /// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("jobtoken_descriptor");

@@ -1,67 +1,14 @@
 //! Who is calling: modules (by module key or mTLS certificate name) and the administrator.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use aws_lc_rs::constant_time;
 
-use crate::config::{ModuleConfig, OnLogoutConfig};
-use crate::lease::OnLogout;
+use crate::config::ModuleConfig;
 use crate::secrets::key_hash;
 
-/// A module allowed to hold leases.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Module {
-    /// Its id (the token's `act.sub`).
-    pub id: String,
-    /// Permissions it may delegate.
-    pub delegable: Vec<String>,
-    /// Cap on its lease lifetime.
-    pub max_lifetime: Duration,
-    /// Lifetime when a request names none.
-    pub default_lifetime: Duration,
-    /// Tenants it serves; `None`: every tenant.
-    pub tenants: Option<HashSet<String>>,
-    /// Audiences its tokens may name (the service's default audience when none are
-    /// configured).
-    pub audiences: Vec<String>,
-    /// Its logout policies: the default and those a grant may ask for.
-    pub on_logout: OnLogoutConfig,
-}
-
-impl Module {
-    /// How the module is named in `ended_by` and audit events.
-    pub fn principal(&self) -> String {
-        format!("module:{}", self.id)
-    }
-
-    /// Whether it serves `tenant`.
-    pub fn serves(&self, tenant: &str) -> bool {
-        self.tenants.as_ref().is_none_or(|t| t.contains(tenant))
-    }
-
-    /// The tenant a request means when it names none: the module's only tenant, if it
-    /// serves exactly one.
-    pub fn only_tenant(&self) -> Option<&str> {
-        match &self.tenants {
-            Some(t) if t.len() == 1 => t.iter().next().map(String::as_str),
-            _ => None,
-        }
-    }
-
-    /// The logout policy of a grant that asks for `requested` (`None`: the default), or
-    /// `None` when the module may not ask for it.
-    pub fn logout_policy(&self, requested: Option<OnLogout>) -> Option<OnLogout> {
-        let policy = requested.unwrap_or(self.on_logout.default);
-        self.on_logout.allowed.contains(&policy).then_some(policy)
-    }
-
-    /// Whether its tokens may name `audience`.
-    pub fn may_address(&self, audience: &str) -> bool {
-        self.audiences.iter().any(|a| a == audience)
-    }
-}
+pub use token_domain::module::Module;
 
 /// The configured modules, looked up by credential.
 #[derive(Debug, Default)]

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::lease::OnLogout;
 use crate::store::SyncMode;
+pub use token_domain::module::OnLogoutConfig;
+use token_domain::settings::Settings;
+pub use token_domain::settings::{OnWithdrawn, OverCap};
 
 /// Default gRPC listen address.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
@@ -153,17 +155,6 @@ pub struct Config {
     /// Set by dev mode only; labels logs and the health output.
     #[serde(skip)]
     pub dev_mode: bool,
-}
-
-/// Over-cap policy.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OverCap {
-    /// Grant the cap and say so in the response (`lifetime_clamped`).
-    #[default]
-    Clamp,
-    /// Refuse with `LIFETIME_EXCEEDS_CAP`.
-    Refuse,
 }
 
 /// Listen addresses.
@@ -325,32 +316,6 @@ pub struct ModuleConfig {
     /// none, and the policies a grant may ask for.
     #[serde(default)]
     pub on_logout: OnLogoutConfig,
-}
-
-/// `[modules.on_logout]`: a module's logout policies.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct OnLogoutConfig {
-    /// When the grant asks for none. Default `survive`.
-    #[serde(default)]
-    pub default: OnLogout,
-    /// Policies a grant may ask for. Default both (`["survive", "end"]`); `["end"]` makes
-    /// every lease of the module end at the user's logout.
-    #[serde(default = "default_logout_policies")]
-    pub allowed: Vec<OnLogout>,
-}
-
-impl Default for OnLogoutConfig {
-    fn default() -> Self {
-        Self {
-            default: OnLogout::Survive,
-            allowed: default_logout_policies(),
-        }
-    }
-}
-
-fn default_logout_policies() -> Vec<OnLogout> {
-    vec![OnLogout::Survive, OnLogout::End]
 }
 
 impl ModuleConfig {
@@ -613,18 +578,6 @@ pub struct PermissionSourceConfig {
     pub service_credential: Option<ServiceCredentialConfig>,
 }
 
-/// What a re-check does when a granted permission was withdrawn.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OnWithdrawn {
-    /// The lease ends with `PERMISSIONS_WITHDRAWN`.
-    #[default]
-    End,
-    /// New tokens carry what remains (an event records it); with nothing left, the lease
-    /// ends with `PERMISSIONS_WITHDRAWN`.
-    Narrow,
-}
-
 /// `[trusted_issuers.permission_source.service_credential]`: the service's own credential
 /// at the platform.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -819,6 +772,18 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 ];
 
 impl Config {
+    /// The settings the domain runs with.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            issuer: self.issuer.clone(),
+            default_audience: self.default_audience.clone(),
+            access_token_ttl: self.access_token_ttl,
+            idle_timeout: self.idle_timeout,
+            refresh_grace: self.refresh_grace,
+            over_cap: self.lifetime_over_cap,
+        }
+    }
+
     /// Parses TOML text.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, StartupError> {
         toml::from_str(text).map_err(|e| StartupError::Parse {
@@ -987,7 +952,7 @@ impl Config {
                 ));
             }
             for pattern in &m.delegable {
-                if let Some(problem) = crate::permissions::pattern_problem(pattern) {
+                if let Some(problem) = crate::grant::pattern_problem(pattern) {
                     return bad(format!(
                         "module {:?}: delegable {pattern:?} {problem}",
                         m.id
@@ -1011,11 +976,11 @@ impl Config {
                     m.id
                 ));
             }
-            if let Err(p) = crate::ident::check(&m.id, crate::service::MAX_ID_LEN) {
+            if let Err(p) = crate::ident::check(&m.id, crate::limits::MAX_ID_LEN) {
                 return bad(format!("module id {:?} {p}", m.id));
             }
             for t in m.tenants.iter().flatten() {
-                if let Err(p) = crate::ident::check(t, crate::service::MAX_ID_LEN) {
+                if let Err(p) = crate::ident::check(t, crate::limits::MAX_ID_LEN) {
                     return bad(format!("module {:?}: tenant {t:?} {p}", m.id));
                 }
             }
@@ -1026,7 +991,7 @@ impl Config {
                 ));
             }
             for a in &m.audiences {
-                if let Err(p) = crate::ident::check(a, crate::service::MAX_ID_LEN) {
+                if let Err(p) = crate::ident::check(a, crate::limits::MAX_ID_LEN) {
                     return bad(format!("module {:?}: audience {a:?} {p}", m.id));
                 }
             }
@@ -1153,7 +1118,7 @@ fn validate_issuer(i: &IssuerConfig) -> Result<(), StartupError> {
         return bad("tenants = [] would match no tenant; leave it out to match all".into());
     }
     for t in i.tenants.iter().flatten() {
-        if let Err(p) = crate::ident::check(t, crate::service::MAX_ID_LEN) {
+        if let Err(p) = crate::ident::check(t, crate::limits::MAX_ID_LEN) {
             return bad(format!("tenant {t:?} {p}"));
         }
     }

@@ -9,7 +9,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
+use crate::limits::MAX_LOGOUT_BODY;
 use crate::metrics::{Format, Metrics};
+use crate::ports::Observer as _;
 use crate::ready::Readiness;
 use crate::service::LeaseService;
 
@@ -17,8 +19,6 @@ use crate::service::LeaseService;
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 /// Where identity providers send OpenID Connect back-channel logout tokens.
 pub const BACKCHANNEL_LOGOUT_PATH: &str = "/backchannel-logout";
-/// Largest logout request body read: a form with one token.
-const MAX_LOGOUT_BODY: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct HttpState {

@@ -88,7 +88,7 @@ impl IssuerPattern {
         let plain = !tenant.is_empty()
             && tenant != "."
             && tenant != ".."
-            && tenant.len() <= crate::service::MAX_ID_LEN
+            && tenant.len() <= crate::limits::MAX_ID_LEN
             && tenant
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));

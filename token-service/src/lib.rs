@@ -1,10 +1,10 @@
-//! The job token service: grants, renews, revokes and introspects **job leases**, and
-//! signs the short-lived access tokens that long-running jobs use on a user's behalf.
-//!
-//! The domain ([`service::LeaseService`]) knows nothing of gRPC; [`grpc`] converts messages
-//! and maps [`error::Error`] to `tonic::Status` in one place; [`store`] keeps data behind a
-//! trait with no business rules. [`server::Server`] wires it all and is what tests start
-//! in-process:
+//! The job token service: the adapters around the domain (`token-domain`) and the
+//! binary. The domain ([`service::LeaseService`] and its rules) knows nothing of gRPC,
+//! SQL or HTTP; here [`grpc`] converts messages and maps [`error::Error`] to
+//! `tonic::Status` in one place, [`store`] keeps data behind the domain's store port,
+//! [`subject`], [`idp`] and [`platform`] implement its identity and permission ports, and
+//! [`metrics`] its observer. The domain's modules are re-exported at the paths they have
+//! always had here. [`server::Server`] wires it all and is what tests start in-process:
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), token_service::config::StartupError> {
@@ -17,28 +17,28 @@
 //! ```
 
 pub mod auth;
-pub mod clock;
+pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod dev;
-pub mod error;
 pub mod grpc;
 pub mod http;
-pub mod ident;
 pub mod idp;
-pub mod keys;
-pub mod lease;
-pub mod limits;
 pub mod metrics;
-pub mod permissions;
 pub mod platform;
+pub mod quota;
 pub mod ready;
-pub mod recheck;
 pub mod reload;
-pub mod replay;
-pub mod secrets;
 pub mod server;
-pub mod service;
 pub mod store;
 pub mod subject;
 pub mod testing;
+
+// The domain, at the paths the adapters and tools have always used.
+pub use token_domain::crypto::{keys, secrets};
+pub use token_domain::{
+    clock, error, grant, ident, lease, limits, module, ports, recheck, replay, service, settings,
+};
+
+#[cfg(test)]
+mod service_tests;

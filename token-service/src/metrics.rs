@@ -3,6 +3,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
+use token_domain::ports::Observer;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -142,6 +143,37 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The domain reports here.
+impl Observer for Metrics {
+    fn lease_ended(&self, reason: &'static str) {
+        self.lease_ends.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    fn set_active_leases(&self, n: u64) {
+        self.active_leases.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    fn recheck(&self, issuer: &str, result: &'static str, unverified_for: Option<Duration>) {
+        self.rechecks
+            .get_or_create(&IssuerResult {
+                issuer: issuer.to_owned(),
+                result,
+            })
+            .inc();
+        if let Some(age) = unverified_for {
+            self.unverified_for
+                .get_or_create(&IssuerLabel {
+                    issuer: issuer.to_owned(),
+                })
+                .observe(age.as_secs_f64());
+        }
+    }
+
+    fn logout(&self, result: &'static str) {
+        self.logouts.get_or_create(&ResultLabel { result }).inc();
     }
 }
 
@@ -352,16 +384,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a lease end.
-    pub fn lease_ended(&self, reason: &'static str) {
-        self.lease_ends.get_or_create(&ReasonLabel { reason }).inc();
-    }
-
-    /// Sets the active-lease gauge.
-    pub fn set_active_leases(&self, n: u64) {
-        self.active_leases.set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
     /// Records a fetch of an issuer's keys.
     pub fn key_fetch(&self, issuer: &str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
@@ -400,29 +422,6 @@ impl Metrics {
                 })
                 .observe(took.as_secs_f64());
         }
-    }
-
-    /// Records a re-check of a lease's permissions; `unverified_for` is how long they have
-    /// gone unconfirmed when the source could not answer.
-    pub fn recheck(&self, issuer: &str, result: &'static str, unverified_for: Option<Duration>) {
-        self.rechecks
-            .get_or_create(&IssuerResult {
-                issuer: issuer.to_owned(),
-                result,
-            })
-            .inc();
-        if let Some(age) = unverified_for {
-            self.unverified_for
-                .get_or_create(&IssuerLabel {
-                    issuer: issuer.to_owned(),
-                })
-                .observe(age.as_secs_f64());
-        }
-    }
-
-    /// Records a back-channel logout request by result.
-    pub fn logout(&self, result: &'static str) {
-        self.logouts.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Every metric, in `format`.

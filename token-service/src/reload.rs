@@ -11,9 +11,10 @@ use crate::auth::{AdminAuth, Modules};
 use crate::clock::Clock;
 use crate::config::{Config, IssuerConfig, StartupError};
 use crate::idp::HttpGet;
-use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::platform::{HttpPermissionSources, PermissionSource};
+use crate::ports::Subjects;
+use crate::quota::Limits;
 use crate::service::LeaseService;
 use crate::subject::SubjectVerifier;
 
@@ -34,12 +35,16 @@ impl std::fmt::Debug for IssuerFactory {
     }
 }
 
+/// The domain's identity ports, as built from the trusted issuers: who the user is, and
+/// the permissions the platform holds.
+pub type IssuerPorts = (Arc<dyn Subjects>, Arc<dyn PermissionSource>);
+
 impl IssuerFactory {
     /// The verifier and the permission sources of `issuers`.
     pub fn build(
         &self,
         issuers: &[IssuerConfig],
-    ) -> Result<(SubjectVerifier, Arc<dyn PermissionSource>), StartupError> {
+    ) -> Result<IssuerPorts, StartupError> {
         let subjects =
             SubjectVerifier::with_http(issuers, Arc::clone(&self.http), Arc::clone(&self.metrics))?;
         let sources = HttpPermissionSources::from_config(
@@ -48,7 +53,7 @@ impl IssuerFactory {
             Arc::clone(&self.clock),
             Arc::clone(&self.metrics),
         )?;
-        Ok((subjects, Arc::new(sources)))
+        Ok((Arc::new(subjects), Arc::new(sources)))
     }
 }
 

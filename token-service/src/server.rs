@@ -16,13 +16,14 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::StoreKind;
 use crate::config::{Config, StartupError};
 use crate::dev::load_or_create_master_key;
-use crate::grpc::{AdminApi, JobTokenApi, Observer};
+use crate::grpc::{AdminApi, JobTokenApi, RpcObserver};
 use crate::idp::HttpClient;
 use crate::keys::KeyRing;
+use crate::limits::MAX_MESSAGE_BYTES;
 use crate::metrics::Metrics;
 use crate::ready::{Check, Readiness};
 use crate::reload::{IssuerFactory, Live, Reloaded};
-use crate::service::{LeaseService, MAX_MESSAGE_BYTES, Settings};
+use crate::service::LeaseService;
 use crate::store::postgres::PostgresOptions;
 use crate::store::{PostgresStore, SqliteStore, Store};
 
@@ -132,10 +133,7 @@ impl Server {
         };
         let store = wrap(store);
         let remote_ends = store.remote_ends();
-        // A retired key must verify every token it signed (their reach), plus a minute
-        // for verifiers whose clocks run behind.
-        let retain = crate::lease::token_reach(config.access_token_ttl, config.refresh_grace)
-            + Duration::from_secs(60);
+        let retain = crate::keys::retention(config.access_token_ttl, config.refresh_grace);
         let keys = Arc::new(
             KeyRing::load(
                 Arc::clone(&store),
@@ -167,8 +165,8 @@ impl Server {
                 master,
                 subjects,
                 Arc::clone(&clock),
-                Settings::from_config(&config),
-                Arc::clone(&metrics),
+                config.settings(),
+                Arc::clone(&metrics) as Arc<dyn crate::ports::Observer>,
             )
             .with_permission_source(permission_source),
         );
@@ -217,7 +215,7 @@ impl Server {
 
         let (shutdown, _) = watch::channel(false);
         let readiness = Arc::new(Readiness::new());
-        let observer = Arc::new(Observer::new(Arc::clone(&metrics)));
+        let observer = Arc::new(RpcObserver::new(Arc::clone(&metrics)));
         let job_api = JobTokenApi::new(
             Arc::clone(&service),
             Arc::clone(&live),

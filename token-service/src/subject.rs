@@ -14,7 +14,7 @@
 //! parameters are ignored.
 
 mod logout;
-pub use logout::{BACKCHANNEL_LOGOUT_EVENT, LogoutClaims};
+pub use logout::BACKCHANNEL_LOGOUT_EVENT;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -35,42 +35,25 @@ use crate::config::{BackchannelLogoutConfig, IssuerConfig, PermissionSourceKind,
 use crate::error::{Error, Result};
 use crate::ident;
 use crate::idp::{HttpGet, IssuerPattern, RemoteKeys};
+use crate::limits::{MAX_ID_LEN, MAX_PERMISSION_LEN, MAX_TOKEN_LEN};
 use crate::metrics::Metrics;
-use crate::permissions::MAX_PERMISSION_LEN;
-
-/// Longest subject token accepted, in bytes.
-pub const MAX_SUBJECT_TOKEN_LEN: usize = 16 * 1024;
-
-/// Longest `sub` or tenant accepted.
-pub const MAX_CLAIM_LEN: usize = 200;
 
 /// Latest NumericDate accepted (9999-12-31T23:59:59Z): a date beyond it is garbage, and
 /// the bound keeps every sum with a leeway far from overflow.
 pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
 
-/// The verified user behind a subject token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subject {
-    /// The issuer that vouched for the user (for a token without `iss`, its entry's
-    /// name).
-    pub issuer: String,
-    /// The user: the issuer's `subject_claim` (default `sub`).
-    pub subject: String,
-    /// The token's `sub`, when it has one (a placeholder of the permission source, and
-    /// how logout tokens name the user).
-    pub sub: Option<String>,
-    /// The user's session at the issuer (`sid`), when the token names one.
-    pub session_id: Option<String>,
-    /// Whether the issuer's back-channel logouts are received (so `on_logout = end` can
-    /// be honoured).
-    pub logout_received: bool,
-    /// The user's tenant.
-    pub tenant: String,
-    /// The user's permissions, from the token; empty when `permission_source` is set.
-    pub permissions: BTreeSet<String>,
-    /// The trusted-issuer entry whose permission source holds the user's permissions;
-    /// `None` when they came from the token.
-    pub permission_source: Option<String>,
+pub use token_domain::ports::{LogoutClaims, Subject, Subjects};
+
+/// The subject port, as the domain calls it.
+#[async_trait::async_trait]
+impl Subjects for SubjectVerifier {
+    async fn verify(&self, token: &str, now: SystemTime) -> Result<Subject> {
+        SubjectVerifier::verify_fetching(self, token, now).await
+    }
+
+    async fn verify_logout(&self, token: &str, now: SystemTime) -> Result<LogoutClaims> {
+        SubjectVerifier::verify_logout(self, token, now).await
+    }
 }
 
 /// One key of a trusted issuer, with the algorithm it is pinned to.
@@ -364,7 +347,7 @@ fn claim<'c>(claims: &'c Map<String, Value>, path: &str) -> Option<&'c Value> {
 fn identifier<'c>(claims: &'c Map<String, Value>, name: &str) -> Result<&'c str> {
     match claim(claims, name) {
         None => Err(invalid(format!("the {name} claim is missing"))),
-        Some(Value::String(s)) => ident::check(s, MAX_CLAIM_LEN)
+        Some(Value::String(s)) => ident::check(s, MAX_ID_LEN)
             .map(|()| s.as_str())
             .map_err(|problem| invalid(format!("the {name} claim {problem}"))),
         Some(_) => Err(invalid(format!("the {name} claim is not a string"))),
@@ -553,7 +536,7 @@ impl TrustedIssuer {
             None => identifier(claims, &self.tenant_claim)?,
             // A tenant claim, when the token has one, must agree with the issuer's.
             Some(from_iss) => {
-                ident::check(from_iss, MAX_CLAIM_LEN)
+                ident::check(from_iss, MAX_ID_LEN)
                     .map_err(|problem| invalid(format!("the tenant in iss {problem}")))?;
                 if claim(claims, &self.tenant_claim).is_some() {
                     let named = identifier(claims, &self.tenant_claim)?;
@@ -668,10 +651,10 @@ impl SubjectVerifier {
         if token.is_empty() {
             return Err(Error::invalid("subject_token", "is required"));
         }
-        if token.len() > MAX_SUBJECT_TOKEN_LEN {
+        if token.len() > MAX_TOKEN_LEN {
             return Err(Error::invalid(
                 "subject_token",
-                format!("is longer than {MAX_SUBJECT_TOKEN_LEN} bytes"),
+                format!("is longer than {MAX_TOKEN_LEN} bytes"),
             ));
         }
         ParsedToken::parse(token)
@@ -696,7 +679,7 @@ impl SubjectVerifier {
             Some(_) => return Err(invalid("the iss claim is not a string")),
         };
         // Named back only when it is a printable identifier: the message is logged too.
-        let untrusted = || match ident::check(iss, MAX_CLAIM_LEN) {
+        let untrusted = || match ident::check(iss, MAX_ID_LEN) {
             Ok(()) => Error::UntrustedIssuer(iss.to_owned()),
             Err(problem) => invalid(format!("the iss claim {problem}")),
         };
@@ -1215,7 +1198,7 @@ mod tests {
             ("tenant", json!(7)),
             ("sub", json!("\u{202E}alice")),
             ("sub", json!("ali\u{200D}ce")),
-            ("sub", json!("x".repeat(MAX_CLAIM_LEN + 1))),
+            ("sub", json!("x".repeat(MAX_ID_LEN + 1))),
             ("permissions", json!(["a.read\u{200B}"])),
             ("permissions", json!("a.read b\u{2066}")),
             ("permissions", json!([""])),
@@ -1245,7 +1228,7 @@ mod tests {
         for bad in [
             json!("\u{7f}".repeat(300)),
             json!("https://hs\u{200B}"),
-            json!(format!("https://{}", "x".repeat(MAX_CLAIM_LEN))),
+            json!(format!("https://{}", "x".repeat(MAX_ID_LEN))),
         ] {
             assert!(refusal(with_iss(bad)).starts_with("the iss claim"));
         }

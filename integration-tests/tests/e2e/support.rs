@@ -17,7 +17,7 @@ use token_service::secrets::key_hash;
 
 use token_service::lease::{Lease, LeaseEvent};
 use token_service::server::{RunningServer, Server};
-use token_service::store::{LeaseFilter, Logout, Store, StoreError, StoredKey};
+use token_service::store::{LeaseFilter, Logout, Retire, Store, StoreError, StoredKey};
 use token_service::testing::TestSchema;
 
 pub(crate) const IMPORTER_KEY: &str = "mk_importer-test-key-0123456789abcdefghijklmnop";
@@ -314,9 +314,9 @@ impl Store for FlakyStore {
     async fn rotate_signing_key(
         &self,
         new: &StoredKey,
-        current: Option<&str>,
+        retire: Option<Retire<'_>>,
     ) -> Result<bool, StoreError> {
-        self.inner.rotate_signing_key(new, current).await
+        self.inner.rotate_signing_key(new, retire).await
     }
     async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
         self.inner.purge_ended(before, limit).await

@@ -6,7 +6,7 @@ use jobtoken_proto::jobtoken::v1 as pb;
 use pb::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
-use super::{ADMIN_KEY_HEADER, Observer, convert, observe};
+use super::{ADMIN_KEY_HEADER, RpcObserver, convert, observe};
 use crate::error::Error;
 use crate::reload::Live;
 use crate::service::LeaseService;
@@ -18,12 +18,12 @@ pub struct AdminApi {
     service: Arc<LeaseService>,
     /// The admin key is read from here at every call (a reload swaps it).
     live: Arc<Live>,
-    observer: Arc<Observer>,
+    observer: Arc<RpcObserver>,
 }
 
 impl AdminApi {
     /// Wires the API to the domain.
-    pub fn new(service: Arc<LeaseService>, live: Arc<Live>, observer: Arc<Observer>) -> Self {
+    pub fn new(service: Arc<LeaseService>, live: Arc<Live>, observer: Arc<RpcObserver>) -> Self {
         Self {
             service,
             live,

@@ -1,6 +1,5 @@
 //! `jobtoken.v1.JobTokenService`.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,27 +10,25 @@ use pb::job_token_service_server::JobTokenService;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
-use super::{ADMIN_KEY_HEADER, Observer, authenticate, convert, observe};
+use super::{ADMIN_KEY_HEADER, RpcObserver, authenticate, convert, observe};
 use crate::auth::Module;
 use crate::error::Error;
-use crate::limits::{Spend, StreamSlot};
+use crate::quota::{Spend, StreamSlot};
 use crate::reload::Live;
-use crate::service::{IssueRequest, LeaseService, MAX_ID_LEN};
+use crate::service::revocations::{Next, Revocations, Start, stream_tenants};
+use crate::service::{IssueRequest, LeaseService};
 
-/// Events sent per store query by a revocation stream.
-const WATCH_BATCH: usize = 500;
-/// Most tenants one revocation stream may name.
-const MAX_STREAM_TENANTS: usize = 1000;
 /// Whom administrators' revocation streams count against in `streams_per_module`.
 const ADMIN_STREAM_HOLDER: &str = "@admin";
 /// How often an idle revocation stream sends a heartbeat with its cursor.
 const WATCH_HEARTBEAT: Duration = Duration::from_secs(30);
 
-fn heartbeat(cursor: u64, covered: &[String]) -> pb::WatchRevocationsResponse {
+/// A heartbeat: where the stream is, and which tenants it covers.
+fn heartbeat(stream: &Revocations) -> pb::WatchRevocationsResponse {
     pb::WatchRevocationsResponse {
-        cursor,
+        cursor: stream.cursor(),
         heartbeat: true,
-        tenants: covered.to_vec(),
+        tenants: stream.covered().to_vec(),
         ..Default::default()
     }
 }
@@ -42,7 +39,7 @@ pub struct JobTokenApi {
     service: Arc<LeaseService>,
     /// Modules and limits, read at every call (a reload swaps them).
     live: Arc<Live>,
-    observer: Arc<Observer>,
+    observer: Arc<RpcObserver>,
     /// How often a revocation stream re-reads the store without a local wake-up (ends
     /// written by other replicas or the sweeper of another process).
     watch_poll: Duration,
@@ -56,7 +53,7 @@ impl JobTokenApi {
     pub fn new(
         service: Arc<LeaseService>,
         live: Arc<Live>,
-        observer: Arc<Observer>,
+        observer: Arc<RpcObserver>,
         watch_poll: Duration,
         stop: watch::Receiver<bool>,
     ) -> Self {
@@ -77,30 +74,6 @@ impl JobTokenApi {
         self.live.limits.load().spend(&module.id, spend)?;
         Ok(module)
     }
-}
-
-/// Which tenants' ends a stream carries: those asked for (each must be served), else
-/// every tenant the module serves (`None`: all).
-fn stream_tenants(
-    served: Option<&HashSet<String>>,
-    asked: Vec<String>,
-) -> Result<Option<HashSet<String>>, Error> {
-    if asked.is_empty() {
-        return Ok(served.cloned());
-    }
-    if asked.len() > MAX_STREAM_TENANTS {
-        return Err(Error::invalid(
-            "tenants",
-            format!("names more than {MAX_STREAM_TENANTS} tenants"),
-        ));
-    }
-    for t in &asked {
-        crate::ident::check(t, MAX_ID_LEN).map_err(|p| Error::invalid("tenants", p.to_string()))?;
-        if served.is_some_and(|served| !served.contains(t)) {
-            return Err(Error::TenantNotServed(t.clone()));
-        }
-    }
-    Ok(Some(asked.into_iter().collect()))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
@@ -287,7 +260,7 @@ impl JobTokenService for JobTokenApi {
         let service = Arc::clone(&self.service);
         let poll = self.watch_poll;
         let peer = request.remote_addr();
-        let (start, tenants, slot) = observe(&self.observer, "WatchRevocations", peer, async {
+        let (mut revocations, slot) = observe(&self.observer, "WatchRevocations", peer, async {
             // An administrator (x-admin-key) may watch every tenant's ends; the streams
             // of all administrators share one module's cap.
             let (holder, served) = match request.metadata().get(ADMIN_KEY_HEADER) {
@@ -308,21 +281,11 @@ impl JobTokenService for JobTokenApi {
             let tenants = stream_tenants(served.as_ref(), request.tenants)?;
             let slot: StreamSlot = self.live.limits.load_full().open_stream(&holder)?;
             let start = match request.after_cursor {
-                Some(cursor) => {
-                    // A cursor from the future would wait silently forever.
-                    let head = service.last_sequence().await?;
-                    if cursor > head {
-                        return Err(Error::invalid(
-                            "after_cursor",
-                            format!("is beyond the newest event ({head}); start over without it"),
-                        ));
-                    }
-                    cursor
-                }
-                None if request.replay_live => service.live_ends_cursor().await?,
-                None => service.last_sequence().await?,
+                Some(cursor) => Start::After(cursor),
+                None if request.replay_live => Start::LiveEnds,
+                None => Start::Newest,
             };
-            Ok((start, tenants, slot))
+            Ok((Revocations::open(service, start, tenants).await?, slot))
         })
         .await?;
         let (tx, rx) = mpsc::channel(64);
@@ -338,16 +301,9 @@ impl JobTokenService for JobTokenApi {
                 let _ = stop.wait_for(|s| *s).await;
             };
             tokio::pin!(stopped);
-            let mut wake = service.subscribe_ends();
-            let mut cursor = start;
-            // Heartbeats say which tenants the stream covers, so verifiers know what
-            // their revocation set can vouch for.
-            let mut covered: Vec<String> = tenants.iter().flatten().cloned().collect();
-            covered.sort();
+            let mut wake = revocations.wake();
             let mut beat = tokio::time::interval(WATCH_HEARTBEAT);
             beat.tick().await; // the first tick is immediate
-            // The first heartbeat says "caught up": it follows the backlog after the cursor.
-            let mut caught_up = false;
             loop {
                 if live.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
                     let _ = tx
@@ -357,13 +313,9 @@ impl JobTokenService for JobTokenApi {
                         .await;
                     return;
                 }
-                match service.ends_after(cursor, WATCH_BATCH).await {
-                    Ok(events) if !events.is_empty() => {
+                match revocations.next().await {
+                    Ok(Next::Ends(events)) => {
                         for event in events {
-                            cursor = event.sequence;
-                            if tenants.as_ref().is_some_and(|t| !t.contains(&event.tenant)) {
-                                continue;
-                            }
                             if tx.send(Ok(convert::revocation(event))).await.is_err() {
                                 return;
                             }
@@ -373,13 +325,12 @@ impl JobTokenService for JobTokenApi {
                         }
                         continue;
                     }
-                    Ok(_) if !caught_up => {
-                        caught_up = true;
-                        if tx.send(Ok(heartbeat(cursor, &covered))).await.is_err() {
+                    Ok(Next::CaughtUp) => {
+                        if tx.send(Ok(heartbeat(&revocations))).await.is_err() {
                             return;
                         }
                     }
-                    Ok(_) => {}
+                    Ok(Next::Quiet) => {}
                     Err(e) => {
                         let _ = tx.send(Err(super::status::to_status(&e))).await;
                         return;
@@ -394,7 +345,7 @@ impl JobTokenService for JobTokenApi {
                     _ = wake.changed() => {}
                     _ = tokio::time::sleep(poll) => {}
                     _ = beat.tick() => {
-                        if tx.send(Ok(heartbeat(cursor, &covered))).await.is_err() {
+                        if tx.send(Ok(heartbeat(&revocations))).await.is_err() {
                             return;
                         }
                     }

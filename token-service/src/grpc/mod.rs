@@ -31,13 +31,13 @@ const REFUSAL_LOG_PER_SECOND: u32 = 10;
 
 /// What every RPC reports to: metrics, and the audit log of refused credentials.
 #[derive(Debug)]
-pub struct Observer {
+pub struct RpcObserver {
     metrics: Arc<Metrics>,
     refusal_log: DefaultDirectRateLimiter,
     refusals_unlogged: AtomicU64,
 }
 
-impl Observer {
+impl RpcObserver {
     /// Reports to `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         let rate = NonZeroU32::new(REFUSAL_LOG_PER_SECOND).unwrap_or(NonZeroU32::MIN);
@@ -72,7 +72,7 @@ impl Observer {
 
 /// Runs one RPC body, recording its latency and outcome, and mapping its error.
 async fn observe<T>(
-    observer: &Observer,
+    observer: &RpcObserver,
     method: &'static str,
     peer: Option<SocketAddr>,
     body: impl Future<Output = Result<T, Error>>,

@@ -114,13 +114,13 @@ pub fn message_too_large() -> Status {
     let mut metadata = HashMap::new();
     metadata.insert(
         "limit_bytes".to_owned(),
-        crate::service::MAX_MESSAGE_BYTES.to_string(),
+        crate::limits::MAX_MESSAGE_BYTES.to_string(),
     );
     Status::with_error_details(
         Code::ResourceExhausted,
         format!(
             "the request message is larger than {} bytes",
-            crate::service::MAX_MESSAGE_BYTES
+            crate::limits::MAX_MESSAGE_BYTES
         ),
         ErrorDetails::with_error_info(
             jobtoken_proto::wire::reason::MESSAGE_TOO_LARGE,

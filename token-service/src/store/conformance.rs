@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{LeaseFilter, Logout, Store, StoreError, StoredKey};
+use super::{LeaseFilter, Logout, Retire, Store, StoreError, StoredKey};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEvent, OnLogout};
 
 /// The instant the fixtures are created at.
@@ -428,17 +428,21 @@ async fn signing_keys_rotate_by_compare_and_set(store: &dyn Store) {
         std::slice::from_ref(&k1)
     );
     let k2 = key("k2", 100);
-    assert!(!store.rotate_signing_key(&k2, Some("k0")).await.unwrap());
-    assert!(store.rotate_signing_key(&k2, Some("k1")).await.unwrap());
-    // Newest first; the previous key retires when its successor activates.
+    // The store keeps the retirement time it is told (the domain's rule decides it).
+    let at = k2.activates_at + Duration::from_secs(5);
+    let retire = |kid| Some(Retire { kid, at });
+    assert!(!store.rotate_signing_key(&k2, retire("k0")).await.unwrap());
+    assert!(!store.rotate_signing_key(&k2, None).await.unwrap());
+    assert!(store.rotate_signing_key(&k2, retire("k1")).await.unwrap());
+    // Newest first.
     let retired = StoredKey {
-        retired_at: Some(k2.activates_at),
+        retired_at: Some(at),
         ..k1.clone()
     };
     assert_eq!(store.signing_keys().await.unwrap(), [k2.clone(), retired]);
     assert!(
         !store
-            .rotate_signing_key(&key("k3", 200), Some("k1"))
+            .rotate_signing_key(&key("k3", 200), retire("k1"))
             .await
             .unwrap()
     );

@@ -428,6 +428,34 @@ pub(crate) trait Columns {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError>;
 }
 
+/// Implements [`Columns`] for a driver's row type, whose generic `$get(i)` reads every
+/// column type and whose error `$err` turns into a [`StoreError`].
+macro_rules! impl_columns {
+    ($row:ty, $get:ident, $err:path) => {
+        impl $crate::store::row::Columns for $row {
+            fn text(&self, i: usize) -> Result<String, StoreError> {
+                self.$get(i).map_err($err)
+            }
+            fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+                self.$get(i).map_err($err)
+            }
+            fn int(&self, i: usize) -> Result<i64, StoreError> {
+                self.$get(i).map_err($err)
+            }
+            fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+                self.$get(i).map_err($err)
+            }
+            fn flag(&self, i: usize) -> Result<bool, StoreError> {
+                self.$get(i).map_err($err)
+            }
+            fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+                self.$get(i).map_err($err)
+            }
+        }
+    };
+}
+pub(crate) use impl_columns;
+
 /// Reads a row's columns in the order of their list, each naming its column.
 struct Reader<'r, R: ?Sized> {
     row: &'r R,

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
+use super::LogoutClaims;
 use super::{Keys, Resolved, SubjectVerifier, TrustedIssuer, header_kid};
 use super::{identifier, invalid, numeric_date};
 use crate::clock::to_unix_secs;
@@ -13,23 +14,6 @@ use crate::error::{Error, Result};
 
 /// The `events` member a logout token must carry (§2.4).
 pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
-
-/// What a verified logout token says: whom the issuer logged out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogoutClaims {
-    /// The issuer (`iss`).
-    pub issuer: String,
-    /// The session logged out (`sid`), if named.
-    pub session_id: Option<String>,
-    /// The user logged out (`sub`), if named.
-    pub sub: Option<String>,
-    /// The token's id, refused if seen again.
-    pub jti: String,
-    /// When the issuer made the token (`iat`): leases granted later are not its concern.
-    pub issued_at: SystemTime,
-    /// Until when the `jti` must be remembered: after it, the token is too old anyway.
-    pub remember_until: SystemTime,
-}
 
 impl TrustedIssuer {
     /// The logout token's claims, read from the verified payload at `now`.

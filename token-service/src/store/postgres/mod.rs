@@ -28,9 +28,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 
 use super::filter;
-use super::row::{self, Columns, Placeholder, Statements, Value, i64_to_u64, u64_to_i64};
+use super::row::{self, Placeholder, Statements, Value, i64_to_u64, u64_to_i64};
 use super::{
-    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Store, StoreError, StoredKey,
+    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Retire, Store, StoreError, StoredKey,
 };
 use crate::clock::to_millis;
 use crate::lease::{EventKind, Lease, LeaseEvent};
@@ -167,26 +167,7 @@ fn open_err(target: &str, e: StoreError) -> StoreError {
 /// This store's statements generated from the column lists.
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Placeholder::Dollar));
 
-impl Columns for Row {
-    fn text(&self, i: usize) -> Result<String, StoreError> {
-        self.try_get(i).map_err(corrupt)
-    }
-    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
-        self.try_get(i).map_err(corrupt)
-    }
-    fn int(&self, i: usize) -> Result<i64, StoreError> {
-        self.try_get(i).map_err(corrupt)
-    }
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
-        self.try_get(i).map_err(corrupt)
-    }
-    fn flag(&self, i: usize) -> Result<bool, StoreError> {
-        self.try_get(i).map_err(corrupt)
-    }
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
-        self.try_get(i).map_err(corrupt)
-    }
-}
+row::impl_columns!(Row, try_get, corrupt);
 
 fn corrupt(e: tokio_postgres::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
@@ -553,7 +534,7 @@ impl Store for PostgresStore {
     async fn rotate_signing_key(
         &self,
         new: &StoredKey,
-        expected_current: Option<&str>,
+        retire: Option<Retire<'_>>,
     ) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
@@ -565,15 +546,17 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?
             .map(|r| r.get(0));
-        if current.as_deref() != expected_current {
+        if current.as_deref() != retire.map(|r| r.kid) {
             return Ok(false);
         }
-        tx.execute(
-            "UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL",
-            &[&to_millis(new.activates_at)],
-        )
-        .await
-        .map_err(db_err)?;
+        if let Some(retire) = retire {
+            tx.execute(
+                "UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL",
+                &[&to_millis(retire.at)],
+            )
+            .await
+            .map_err(db_err)?;
+        }
         let new = row::key_values(&StoredKey {
             retired_at: None,
             ..new.clone()

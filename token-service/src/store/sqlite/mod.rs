@@ -33,9 +33,9 @@ use rusqlite::{
 use tokio::sync::{Semaphore, oneshot};
 
 use super::filter;
-use super::row::{self, Columns, Placeholder, Statements, Value, u64_to_i64};
+use super::row::{self, Placeholder, Statements, Value, u64_to_i64};
 use super::{
-    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Store, StoreError, StoredKey,
+    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Retire, Store, StoreError, StoredKey,
 };
 use crate::clock::to_millis;
 use crate::lease::{Lease, LeaseEvent};
@@ -250,26 +250,7 @@ fn map_err(e: rusqlite::Error) -> StoreError {
 /// This store's statements generated from the column lists.
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Placeholder::Question));
 
-impl Columns for Row<'_> {
-    fn text(&self, i: usize) -> Result<String, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-    fn int(&self, i: usize) -> Result<i64, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-    fn flag(&self, i: usize) -> Result<bool, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-}
+row::impl_columns!(Row<'_>, get, map_err);
 
 impl rusqlite::ToSql for Value {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
@@ -552,14 +533,14 @@ impl Store for SqliteStore {
     async fn rotate_signing_key(
         &self,
         new: &StoredKey,
-        expected_current: Option<&str>,
+        retire: Option<Retire<'_>>,
     ) -> Result<bool, StoreError> {
-        let activates_at = to_millis(new.activates_at);
         let new = row::key_values(&StoredKey {
             retired_at: None,
             ..new.clone()
         });
-        let expected = expected_current.map(str::to_owned);
+        let expected = retire.map(|r| r.kid.to_owned());
+        let retire_at = retire.map(|r| to_millis(r.at));
         self.write(move |conn| {
             let current: Option<String> = conn
                 .query_row(
@@ -572,11 +553,13 @@ impl Store for SqliteStore {
             if current != expected {
                 return Ok(false);
             }
-            conn.execute(
-                "UPDATE signing_keys SET retired_at = ?1 WHERE retired_at IS NULL",
-                [activates_at],
-            )
-            .map_err(map_err)?;
+            if let Some(at) = retire_at {
+                conn.execute(
+                    "UPDATE signing_keys SET retired_at = ?1 WHERE retired_at IS NULL",
+                    [at],
+                )
+                .map_err(map_err)?;
+            }
             execute(conn, &SQL.insert_key, &new)?;
             Ok(true)
         })

@@ -6,16 +6,23 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::*;
 use crate::auth::Module;
-use crate::clock::{ManualClock, to_unix_secs};
+use crate::clock::{Clock, ManualClock, to_unix_secs};
 use crate::config::OverCap;
 use crate::dev::{DEV_ISSUER, dev_issuer_config, sign_with_dev_issuer};
+use crate::error::{Error, Result};
 use crate::keys::KeyRing;
+use crate::lease::{EndReason, EventKind, Lease};
 use crate::metrics::Metrics;
 use crate::secrets::MasterKey;
+use crate::service::revocations::{Next, Revocations, Start};
+use crate::service::*;
+use crate::settings::Settings;
+use crate::store::LeaseFilter;
 use crate::store::SqliteStore;
 use crate::subject::SubjectVerifier;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 
 const TTL: Duration = Duration::from_secs(300);
 const GRACE: Duration = Duration::from_secs(30);
@@ -121,7 +128,7 @@ async fn harness_with(backend: Backend, over_cap: OverCap) -> Harness {
         Arc::clone(&store),
         keys,
         master,
-        subjects,
+        Arc::new(subjects),
         Arc::new(clock.clone()),
         settings,
         Arc::new(Metrics::new()),
@@ -1240,6 +1247,59 @@ async fn concurrent_ends_stream_in_order_without_gaps(backend: Backend) {
     assert_eq!(seen.len(), 24);
 }
 
+/// The revocation stream as the domain drives it: a cursor from the future is refused;
+/// a stream carries its tenants' ends only, its cursor passing every end; it says once
+/// that it caught up; a watcher with no state replays the ends still live.
+async fn a_revocation_stream_carries_its_tenants_and_says_once_it_caught_up(backend: Backend) {
+    let h = harness(backend).await;
+    let acme = h.issue("job-a").await;
+    let diku = h
+        .svc
+        .issue(&h.importer, h.request_in("diku", "job-d"))
+        .await
+        .unwrap();
+    let head = h.svc.last_sequence().await.unwrap();
+    let e = Revocations::open(Arc::clone(&h.svc), Start::After(head + 1), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                field: "after_cursor",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let acme_only = Some(HashSet::from(["acme".to_owned()]));
+    let mut stream = Revocations::open(Arc::clone(&h.svc), Start::Newest, acme_only)
+        .await
+        .unwrap();
+    assert_eq!(stream.covered(), ["acme"]);
+    assert_eq!(stream.cursor(), head);
+    assert!(matches!(stream.next().await.unwrap(), Next::CaughtUp));
+    assert!(matches!(stream.next().await.unwrap(), Next::Quiet));
+    h.svc.admin_revoke_lease(&diku.lease.id, "x").await.unwrap();
+    h.svc.admin_revoke_lease(&acme.lease.id, "x").await.unwrap();
+    let Next::Ends(ends) = stream.next().await.unwrap() else {
+        panic!("the ends after the cursor")
+    };
+    let ids: Vec<_> = ends.iter().map(|e| e.lease_id.as_str()).collect();
+    assert_eq!(ids, [acme.lease.id.as_str()]);
+    assert_eq!(stream.cursor(), h.svc.last_sequence().await.unwrap());
+    assert!(matches!(stream.next().await.unwrap(), Next::Quiet));
+    let mut replay = Revocations::open(Arc::clone(&h.svc), Start::LiveEnds, None)
+        .await
+        .unwrap();
+    assert!(replay.covered().is_empty());
+    let Next::Ends(ends) = replay.next().await.unwrap() else {
+        panic!("the live ends")
+    };
+    assert_eq!(ends.len(), 2);
+    assert!(matches!(replay.next().await.unwrap(), Next::CaughtUp));
+}
+
 async fn replicas_starting_together_make_one_signing_key(backend: Backend) {
     let (store, _schema) = open_store(backend).await;
     let master = MasterKey::from_bytes(&[9u8; 32]);
@@ -1333,6 +1393,7 @@ on_both_stores!(
     racing_writes_from_one_version_have_exactly_one_winner,
     purge_removes_only_leases_past_their_retention,
     concurrent_ends_stream_in_order_without_gaps,
+    a_revocation_stream_carries_its_tenants_and_says_once_it_caught_up,
     replicas_starting_together_make_one_signing_key,
     grant_is_requested_intersect_user_intersect_delegable,
     lifetime_over_the_cap_is_clamped_and_said_or_refused,

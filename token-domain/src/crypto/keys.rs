@@ -13,8 +13,18 @@ use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::to_unix_secs;
-use crate::secrets::MasterKey;
-use crate::store::{Store, StoreError, StoredKey};
+use crate::crypto::secrets::MasterKey;
+use crate::lease::token_reach;
+use crate::ports::{Retire, Store, StoreError, StoredKey};
+
+/// How far behind a verifier's clock may run.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// How long a retired key stays published: until every token it signed has expired
+/// (their [`token_reach`]), plus [`CLOCK_SKEW`] for verifiers whose clocks run behind.
+pub fn retention(access_token_ttl: Duration, refresh_grace: Duration) -> Duration {
+    token_reach(access_token_ttl, refresh_grace) + CLOCK_SKEW
+}
 
 const ALGORITHM: &str = "EdDSA";
 
@@ -249,7 +259,12 @@ impl KeyRing {
             self.reload(now).await?;
             let retired = self.current().newest_kid.clone();
             let key = new_key(&self.master, now, now + self.activation_delay);
-            if self.store.rotate_signing_key(&key, Some(&retired)).await? {
+            // The newest key stops signing when its successor starts.
+            let retire = Retire {
+                kid: &retired,
+                at: key.activates_at,
+            };
+            if self.store.rotate_signing_key(&key, Some(retire)).await? {
                 self.reload(now).await?;
                 return Ok((key.kid, retired, key.activates_at));
             }

@@ -1,8 +1,9 @@
 //! The lease domain: grant, renew, resume, release, revoke, introspect. Transport-free:
 //! takes domain types, returns [`crate::error::Error`]. One file per behaviour:
 //! [`grant`](self) (`grant.rs`), renewal and resume with the user's standing (`renew.rs`),
-//! every way a lease ends (`end.rs`), back-channel logout (`logout.rs`), and reads
-//! (`query.rs`); this file holds the service, its settings and what they share.
+//! every way a lease ends (`end.rs`), back-channel logout (`logout.rs`), reads
+//! (`query.rs`) and the revocation stream ([`revocations`]); this file holds the
+//! service and what its behaviours share.
 
 use std::fmt;
 use std::sync::Arc;
@@ -13,70 +14,26 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use tokio::sync::watch;
 
-use crate::auth::Module;
 use crate::clock::{Clock, from_millis, to_millis, to_unix_secs};
-use crate::config::{Config, OverCap};
+use crate::crypto::keys::{AccessClaims, Actor, KeyError, KeyRing};
+use crate::crypto::secrets::{IssuedRefreshToken, MasterKey, RefreshToken, random_bytes};
 use crate::error::{Error, Result};
-use crate::keys::{AccessClaims, Actor, KeyRing};
 use crate::lease::{EndReason, EventKind, Lease, LeaseEvent, OnLogout, Renewal, Standing};
-use crate::metrics::Metrics;
-use crate::permissions;
-use crate::platform::{
+use crate::limits::{
+    DEFAULT_PAGE_SIZE, MAX_DETAIL_LEN, MAX_ID_LEN, MAX_PAGE_SIZE, MAX_STREAM_TENANTS, MAX_TOKEN_LEN,
+};
+use crate::module::Module;
+use crate::ports::Observer;
+use crate::ports::{LeaseFilter, Logout, Store, StoreError, Subjects};
+use crate::ports::{
     NoPermissionSource, PermissionQuery, PermissionSource, Recheck, RecheckPolicy, RecheckQuery,
 };
 use crate::recheck::{self, Verdict};
 use crate::replay::{Refused, ReplayGuard};
-use crate::secrets::{IssuedRefreshToken, MasterKey, RefreshToken, random_bytes};
-use crate::store::{LeaseFilter, Logout, Store, StoreError};
-use crate::subject::SubjectVerifier;
+use crate::settings::Settings;
 
-/// Largest request message accepted; field limits are far below it.
-pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
-/// Longest job id, lease id, audience.
-pub const MAX_ID_LEN: usize = 200;
-/// Longest free-text reason or detail.
-pub const MAX_DETAIL_LEN: usize = 1000;
-/// Longest access or refresh token accepted for checking.
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
-/// Longest lease lifetime anyone may ask for; beyond is surely a mistake.
-pub const ABSURD_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 /// How often a compare-and-set is retried under contention before giving up.
 const CAS_ATTEMPTS: usize = 32;
-/// Largest page of ListLeases.
-pub const MAX_PAGE_SIZE: usize = 500;
-/// Page size of ListLeases when none is asked for.
-pub const DEFAULT_PAGE_SIZE: usize = 50;
-
-/// The settings the domain needs, taken from [`Config`].
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// `iss` of access tokens.
-    pub issuer: String,
-    /// `aud` when a request names none.
-    pub default_audience: String,
-    /// Access-token lifetime.
-    pub access_token_ttl: Duration,
-    /// Idle timeout of leases.
-    pub idle_timeout: Duration,
-    /// Grace window of the previous refresh token.
-    pub refresh_grace: Duration,
-    /// Over-cap lifetime policy.
-    pub over_cap: OverCap,
-}
-
-impl Settings {
-    /// From the service config.
-    pub fn from_config(c: &Config) -> Self {
-        Self {
-            issuer: c.issuer.clone(),
-            default_audience: c.default_audience.clone(),
-            access_token_ttl: c.access_token_ttl,
-            idle_timeout: c.idle_timeout,
-            refresh_grace: c.refresh_grace,
-            over_cap: c.lifetime_over_cap,
-        }
-    }
-}
 
 /// A grant request.
 #[derive(Clone)]
@@ -160,7 +117,7 @@ pub struct LeaseService {
     keys: Arc<KeyRing>,
     master: MasterKey,
     /// Swapped by a config reload.
-    subjects: ArcSwap<SubjectVerifier>,
+    subjects: ArcSwap<Arc<dyn Subjects>>,
     /// The platform's permissions, for issuers whose tokens do not carry them; swapped
     /// with the issuers by a config reload.
     permission_source: ArcSwap<Arc<dyn PermissionSource>>,
@@ -170,7 +127,7 @@ pub struct LeaseService {
     ends: watch::Sender<u64>,
     /// Ids of the logout tokens taken, so none is taken twice.
     logouts: ReplayGuard,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Observer>,
 }
 
 impl fmt::Debug for LeaseService {
@@ -282,10 +239,10 @@ impl LeaseService {
         store: Arc<dyn Store>,
         keys: Arc<KeyRing>,
         master: MasterKey,
-        subjects: SubjectVerifier,
+        subjects: Arc<dyn Subjects>,
         clock: Arc<dyn Clock>,
         settings: Settings,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn Observer>,
     ) -> Self {
         Self {
             store,
@@ -317,7 +274,7 @@ impl LeaseService {
 
     /// Replaces the trusted issuers and their permission sources (a config reload);
     /// grants in flight finish with the issuers they started with.
-    pub fn set_issuers(&self, subjects: SubjectVerifier, permissions: Arc<dyn PermissionSource>) {
+    pub fn set_issuers(&self, subjects: Arc<dyn Subjects>, permissions: Arc<dyn PermissionSource>) {
         self.subjects.store(Arc::new(subjects));
         self.permission_source.store(Arc::new(permissions));
     }
@@ -375,7 +332,7 @@ impl LeaseService {
             .rotate(self.clock.now())
             .await
             .map_err(|e| match e {
-                crate::keys::KeyError::Store(s) => Error::from(s),
+                KeyError::Store(s) => Error::from(s),
                 other => Error::internal(other),
             })?;
         tracing::info!(
@@ -395,6 +352,4 @@ mod grant;
 mod logout;
 mod query;
 mod renew;
-
-#[cfg(test)]
-mod tests;
+pub mod revocations;

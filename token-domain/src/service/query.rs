@@ -1,5 +1,4 @@
-//! Reading leases: introspection, one lease and its story, pages of leases, and the
-//! positions of the revocation stream.
+//! Reading leases: introspection, one lease and its story, pages of leases.
 
 use super::*;
 
@@ -99,33 +98,5 @@ impl LeaseService {
         let n = self.store.count_active_leases().await?;
         self.metrics.set_active_leases(n);
         Ok(n)
-    }
-
-    /// Lease ends after `cursor`, oldest first.
-    pub async fn ends_after(&self, cursor: u64, limit: usize) -> Result<Vec<LeaseEvent>> {
-        Ok(self.store.end_events_after(cursor, limit).await?)
-    }
-
-    /// Where a watcher that wants every end whose tokens may still be valid begins.
-    pub async fn live_ends_cursor(&self) -> Result<u64> {
-        match self.store.earliest_live_end(self.clock.now()).await? {
-            Some(seq) => Ok(seq.saturating_sub(1)),
-            None => self.last_sequence().await,
-        }
-    }
-
-    /// The newest event sequence, where a watcher starting "from now" begins.
-    pub async fn last_sequence(&self) -> Result<u64> {
-        Ok(self.store.last_event_sequence().await?)
-    }
-
-    /// Changes whenever a lease ends (here, or on another replica once told).
-    pub fn subscribe_ends(&self) -> watch::Receiver<u64> {
-        self.ends.subscribe()
-    }
-
-    /// Wakes revocation streams: another replica recorded a lease end.
-    pub fn notify_ends(&self) {
-        self.ends.send_modify(|n| *n = n.wrapping_add(1));
     }
 }

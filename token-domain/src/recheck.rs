@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use crate::config::OnWithdrawn;
 use crate::lease::{EndReason, Lease};
-use crate::platform::{Recheck, RecheckPolicy};
+use crate::ports::{Recheck, RecheckPolicy};
+use crate::settings::OnWithdrawn;
 
 /// What a renewal does after a re-check.
 #[derive(Debug, Clone, PartialEq, Eq)]

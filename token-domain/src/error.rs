@@ -2,7 +2,7 @@
 //! (`grpc::status`); every variant has a stable machine reason.
 
 use crate::lease::EndReason;
-use crate::store::StoreError;
+use crate::ports::StoreError;
 
 /// Everything a lease operation can refuse or fail with.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +122,7 @@ pub enum Error {
 impl Error {
     /// Stable machine reason, sent in `google.rpc.ErrorInfo.reason`.
     pub fn reason(&self) -> &'static str {
-        use jobtoken_proto::wire::reason as r;
+        use jobtoken_wire::reason as r;
         match self {
             Error::InvalidArgument { .. } => r::INVALID_ARGUMENT,
             Error::ModuleUnauthenticated => r::MODULE_UNAUTHENTICATED,

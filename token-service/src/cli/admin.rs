@@ -16,7 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// Environment variable holding the admin key.
 const KEY_ENV: &str = "JOBTOKEN_ADMIN_KEY";
 /// Largest page `ListLeases` serves.
-const MAX_PAGE: u32 = 500;
+const MAX_PAGE: u32 = crate::limits::MAX_PAGE_SIZE as u32;
 
 /// Where and how to reach the service.
 #[derive(Debug, Args)]
@@ -212,7 +212,7 @@ impl Client {
         value.set_sensitive(true);
         request
             .metadata_mut()
-            .insert(token_service::grpc::ADMIN_KEY_HEADER, value);
+            .insert(crate::grpc::ADMIN_KEY_HEADER, value);
         Ok(request)
     }
 

@@ -64,7 +64,7 @@ impl EndReason {
 
     /// The machine reason a renewal of a lease that ended this way fails with.
     pub fn error_reason(self) -> &'static str {
-        use jobtoken_proto::wire::reason as r;
+        use jobtoken_wire::reason as r;
         match self {
             EndReason::Released => r::LEASE_RELEASED,
             EndReason::Expired => r::LEASE_EXPIRED,

@@ -1,6 +1,8 @@
-//! Granting a lease from the user's token.
+//! Granting a lease from the user's token: verify the user, apply the grant rules
+//! ([`crate::grant`]), write the lease, mint its first tokens.
 
 use super::*;
+use crate::grant::{self, Lifetime};
 
 impl LeaseService {
     /// Grants a lease to `module` from the user's token.
@@ -16,34 +18,15 @@ impl LeaseService {
         if !module.may_address(&audience) {
             return Err(Error::AudienceNotAllowed(audience));
         }
-        let on_logout = module.logout_policy(req.on_logout).ok_or_else(|| {
-            Error::LogoutPolicyNotAllowed(format!(
-                "module {:?} may not ask for on_logout = {}",
-                module.id,
-                req.on_logout.unwrap_or_default().as_str()
-            ))
-        })?;
+        let on_logout = grant::logout_policy(module, req.on_logout)?;
         let now = self.clock.now();
         // A snapshot: a reload during this grant does not change its issuer midway.
         let subjects = self.subjects.load_full();
-        let subject = subjects.verify_fetching(&req.subject_token, now).await?;
+        let subject = subjects.verify(&req.subject_token, now).await?;
         if !module.serves(&subject.tenant) {
             return Err(Error::TenantNotServed(subject.tenant));
         }
-        if on_logout == OnLogout::End {
-            // A policy that could never take effect is refused, not silently kept.
-            if !subject.logout_received {
-                return Err(Error::LogoutPolicyNotAllowed(format!(
-                    "issuer {:?} sends no back-channel logouts to this service",
-                    subject.issuer
-                )));
-            }
-            if subject.sub.is_none() && subject.session_id.is_none() {
-                return Err(Error::LogoutPolicyNotAllowed(
-                    "the user's token names no sid or sub that a logout could match".into(),
-                ));
-            }
-        }
+        grant::check_logout_policy(on_logout, &subject)?;
         let held = match &subject.permission_source {
             None => None,
             Some(source) => Some(
@@ -60,33 +43,16 @@ impl LeaseService {
             ),
         };
         let held = held.as_ref().unwrap_or(&subject.permissions);
-        let granted = permissions::grant(&req.permissions, held, &module.delegable)?;
-        let (lifetime, clamped) = match req.max_lifetime {
-            None => (module.default_lifetime, false),
-            // A lease shorter than one access token would mint tokens born expired.
-            Some(d) if d < self.settings.access_token_ttl => {
-                return Err(Error::invalid(
-                    "max_lifetime",
-                    format!(
-                        "must be at least the access-token lifetime, {}s",
-                        self.settings.access_token_ttl.as_secs_f64()
-                    ),
-                ));
-            }
-            Some(d) if d > ABSURD_LIFETIME => {
-                return Err(Error::invalid("max_lifetime", "must be at most 366 days"));
-            }
-            Some(d) if d > module.max_lifetime => match self.settings.over_cap {
-                OverCap::Clamp => (module.max_lifetime, true),
-                OverCap::Refuse => {
-                    return Err(Error::LifetimeExceedsCap {
-                        requested_secs: d.as_secs(),
-                        cap_secs: module.max_lifetime.as_secs(),
-                    });
-                }
-            },
-            Some(d) => (d, false),
-        };
+        let granted = grant::permissions(&req.permissions, held, &module.delegable)?;
+        let Lifetime {
+            granted: lifetime,
+            clamped,
+        } = grant::lifetime(
+            req.max_lifetime,
+            module,
+            self.settings.access_token_ttl,
+            self.settings.over_cap,
+        )?;
         let standing = Standing {
             issuer: subject.issuer.clone(),
             sub: subject.sub.clone(),
