@@ -19,7 +19,9 @@
 //! | the revocation stream: start, tenants, caught up | `service/revocations.rs` |
 //! | refresh tokens, signing keys and their rotation | [`crypto`] |
 //! | input limits | [`limits`] |
+//! | the audit trail | `audit.rs` |
 
+mod audit;
 pub mod clock;
 pub mod crypto;
 pub mod error;

@@ -41,10 +41,7 @@ pub type IssuerPorts = (Arc<dyn Subjects>, Arc<dyn PermissionSource>);
 
 impl IssuerFactory {
     /// The verifier and the permission sources of `issuers`.
-    pub fn build(
-        &self,
-        issuers: &[IssuerConfig],
-    ) -> Result<IssuerPorts, StartupError> {
+    pub fn build(&self, issuers: &[IssuerConfig]) -> Result<IssuerPorts, StartupError> {
         let subjects =
             SubjectVerifier::with_http(issuers, Arc::clone(&self.http), Arc::clone(&self.metrics))?;
         let sources = HttpPermissionSources::from_config(

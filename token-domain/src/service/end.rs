@@ -33,18 +33,7 @@ impl LeaseService {
         if written.is_some() {
             if let Some(end) = &ended.end {
                 self.metrics.lease_ended(end.reason.as_str());
-                tracing::info!(
-                    target: "audit",
-                    event = "lease.ended",
-                    lease_id = %ended.id,
-                    job_id = %ended.job_id,
-                    tenant = %ended.tenant,
-                    actor = %ended.actor,
-                    subject = %ended.subject,
-                    reason = end.reason.as_str(),
-                    by = %end.by,
-                    detail = %end.detail,
-                );
+                crate::audit::ended(ended, end);
             }
             self.ends.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -144,16 +133,7 @@ impl LeaseService {
                 }
             }
         }
-        tracing::info!(
-            target: "audit",
-            event = "admin.revoke_matching",
-            tenant = requested.tenant.as_deref(),
-            subject = requested.subject.as_deref(),
-            actor = requested.actor.as_deref(),
-            job_id = requested.job_id.as_deref(),
-            count,
-            reason,
-        );
+        crate::audit::revoked_matching(&requested, count, reason);
         Ok(count)
     }
 

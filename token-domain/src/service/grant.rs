@@ -91,19 +91,7 @@ impl LeaseService {
             other => other?,
         }
         let tokens = self.mint(&lease, now)?;
-        tracing::info!(
-            target: "audit",
-            event = "lease.issued",
-            lease_id = %lease.id,
-            job_id = %lease.job_id,
-            tenant = %lease.tenant,
-            actor = %lease.actor,
-            subject = %lease.subject,
-            issuer = %subject.issuer,
-            permissions = ?lease.permissions,
-            lifetime_secs = lifetime.as_secs(),
-            clamped,
-        );
+        crate::audit::issued(&lease, &subject.issuer, lifetime, clamped);
         Ok(Issued {
             lease,
             tokens,

@@ -87,13 +87,7 @@ impl LeaseService {
             self.logouts.forget(&claims.issuer, &claims.jti);
             return Err(e);
         }
-        tracing::info!(
-            target: "audit",
-            event = "subject.logged_out",
-            issuer = %claims.issuer,
-            by_session = claims.session_id.is_some(),
-            leases_ended = ended,
-        );
+        crate::audit::logged_out(&claims, ended);
         Ok(ended)
     }
 }

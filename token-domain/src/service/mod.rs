@@ -189,21 +189,6 @@ enum AfterStanding {
     LostRace,
 }
 
-/// One audit event about a lease that stays active (renewed, retried, resumed).
-fn audit_lease(event: &'static str, lease: &Lease) {
-    tracing::info!(
-        target: "audit",
-        event,
-        lease_id = %lease.id,
-        job_id = %lease.job_id,
-        tenant = %lease.tenant,
-        actor = %lease.actor,
-        generation = lease.generation,
-        refresh_count = lease.refresh_count,
-        resume_count = lease.resume_count,
-    );
-}
-
 /// The lease must be `module`'s, in a tenant it (still) serves.
 fn check_holder(module: &Module, lease: &Lease) -> Result<()> {
     if lease.actor != module.id {
@@ -335,13 +320,8 @@ impl LeaseService {
                 KeyError::Store(s) => Error::from(s),
                 other => Error::internal(other),
             })?;
-        tracing::info!(
-            target: "audit",
-            event = "keys.rotated",
-            new_kid = %new,
-            retired_kid = %old,
-            signing_starts_in_secs = starts.duration_since(self.clock.now()).unwrap_or_default().as_secs(),
-        );
+        let starts_in = starts.duration_since(self.clock.now()).unwrap_or_default();
+        crate::audit::keys_rotated(&new, &old, starts_in);
         Ok((new, old, starts))
     }
 }

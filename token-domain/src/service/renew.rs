@@ -53,12 +53,12 @@ impl LeaseService {
                         Some(version) => lease.version = version,
                         None => return Ok(Cas::Retry),
                     }
-                    audit_lease("lease.refreshed", &lease);
+                    crate::audit::renewed("lease.refreshed", &lease);
                     let tokens = self.mint(&lease, now)?;
                     return Ok(Cas::Done((lease, tokens)));
                 }
                 Renewal::GraceRetry => {
-                    audit_lease("lease.refresh_retry", &lease);
+                    crate::audit::renewed("lease.refresh_retry", &lease);
                     let tokens = self.mint(&lease, now)?;
                     return Ok(Cas::Done((lease, tokens)));
                 }
@@ -76,16 +76,7 @@ impl LeaseService {
             if self.write_end(&lease).await?.is_none() {
                 return Ok(Cas::Retry);
             }
-            tracing::warn!(
-                target: "audit",
-                event = "lease.reuse_detected",
-                lease_id = %lease.id,
-                job_id = %lease.job_id,
-                tenant = %lease.tenant,
-                actor = %lease.actor,
-                presented_generation = presented.generation,
-                current_generation = current,
-            );
+            crate::audit::reuse_detected(&lease, presented.generation, current);
             return Err(Error::RefreshTokenReused);
         })
     }
@@ -148,7 +139,7 @@ impl LeaseService {
                 Some(version) => lease.version = version,
                 None => return Ok(Cas::Retry),
             }
-            audit_lease("lease.resumed", &lease);
+            crate::audit::renewed("lease.resumed", &lease);
             let tokens = self.mint(&lease, now)?;
             return Ok(Cas::Done((lease, tokens)));
         })
@@ -253,15 +244,7 @@ impl LeaseService {
                 lease.permissions = remaining;
                 lease.standing.permissions_checked_at = Some(now);
                 let detail = format!("permissions withdrawn: {}", withdrawn.join(", "));
-                tracing::info!(
-                    target: "audit",
-                    event = "lease.narrowed",
-                    lease_id = %lease.id,
-                    tenant = %lease.tenant,
-                    actor = %lease.actor,
-                    subject = %lease.subject,
-                    withdrawn = %withdrawn.join(","),
-                );
+                crate::audit::narrowed(lease, &withdrawn);
                 Ok(Some(detail))
             }
             Verdict::End(reason, detail) => Err((reason, detail)),
