@@ -20,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use token_service::config::Config;
 use token_service::ident;
-use token_service::limits::MAX_ID_LEN;
+use token_service::limits::{MAX_ID_LEN, MAX_PERMISSION_LEN};
 use token_service::subject::{Subject, SubjectVerifier};
 
 const ISSUER: &str = "https://fuzz.invalid";
@@ -88,7 +88,7 @@ fn check_accepted(token: &str, subject: &Subject) {
     assert!(ident::check(&subject.subject, MAX_ID_LEN).is_ok());
     assert!(ident::check(&subject.tenant, MAX_ID_LEN).is_ok());
     for p in &subject.permissions {
-        assert!(ident::check(p, 200).is_ok(), "{p:?}");
+        assert!(ident::check(p, MAX_PERMISSION_LEN).is_ok(), "{p:?}");
     }
     // A second, lax reader of the same payload agrees: no duplicate was let through.
     let payload = B64.decode(token.split('.').nth(1).unwrap()).unwrap();

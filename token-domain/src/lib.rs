@@ -2,7 +2,7 @@
 //! grants, renews, ends and answers for leases.
 //!
 //! Rules are pure functions of their inputs and an injected clock ([`lease`],
-//! [`grant`], [`recheck`], [`replay`], [`ident`]); [`service::LeaseService`] applies
+//! [`grant`], [`recheck`], [`ident`]); [`service::LeaseService`] applies
 //! them, reaching the world only through [`ports`]: the store, the identity provider's
 //! tokens, the platform's permissions and an observer. This crate depends on no gRPC,
 //! SQL, HTTP or metrics library, so the compiler keeps it that way; `token-service`

@@ -1,4 +1,4 @@
-//! Every bound on what a caller sends: one place to read them, so the gRPC codec, the
+//! Every bound on what a caller sends (sizes, counts, dates, lifetimes): one place to read them, so the gRPC codec, the
 //! domain's checks, the identity adapter and the admin CLI cannot disagree. (What a
 //! module may *spend*, its call rates and open streams, is configured: the service
 //! crate's `quota` module.)
@@ -28,3 +28,6 @@ pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_STREAM_TENANTS: usize = 1000;
 /// Largest back-channel logout request body.
 pub const MAX_LOGOUT_BODY: usize = 64 * 1024;
+/// Latest NumericDate accepted (9999-12-31T23:59:59Z): a date beyond it is garbage, and
+/// the bound keeps every sum with a leeway far from overflow.
+pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;

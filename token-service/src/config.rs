@@ -38,7 +38,7 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 /// verifiers cache the JWKS (`max-age=60`) plus the key reload interval.
 pub const DEFAULT_KEY_ACTIVATION_DELAY: Duration = Duration::from_secs(90);
 /// Longest duration any setting accepts; beyond it is surely a mistake.
-pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+pub const MAX_SETTING_DURATION: Duration = crate::limits::ABSURD_LIFETIME;
 /// Shortest access-token lifetime accepted.
 pub const MIN_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(1);
 

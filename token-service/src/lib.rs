@@ -3,8 +3,9 @@
 //! SQL or HTTP; here [`grpc`] converts messages and maps [`error::Error`] to
 //! `tonic::Status` in one place, [`store`] keeps data behind the domain's store port,
 //! [`subject`], [`idp`] and [`platform`] implement its identity and permission ports, and
-//! [`metrics`] its observer. The domain's modules are re-exported at the paths they have
-//! always had here. [`server::Server`] wires it all and is what tests start in-process:
+//! [`metrics`] its observer. The domain's modules are re-exported here
+//! (`token_service::lease`, `::service`, …), so tools and tests need one dependency.
+//! [`server::Server`] wires it all and is what tests start in-process:
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), token_service::config::StartupError> {
@@ -34,7 +35,7 @@ pub mod store;
 pub mod subject;
 pub mod testing;
 
-// The domain, at the paths the adapters and tools have always used.
+// The domain's modules, for the adapters here and for tools and tests.
 pub use token_domain::crypto::{keys, secrets};
 pub use token_domain::{
     clock, error, grant, ident, lease, limits, module, ports, recheck, replay, service, settings,

@@ -336,7 +336,7 @@ impl Metrics {
         }
     }
 
-    /// A store batch of `size` requests (see [`crate::store::Store::observe_batches`]).
+    /// A store batch of `size` requests (see [`crate::store::StoreOps::observe_batches`]).
     pub fn store_batch(&self, kind: &'static str, size: usize) {
         self.batch_sizes
             .get_or_create(&KindLabel { kind })

@@ -25,7 +25,7 @@ use crate::ready::{Check, Readiness};
 use crate::reload::{IssuerFactory, Live, Reloaded};
 use crate::service::LeaseService;
 use crate::store::postgres::PostgresOptions;
-use crate::store::{PostgresStore, SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store, StoreOps};
 
 /// How often expired and idle leases are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -85,7 +85,7 @@ impl Server {
     pub async fn start_custom(
         config: Config,
         clock: Arc<dyn Clock>,
-        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+        wrap: impl FnOnce(Arc<dyn StoreOps>) -> Arc<dyn StoreOps>,
     ) -> Result<RunningServer, StartupError> {
         config.validate()?;
         let master_path = config.master_key_path();
@@ -109,7 +109,7 @@ impl Server {
             });
         }
         let master = load_or_create_master_key(&master_path)?;
-        let store: Arc<dyn Store> = match config.store.kind {
+        let store: Arc<dyn StoreOps> = match config.store.kind {
             StoreKind::Sqlite => Arc::new(SqliteStore::open(
                 &config.store_path(),
                 config.store.sync,
@@ -136,7 +136,7 @@ impl Server {
         let retain = crate::keys::retention(config.access_token_ttl, config.refresh_grace);
         let keys = Arc::new(
             KeyRing::load(
-                Arc::clone(&store),
+                Arc::clone(&store) as Arc<dyn Store>,
                 master.clone(),
                 retain,
                 config.key_activation_delay,
@@ -160,7 +160,7 @@ impl Server {
         let (subjects, permission_source) = issuers.build(&config.trusted_issuers)?;
         let service = Arc::new(
             LeaseService::new(
-                store,
+                Arc::clone(&store) as Arc<dyn Store>,
                 Arc::clone(&keys),
                 master,
                 subjects,
@@ -408,7 +408,7 @@ async fn background(
     service: Arc<LeaseService>,
     keys: Arc<KeyRing>,
     readiness: Arc<Readiness>,
-    (store, metrics): (Arc<dyn Store>, Arc<Metrics>),
+    (store, metrics): (Arc<dyn StoreOps>, Arc<Metrics>),
     retention: Duration,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -35,12 +35,8 @@ use crate::config::{BackchannelLogoutConfig, IssuerConfig, PermissionSourceKind,
 use crate::error::{Error, Result};
 use crate::ident;
 use crate::idp::{HttpGet, IssuerPattern, RemoteKeys};
-use crate::limits::{MAX_ID_LEN, MAX_PERMISSION_LEN, MAX_TOKEN_LEN};
+use crate::limits::{MAX_ID_LEN, MAX_NUMERIC_DATE, MAX_PERMISSION_LEN, MAX_TOKEN_LEN};
 use crate::metrics::Metrics;
-
-/// Latest NumericDate accepted (9999-12-31T23:59:59Z): a date beyond it is garbage, and
-/// the bound keeps every sum with a leeway far from overflow.
-pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
 
 pub use token_domain::ports::{LogoutClaims, Subject, Subjects};
 

@@ -17,7 +17,7 @@ use token_service::secrets::key_hash;
 
 use token_service::lease::{Lease, LeaseEvent};
 use token_service::server::{RunningServer, Server};
-use token_service::store::{LeaseFilter, Logout, Retire, Store, StoreError, StoredKey};
+use token_service::store::{LeaseFilter, Logout, Retire, Store, StoreError, StoreOps, StoredKey};
 use token_service::testing::TestSchema;
 
 pub(crate) const IMPORTER_KEY: &str = "mk_importer-test-key-0123456789abcdefghijklmnop";
@@ -223,7 +223,7 @@ async fn launch(config: Config, failure_rate: f64) -> RunningServer {
 /// A store that loses some lease updates, before or after writing them. The pattern is
 /// fixed (not random), so every run sees both kinds of failure.
 struct FlakyStore {
-    inner: Arc<dyn Store>,
+    inner: Arc<dyn StoreOps>,
     failure_rate: f64,
     updates: std::sync::atomic::AtomicUsize,
     failures: std::sync::atomic::AtomicUsize,
@@ -321,6 +321,9 @@ impl Store for FlakyStore {
     async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
         self.inner.purge_ended(before, limit).await
     }
+}
+
+impl StoreOps for FlakyStore {
     fn remote_ends(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.remote_ends()
     }

@@ -12,7 +12,5 @@ pub use observer::{NoObserver, Observer};
 pub use permissions::{
     NoPermissionSource, PermissionQuery, PermissionSource, Recheck, RecheckPolicy, RecheckQuery,
 };
-pub use store::{
-    BatchObserver, LeaseFilter, Logout, PoolStatus, Retire, Store, StoreError, StoredKey,
-};
+pub use store::{LeaseFilter, Logout, Retire, Store, StoreError, StoredKey};
 pub use subjects::{LogoutClaims, Subject, Subjects};

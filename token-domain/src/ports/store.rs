@@ -1,6 +1,7 @@
-//! The store port: durable home of leases, their events and the signing keys. Adapters
-//! (SQLite, PostgreSQL) live in the service crate; they keep data and answer queries and
-//! hold no business rules.
+//! The store port: durable home of leases, their events and the signing keys, as the
+//! domain needs it. Adapters (SQLite, PostgreSQL) live in the service crate, with what
+//! only its wiring needs (metrics, other processes' ends: `StoreOps`); they keep data and
+//! answer queries and hold no business rules.
 
 use std::fmt;
 use std::time::SystemTime;
@@ -187,35 +188,4 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` leases that ended before `before`, with their events.
     /// Returns how many leases it deleted. Safe to run on several replicas at once.
     async fn purge_ended(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError>;
-
-    /// Gives the store where to report the size of each batch it commits or sends
-    /// (group commit): `(kind, requests in the batch)`. Stores that don't batch ignore it.
-    fn observe_batches(&self, _observer: BatchObserver) {}
-
-    /// Its connection pool now, for metrics.
-    fn pool_status(&self) -> Option<PoolStatus> {
-        None
-    }
-
-    /// Changes whenever *another process* sharing this store records a lease end, so
-    /// revocation streams wake at once. `None` for a store only one process uses.
-    fn remote_ends(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        None
-    }
-}
-
-/// Receives `(kind, size)` of every batch a store runs.
-pub type BatchObserver = std::sync::Arc<dyn Fn(&'static str, usize) + Send + Sync>;
-
-/// A store's connection pool at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PoolStatus {
-    /// Most connections it opens.
-    pub max: usize,
-    /// Connections open now.
-    pub open: usize,
-    /// Open connections not in use.
-    pub idle: usize,
-    /// Callers waiting for a connection.
-    pub waiting: usize,
 }

@@ -1,6 +1,6 @@
 //! The lease domain: grant, renew, resume, release, revoke, introspect. Transport-free:
 //! takes domain types, returns [`crate::error::Error`]. One file per behaviour:
-//! [`grant`](self) (`grant.rs`), renewal and resume with the user's standing (`renew.rs`),
+//! granting (`grant.rs`, applying [`crate::grant`]), renewal and resume with the user's standing (`renew.rs`),
 //! every way a lease ends (`end.rs`), back-channel logout (`logout.rs`), reads
 //! (`query.rs`) and the revocation stream ([`revocations`]); this file holds the
 //! service and what its behaviours share.

@@ -1,8 +1,8 @@
 //! The revocation stream, as the domain sees it: where a stream starts, which tenants'
 //! ends it carries, and when it says it has caught up. The transport (gRPC server
 //! streaming) drives it: it calls [`Revocations::next`] when woken (an end here, an end
-//! on another replica, a poll tick), sends what it gets, and sends
-//! [`Revocations::heartbeat`] when the stream has been quiet.
+//! on another replica, a poll tick), sends what it gets, and sends a heartbeat with
+//! [`Revocations::cursor`] and [`Revocations::covered`] when the stream has been quiet.
 
 use std::collections::HashSet;
 
@@ -117,7 +117,7 @@ impl Revocations {
 
     /// Changes whenever a lease ends (here, or on another replica once told).
     pub fn wake(&self) -> watch::Receiver<u64> {
-        self.service.subscribe_ends()
+        self.service.ends.subscribe()
     }
 
     /// Reads on from the cursor. The cursor passes every end read, carried or not.
@@ -158,11 +158,6 @@ impl LeaseService {
     /// The newest event sequence, where a watcher starting "from now" begins.
     pub async fn last_sequence(&self) -> Result<u64> {
         Ok(self.store.last_event_sequence().await?)
-    }
-
-    /// Changes whenever a lease ends (here, or on another replica once told).
-    pub fn subscribe_ends(&self) -> watch::Receiver<u64> {
-        self.ends.subscribe()
     }
 
     /// Wakes revocation streams: another replica recorded a lease end.

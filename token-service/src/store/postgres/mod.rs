@@ -30,7 +30,8 @@ use tokio_postgres::types::{IsNull, ToSql, Type};
 use super::filter;
 use super::row::{self, Placeholder, Statements, Value, i64_to_u64, u64_to_i64};
 use super::{
-    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Retire, Store, StoreError, StoredKey,
+    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Retire, Store, StoreError, StoreOps,
+    StoredKey,
 };
 use crate::clock::to_millis;
 use crate::lease::{EventKind, Lease, LeaseEvent};
@@ -317,8 +318,7 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl Store for PostgresStore {
+impl StoreOps for PostgresStore {
     fn observe_batches(&self, observer: BatchObserver) {
         self.batches.set(observer);
     }
@@ -333,6 +333,13 @@ impl Store for PostgresStore {
         })
     }
 
+    fn remote_ends(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.ends.clone())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
         let values = row::lease_values(lease)?;
         let mut client = self.client().await?;
@@ -551,8 +558,8 @@ impl Store for PostgresStore {
         }
         if let Some(retire) = retire {
             tx.execute(
-                "UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL",
-                &[&to_millis(retire.at)],
+                "UPDATE signing_keys SET retired_at = $1 WHERE kid = $2",
+                &[&to_millis(retire.at), &retire.kid],
             )
             .await
             .map_err(db_err)?;
@@ -593,9 +600,5 @@ impl Store for PostgresStore {
         }
         tx.commit().await.map_err(db_err)?;
         Ok(ids.len())
-    }
-
-    fn remote_ends(&self) -> Option<watch::Receiver<u64>> {
-        Some(self.ends.clone())
     }
 }

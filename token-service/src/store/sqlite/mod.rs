@@ -35,7 +35,8 @@ use tokio::sync::{Semaphore, oneshot};
 use super::filter;
 use super::row::{self, Placeholder, Statements, Value, u64_to_i64};
 use super::{
-    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Retire, Store, StoreError, StoredKey,
+    BatchHook, BatchObserver, LeaseFilter, Logout, PoolStatus, Retire, Store, StoreError, StoreOps,
+    StoredKey,
 };
 use crate::clock::to_millis;
 use crate::lease::{Lease, LeaseEvent};
@@ -295,8 +296,7 @@ fn execute(conn: &Connection, sql: &str, values: &[Value]) -> Result<usize, Stor
         .map_err(map_err)
 }
 
-#[async_trait]
-impl Store for SqliteStore {
+impl StoreOps for SqliteStore {
     fn observe_batches(&self, observer: BatchObserver) {
         self.inner.batches.set(observer);
     }
@@ -311,7 +311,10 @@ impl Store for SqliteStore {
             waiting: 0,
         })
     }
+}
 
+#[async_trait]
+impl Store for SqliteStore {
     async fn insert_lease(&self, lease: &Lease, event: &LeaseEvent) -> Result<(), StoreError> {
         let cache = Arc::clone(&self.inner.cache);
         let values = row::lease_values(lease)?;
@@ -553,10 +556,10 @@ impl Store for SqliteStore {
             if current != expected {
                 return Ok(false);
             }
-            if let Some(at) = retire_at {
+            if let (Some(kid), Some(at)) = (&expected, retire_at) {
                 conn.execute(
-                    "UPDATE signing_keys SET retired_at = ?1 WHERE retired_at IS NULL",
-                    [at],
+                    "UPDATE signing_keys SET retired_at = ?1 WHERE kid = ?2",
+                    rusqlite::params![at, kid],
                 )
                 .map_err(map_err)?;
             }
