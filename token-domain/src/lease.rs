@@ -263,6 +263,16 @@ impl Lease {
         self.last_refreshed_at = Some(now);
     }
 
+    /// Records a resume at `now` with a fresh `seed`: every refresh token issued before
+    /// dies (each was derived from the old seed), and the next generation is current.
+    pub fn resume(&mut self, now: SystemTime, seed: Vec<u8>) {
+        self.seed = seed;
+        self.generation += 1;
+        self.rotated_at = now;
+        self.last_active_at = now;
+        self.resume_count += 1;
+    }
+
     /// Ends the lease (no-op if it already ended).
     pub fn finish(&mut self, reason: EndReason, at: SystemTime, by: &str, detail: &str) {
         if self.end.is_none() {
@@ -472,5 +482,21 @@ mod tests {
             "two generations old"
         );
         assert_eq!(lease.renewal(u64::MAX, t1, grace), Renewal::Reused);
+        // A resume moves to the next generation with a new seed; renewals go on from it.
+        let t2 = t1 + Duration::from_secs(60);
+        let before = lease.clone();
+        lease.resume(t2, vec![7; 32]);
+        assert_eq!(
+            (
+                lease.generation,
+                lease.resume_count,
+                lease.refresh_count,
+                lease.rotated_at,
+                lease.last_active_at
+            ),
+            (before.generation + 1, 1, before.refresh_count, t2, t2)
+        );
+        assert_ne!(lease.seed, before.seed);
+        assert_eq!(lease.renewal(lease.generation, t2, grace), Renewal::Rotate);
     }
 }

@@ -120,12 +120,7 @@ impl LeaseService {
             else {
                 return Ok(Cas::Retry);
             };
-            // A new seed invalidates every refresh token issued before.
-            lease.seed = random_bytes::<32>().to_vec();
-            lease.generation += 1;
-            lease.rotated_at = now;
-            lease.last_active_at = now;
-            lease.resume_count += 1;
+            lease.resume(now, random_bytes::<32>().to_vec());
             // One event per write: a narrowing found at resume is told in its detail.
             let detail = narrowed.unwrap_or_default();
             let event = LeaseEvent::new(
