@@ -423,6 +423,22 @@ mod tests {
 
     #[test]
     fn end_reasons_round_trip_and_have_distinct_machine_reasons() {
+        // Does not compile when a reason is added: give it its place in `ALL` too.
+        let place = |r: EndReason| match r {
+            EndReason::Released => 0,
+            EndReason::Expired => 1,
+            EndReason::IdleTimeout => 2,
+            EndReason::Revoked => 3,
+            EndReason::RefreshTokenReused => 4,
+            EndReason::PermissionsWithdrawn => 5,
+            EndReason::SubjectDisabled => 6,
+            EndReason::SubjectLoggedOut => 7,
+            EndReason::PermissionsUnverifiable => 8,
+        };
+        assert_eq!(EndReason::ALL.len(), 9);
+        for (i, r) in EndReason::ALL.into_iter().enumerate() {
+            assert_eq!(place(r), i, "{r:?}");
+        }
         let mut seen = std::collections::HashSet::new();
         for r in EndReason::ALL {
             assert_eq!(EndReason::parse(r.as_str()), Some(r));
@@ -496,7 +512,7 @@ mod tests {
             ),
             (before.generation + 1, 1, before.refresh_count, t2, t2)
         );
-        assert_ne!(lease.seed, before.seed);
+        assert_eq!(lease.seed, [7; 32]);
         assert_eq!(lease.renewal(lease.generation, t2, grace), Renewal::Rotate);
     }
 }

@@ -46,8 +46,11 @@ enum Answer {
     Unavailable,
 }
 
-/// Calls in flight, by `(tenant, user)`: concurrent grants of one user share one call.
-type InFlight = Mutex<HashMap<(String, String), Shared<BoxFuture<'static, Answer>>>>;
+/// Calls in flight, by `(tenant, user, asked with the service's credential)`: concurrent
+/// grants of one user share one call, and so do concurrent re-checks, but a grant never
+/// takes the answer to a call made with another credential (a refusal means something
+/// else for each).
+type InFlight = Mutex<HashMap<(String, String, bool), Shared<BoxFuture<'static, Answer>>>>;
 
 /// One HTTP source.
 struct HttpSource {
@@ -62,6 +65,9 @@ struct HttpSource {
     cache: AnswerCache,
     in_flight: InFlight,
     failing: AtomicBool,
+    /// When the source (or the service's credential for it) last failed; cleared when it
+    /// answers. Re-checks wait a `cache` period before asking a failing source again.
+    failed_at: Mutex<Option<SystemTime>>,
     /// Where the answer says whether the user is active.
     active_pointer: Option<String>,
     recheck: Option<RecheckPolicy>,
@@ -177,6 +183,7 @@ impl HttpPermissionSources {
                 cache: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashMap::new()),
                 failing: AtomicBool::new(false),
+                failed_at: Mutex::new(None),
                 active_pointer: p.active_pointer.clone(),
                 recheck: p.recheck_interval.map(|interval| RecheckPolicy {
                     interval,
@@ -229,6 +236,8 @@ impl Sources {
 
     /// Logs a change between working and failing, once each way.
     fn note(&self, name: &str, source: &HttpSource, problem: Option<&str>) {
+        *source.failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            problem.map(|_| self.clock.now());
         let was_failing = source.failing.swap(problem.is_some(), Ordering::Relaxed);
         match problem {
             Some(problem) if !was_failing => tracing::warn!(
@@ -354,6 +363,7 @@ impl HttpPermissionSources {
         name: &str,
         q: &PermissionQuery<'_>,
         headers: Vec<(HeaderName, HeaderValue)>,
+        by_service: bool,
     ) -> Answer {
         let sources = &self.inner;
         let Some(source) = sources.sources.get(name) else {
@@ -365,24 +375,25 @@ impl HttpPermissionSources {
             return Answer::Names(names);
         }
         let url = fill(&source.url, q, percent_encode);
+        let flight = (key.0.clone(), key.1.clone(), by_service);
         let call = {
             let mut in_flight = source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
             in_flight
-                .entry(key.clone())
+                .entry(flight.clone())
                 .or_insert_with(|| {
                     // A task of its own that removes its entry when done: a caller that
                     // gives up (its deadline passed) must not leave the call, and the
                     // user's token in it, behind for the next grant to join.
                     let owner = Arc::clone(sources);
-                    let (name, key) = (name.to_owned(), key.clone());
+                    let name = name.to_owned();
                     tokio::spawn(async move {
                         let answer = Arc::clone(&owner)
-                            .call(name.clone(), key.clone(), url, headers)
+                            .call(name.clone(), key, url, headers)
                             .await;
                         if let Some(source) = owner.sources.get(&name) {
                             let mut in_flight =
                                 source.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                            in_flight.remove(&key);
+                            in_flight.remove(&flight);
                         }
                         answer
                     })
@@ -410,7 +421,7 @@ impl PermissionSource for HttpPermissionSources {
         token_value.set_sensitive(true);
         let headers = Self::headers(name, source, q, (token_header, token_value))
             .ok_or_else(|| Error::PermissionSourceUnavailable(name.to_owned()))?;
-        match self.ask(name, q, headers).await {
+        match self.ask(name, q, headers, false).await {
             Answer::Names(names) => Ok(names),
             Answer::UnknownUser => Err(Error::SubjectTokenInvalid(format!(
                 "the platform's permission source does not know user {:?} in tenant {:?}",
@@ -439,6 +450,15 @@ impl PermissionSource for HttpPermissionSources {
             return Recheck::Unanswered("the source has no service_credential".into());
         };
         let sources = &self.inner;
+        // An outage must not turn every renewal into a call that waits for a timeout:
+        // while the source is failing, re-checks ask it again once per `cache` period.
+        let failed_at = *source.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if failed_at.is_some_and(|at| sources.clock.now() < at + source.cache_for) {
+            sources
+                .metrics
+                .permission_lookup(r.source, "skipped_failing", None);
+            return Recheck::Unanswered("the permission source is failing".into());
+        }
         let header = credential
             .header(
                 r.tenant,
@@ -452,6 +472,8 @@ impl PermissionSource for HttpPermissionSources {
             Err(problem) => {
                 tracing::warn!(issuer = %r.source, tenant = %r.tenant, error = %problem,
                     "service credential for permission re-checks unavailable");
+                *source.failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(sources.clock.now());
                 return Recheck::Unanswered(problem);
             }
         };
@@ -465,7 +487,7 @@ impl PermissionSource for HttpPermissionSources {
         let Some(headers) = Self::headers(r.source, source, &q, header) else {
             return Recheck::Unanswered("a configured header is not a valid value".into());
         };
-        match self.ask(r.source, &q, headers).await {
+        match self.ask(r.source, &q, headers, true).await {
             Answer::Names(names) => Recheck::Holds(names),
             Answer::UnknownUser => Recheck::Gone("the platform does not know the user"),
             Answer::Disabled => Recheck::Gone("the platform says the user is disabled"),
@@ -622,6 +644,93 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("result=\"unavailable\"} 4"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_source_is_rechecked_once_per_cache_period_and_grants_never_join_rechecks() {
+        let fake = Arc::new(FakePlatform {
+            answer: Mutex::new(Err(())),
+            calls: Mutex::new(Vec::new()),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let value_file = dir.path().join("api-key");
+        std::fs::write(&value_file, "service-key").unwrap();
+        let mut source =
+            crate::config::PermissionSourceConfig::http("http://gw/permissions/users/{user_id}");
+        source.recheck_interval = Some(Duration::from_secs(60));
+        source.service_credential = Some(crate::config::ServiceCredentialConfig::Header {
+            name: "x-api-key".into(),
+            value_file,
+        });
+        let entry = IssuerConfig {
+            issuer: "kc".into(),
+            permission_source: Some(source),
+            ..IssuerConfig::default()
+        };
+        let clock = crate::clock::ManualClock::at_fixed_instant();
+        let http: Arc<dyn HttpGet> = fake.clone();
+        let sources = HttpPermissionSources::from_config(
+            &[entry],
+            http,
+            Arc::new(clock.clone()),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let calls = || fake.calls.lock().unwrap().len();
+        let r = |user: &'static str| RecheckQuery {
+            source: "kc",
+            tenant: "diku",
+            user_id: user,
+            sub: None,
+        };
+        let q = |user: &'static str| PermissionQuery {
+            source: "kc",
+            tenant: "diku",
+            user_id: user,
+            sub: None,
+            token: "user-token",
+        };
+        let unanswered = |answer: Recheck| matches!(answer, Recheck::Unanswered(_));
+
+        // Down: the first re-check asks; those within the cache period (30 s) do not.
+        assert!(unanswered(sources.recheck(&r("u-1")).await));
+        assert_eq!(calls(), 1);
+        assert!(
+            fake.calls.lock().unwrap()[0]
+                .1
+                .contains(&("x-api-key".into(), "service-key".into()))
+        );
+        clock.advance(Duration::from_secs(10));
+        assert!(unanswered(sources.recheck(&r("u-2")).await));
+        assert_eq!(calls(), 1);
+        // A grant still asks (with the user's token), and its answer ends the failure.
+        *fake.answer.lock().unwrap() = Ok((200, r#"{"permissions":["a.read"]}"#));
+        sources.permissions(&q("u-1")).await.unwrap();
+        assert_eq!(calls(), 2);
+        assert!(matches!(
+            sources.recheck(&r("u-2")).await,
+            Recheck::Holds(ref held) if held.contains("a.read")
+        ));
+        assert_eq!(calls(), 3);
+        // Down again: asked once, then again once the period has passed.
+        *fake.answer.lock().unwrap() = Err(());
+        assert!(unanswered(sources.recheck(&r("u-3")).await));
+        assert!(unanswered(sources.recheck(&r("u-3")).await));
+        assert_eq!(calls(), 4);
+        clock.advance(Duration::from_secs(31));
+        assert!(unanswered(sources.recheck(&r("u-3")).await));
+        assert_eq!(calls(), 5);
+
+        // A grant and a re-check of one user at once: two calls, each with its own
+        // credential, neither taking the other's answer.
+        clock.advance(Duration::from_secs(31));
+        *fake.answer.lock().unwrap() = Ok((200, r#"{"permissions":["a.read"]}"#));
+        let (grant, recheck) = (q("u-9"), r("u-9"));
+        let (granted, rechecked) =
+            tokio::join!(sources.permissions(&grant), sources.recheck(&recheck));
+        assert!(granted.is_ok());
+        assert!(matches!(rechecked, Recheck::Holds(_)));
+        assert_eq!(calls(), 7);
     }
 
     #[tokio::test]

@@ -183,8 +183,8 @@ enum Cas<T> {
 
 /// Whether a renewal goes on after following the user's standing.
 enum AfterStanding {
-    /// It renews; a narrowing withdrew what this says, if anything.
-    Renews(Option<String>),
+    /// It renews; a narrowing withdrew these permissions, if any.
+    Renews(Option<Vec<String>>),
     /// Ending the lease lost a race with another write: read it again.
     LostRace,
 }

@@ -45,13 +45,17 @@ impl LeaseService {
                     else {
                         return Ok(Cas::Retry);
                     };
-                    let event = narrowed.map(|detail| {
+                    let event = narrowed.as_deref().map(|withdrawn| {
+                        let detail = narrowing_detail(withdrawn);
                         LeaseEvent::new(&lease, EventKind::Narrowed, now, "system", &detail)
                     });
                     lease.rotate(now);
                     match self.store.update_lease(&lease, event.as_ref()).await? {
                         Some(version) => lease.version = version,
                         None => return Ok(Cas::Retry),
+                    }
+                    if let Some(withdrawn) = &narrowed {
+                        crate::audit::narrowed(&lease, withdrawn);
                     }
                     crate::audit::renewed("lease.refreshed", &lease);
                     let tokens = self.mint(&lease, now)?;
@@ -122,7 +126,10 @@ impl LeaseService {
             };
             lease.resume(now, random_bytes::<32>().to_vec());
             // One event per write: a narrowing found at resume is told in its detail.
-            let detail = narrowed.unwrap_or_default();
+            let detail = narrowed
+                .as_deref()
+                .map(narrowing_detail)
+                .unwrap_or_default();
             let event = LeaseEvent::new(
                 &lease,
                 EventKind::Resumed,
@@ -133,6 +140,9 @@ impl LeaseService {
             match self.store.update_lease(&lease, Some(&event)).await? {
                 Some(version) => lease.version = version,
                 None => return Ok(Cas::Retry),
+            }
+            if let Some(withdrawn) = &narrowed {
+                crate::audit::narrowed(&lease, withdrawn);
             }
             crate::audit::renewed("lease.resumed", &lease);
             let tokens = self.mint(&lease, now)?;
@@ -194,7 +204,11 @@ impl LeaseService {
         now: SystemTime,
     ) -> Result<AfterStanding> {
         if found.is_none() {
-            *found = Some(self.recheck_if_due(lease, now).await);
+            let answer = self.recheck_if_due(lease, now).await;
+            if let Some((policy, answer)) = &answer {
+                self.report_recheck(lease, policy, answer, now);
+            }
+            *found = Some(answer);
         }
         let Some(Some((policy, answer))) = found.as_ref() else {
             return Ok(AfterStanding::Renews(None));
@@ -211,23 +225,52 @@ impl LeaseService {
         }
     }
 
+    /// Measures what a re-check found, once per call (not per compare-and-set attempt).
+    fn report_recheck(
+        &self,
+        lease: &Lease,
+        policy: &RecheckPolicy,
+        answer: &Recheck,
+        now: SystemTime,
+    ) {
+        let verdict = recheck::decide(lease, answer, policy, now);
+        let source = lease
+            .standing
+            .permission_source
+            .as_deref()
+            .unwrap_or_default();
+        let unverified = match &verdict {
+            Verdict::Unverified {
+                unverified_for,
+                problem,
+            } => {
+                // At DEBUG: the source's failure is logged once each way by its adapter.
+                tracing::debug!(
+                    lease_id = %lease.id,
+                    tenant = %lease.tenant,
+                    issuer = %source,
+                    unverified_secs = unverified_for.as_secs(),
+                    error = %problem,
+                    "permission re-check failed: the lease renews with what it holds"
+                );
+                Some(*unverified_for)
+            }
+            _ => None,
+        };
+        self.metrics.recheck(source, verdict.label(), unverified);
+    }
+
     /// Applies what a re-check found to `lease`: `Ok` with what a narrowing withdrew, if
-    /// anything; `Err` with the reason the lease must end.
+    /// anything; `Err` with the reason the lease must end. Reports nothing: the caller
+    /// audits a narrowing once it is written.
     pub(super) fn follow_standing(
         &self,
         lease: &mut Lease,
         policy: &RecheckPolicy,
         answer: &Recheck,
         now: SystemTime,
-    ) -> std::result::Result<Option<String>, (EndReason, String)> {
-        let verdict = recheck::decide(lease, answer, policy, now);
-        let source = lease.standing.permission_source.clone().unwrap_or_default();
-        let unverified = match &verdict {
-            Verdict::Unverified { unverified_for, .. } => Some(*unverified_for),
-            _ => None,
-        };
-        self.metrics.recheck(&source, verdict.label(), unverified);
-        match verdict {
+    ) -> std::result::Result<Option<Vec<String>>, (EndReason, String)> {
+        match recheck::decide(lease, answer, policy, now) {
             Verdict::Confirmed => {
                 lease.standing.permissions_checked_at = Some(now);
                 Ok(None)
@@ -238,25 +281,15 @@ impl LeaseService {
             } => {
                 lease.permissions = remaining;
                 lease.standing.permissions_checked_at = Some(now);
-                let detail = format!("permissions withdrawn: {}", withdrawn.join(", "));
-                crate::audit::narrowed(lease, &withdrawn);
-                Ok(Some(detail))
+                Ok(Some(withdrawn))
             }
             Verdict::End(reason, detail) => Err((reason, detail)),
-            Verdict::Unverified {
-                unverified_for,
-                problem,
-            } => {
-                tracing::warn!(
-                    lease_id = %lease.id,
-                    tenant = %lease.tenant,
-                    issuer = %source,
-                    unverified_secs = unverified_for.as_secs(),
-                    error = %problem,
-                    "permission re-check failed: the lease renews with what it holds"
-                );
-                Ok(None)
-            }
+            Verdict::Unverified { .. } => Ok(None),
         }
     }
+}
+
+/// The story's detail of a narrowing.
+fn narrowing_detail(withdrawn: &[String]) -> String {
+    format!("permissions withdrawn: {}", withdrawn.join(", "))
 }

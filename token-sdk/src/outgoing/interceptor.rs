@@ -213,12 +213,14 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // Other errors are not retried.
         let calls = AtomicUsize::new(0);
-        let _ = lease
+        let err = lease
             .with_retry(|| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async { Err::<(), _>(Status::not_found("x")) }
             })
-            .await;
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 

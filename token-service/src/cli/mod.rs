@@ -54,8 +54,9 @@ enum Command {
         /// JOBTOKEN_GRPC_LISTEN, JOBTOKEN_HTTP_LISTEN, JOBTOKEN_DATA_DIR,
         /// JOBTOKEN_STORE_PATH, JOBTOKEN_STORE_URL, JOBTOKEN_STORE_SYNC,
         /// JOBTOKEN_STORE_MAX_CONNECTIONS, JOBTOKEN_MASTER_KEY_FILE,
-        /// JOBTOKEN_ACCESS_TOKEN_TTL, JOBTOKEN_IDLE_TIMEOUT and JOBTOKEN_ADMIN_KEY_SHA256
-        /// override it.
+        /// JOBTOKEN_ACCESS_TOKEN_TTL, JOBTOKEN_IDLE_TIMEOUT, JOBTOKEN_GRANTS_PER_SECOND,
+        /// JOBTOKEN_RENEWALS_PER_SECOND, JOBTOKEN_INTROSPECTIONS_PER_SECOND and
+        /// JOBTOKEN_ADMIN_KEY_SHA256 override it.
         #[arg(long, env = "JOBTOKEN_CONFIG")]
         config: Option<PathBuf>,
         /// Data directory in dev mode (with a config, set `data_dir` there).

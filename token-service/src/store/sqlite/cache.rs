@@ -31,6 +31,7 @@ impl LeaseCache {
         lease.last_active_at = ms(lease.last_active_at);
         lease.rotated_at = ms(lease.rotated_at);
         lease.last_refreshed_at = lease.last_refreshed_at.map(ms);
+        lease.standing.permissions_checked_at = lease.standing.permissions_checked_at.map(ms);
         if !lease.is_active() {
             self.leases.remove(&lease.id);
         } else if let Some(slot) = self.leases.get_mut(&lease.id) {
@@ -88,5 +89,23 @@ mod tests {
             assert_eq!(got.end.map(|e| e.reason), Some(EndReason::Released));
             assert_eq!(got.version, 2);
         }
+    }
+
+    #[tokio::test]
+    async fn a_cached_lease_equals_the_one_the_file_returns() {
+        let store = SqliteStore::temporary().unwrap();
+        let mut l = lease("job-a");
+        // Times finer than the file keeps: the cache must cut them the same way.
+        let odd = std::time::Duration::from_nanos(123_456);
+        l.created_at += odd;
+        l.last_active_at += odd;
+        l.rotated_at += odd;
+        l.last_refreshed_at = Some(l.created_at + odd);
+        l.standing.permissions_checked_at = Some(l.created_at + odd);
+        store.insert_lease(&l, &issued(&l)).await.unwrap();
+        let cached = store.get_lease(&l.id).await.unwrap().unwrap();
+        lock(&store.inner.cache).leases.clear();
+        let from_file = store.get_lease(&l.id).await.unwrap().unwrap();
+        assert_eq!(cached, from_file);
     }
 }
